@@ -1,0 +1,293 @@
+"""The SSH channel to a guest: one paramiko transport, many sessions over it."""
+
+from __future__ import annotations
+
+import io
+import re
+import select
+import shlex
+import socket
+import stat
+import tarfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import BinaryIO
+
+import paramiko
+
+from .errors import ChannelError, CommandTimeout
+
+#: After a command's exit status arrives, wait this long for its output to finish; a
+#: background process that keeps stdout open would otherwise hold the call forever.
+OUTPUT_LINGER = 1.0
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What one guest command did. ``run`` returns it whatever the exit status."""
+
+    command: str
+    exit_status: int
+    stdout_bytes: bytes
+    stderr_bytes: bytes
+    duration: float
+
+    @cached_property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", errors="replace")
+
+    @cached_property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", errors="replace")
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_status == 0
+
+    @property
+    def failed(self) -> bool:
+        return self.exit_status != 0
+
+    @property
+    def rc(self) -> int:
+        return self.exit_status
+
+
+def command_string(cmd: str | Sequence[str]) -> str:
+    """A shell command line: strings pass through, sequences are quoted word by word."""
+    return cmd if isinstance(cmd, str) else shlex.join(cmd)
+
+
+def wrap(command: str, env: Mapping[str, str] | None) -> str:
+    """The line the guest runs: report the session's pid first (so a timed-out command's
+    processes can be killed as a session), export ``env``, then run ``command`` in sh."""
+    exports = ""
+    for name, value in (env or {}).items():
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"not an environment variable name: {name!r}")
+        exports += f"export {name}={shlex.quote(str(value))}; "
+    return f"echo $$ >&2; {exports}exec /bin/sh -c {shlex.quote(command)}"
+
+
+class Channel:
+    """SSH to one guest with the cache's key, pinning the host key the image was built with."""
+
+    def __init__(self, address: tuple[str, int], key: paramiko.PKey,
+                 host_key: str | None = None, user: str = "root") -> None:
+        self.address = address
+        self.key = key
+        self.host_key = host_key
+        self.user = user
+        self._transport: paramiko.Transport | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self._lock = threading.Lock()
+
+    # -- connection -------------------------------------------------------------------------
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """One attempt: TCP, SSH handshake, host key check, public key auth."""
+        sock = socket.create_connection(self.address, timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport = paramiko.Transport(sock)
+        transport.banner_timeout = timeout
+        transport.handshake_timeout = timeout
+        try:
+            transport.start_client(timeout=timeout)
+            self._check_host_key(transport.get_remote_server_key())
+            transport.auth_publickey(self.user, self.key)
+        except BaseException:
+            transport.close()
+            raise
+        transport.set_keepalive(15)
+        self._transport = transport
+
+    def _check_host_key(self, key: paramiko.PKey) -> None:
+        if self.host_key is None:
+            return
+        expected = self.host_key.split()
+        if [key.get_name(), key.get_base64()] != expected[:2]:
+            raise ChannelError(f"guest host key {key.get_name()} {key.get_base64()[:16]}... does "
+                               "not match the image's; the image cache may be corrupt "
+                               "(sandbox image rm NAME, then rebuild)")
+
+    @property
+    def transport(self) -> paramiko.Transport:
+        if self._transport is None or not self._transport.is_active():
+            raise ChannelError("the SSH connection to the guest is closed")
+        return self._transport
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.close()
+            self._sftp = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def _session(self) -> paramiko.Channel:
+        try:
+            return self.transport.open_session(timeout=30)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ChannelError(f"could not open an SSH session to the guest: {exc}") from exc
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def run(self, cmd: str | Sequence[str], *, timeout: float | None,
+            env: Mapping[str, str] | None = None, input: bytes | str | None = None,
+            stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> CommandResult:
+        """Run one command; ``stdout``/``stderr`` streams, when given, get output as it comes."""
+        command = command_string(cmd)
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        chan = self._session()
+        try:
+            chan.exec_command(wrap(command, env))
+            feeder = self._feed(chan, input)
+            out, err, pid = _collect(chan, deadline, stdout, stderr)
+            if feeder is not None:
+                feeder.join(timeout=5)
+        except _Deadline as late:
+            self._kill_session(late.pid)
+            raise CommandTimeout(command, timeout or 0, late.stdout.decode(errors="replace"),
+                                 late.stderr.decode(errors="replace")) from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ChannelError(f"SSH failed while running {command!r}: {exc}") from exc
+        finally:
+            chan.close()
+        status = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        return CommandResult(command, status, out, err, time.monotonic() - started)
+
+    @staticmethod
+    def _feed(chan: paramiko.Channel, data: bytes | str | None) -> threading.Thread | None:
+        if data is None:
+            chan.shutdown_write()
+            return None
+        payload = data.encode() if isinstance(data, str) else data
+
+        def send() -> None:
+            try:
+                chan.sendall(payload)
+                chan.shutdown_write()
+            except (OSError, paramiko.SSHException):
+                pass
+
+        thread = threading.Thread(target=send, daemon=True, name="sandbox-stdin")
+        thread.start()
+        return thread
+
+    def _kill_session(self, pid: int | None) -> None:
+        if pid is None:
+            return
+        try:
+            chan = self._session()
+            chan.settimeout(10)
+            chan.exec_command(f"pkill -KILL -s {pid}; kill -KILL -- -{pid} 2>/dev/null; true")
+            chan.recv_exit_status()
+            chan.close()
+        except Exception:  # noqa: BLE001 - best effort: the timeout is what gets reported
+            pass
+
+    # -- files ------------------------------------------------------------------------------
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        with self._lock:
+            if self._sftp is None:
+                self._sftp = paramiko.SFTPClient.from_transport(self.transport)
+                if self._sftp is None:
+                    raise ChannelError("the guest refused an SFTP session")
+            return self._sftp
+
+    def put(self, local: Path, remote: str) -> None:
+        mode = stat.S_IMODE(local.stat().st_mode)
+        self.sftp.put(str(local), remote)
+        self.sftp.chmod(remote, mode)
+
+    def get(self, remote: str, local: Path) -> None:
+        self.sftp.get(remote, str(local))
+
+    def push(self, local_dir: Path, remote_dir: str, timeout: float | None) -> None:
+        """The contents of ``local_dir`` into ``remote_dir`` as one tar stream (modes kept)."""
+        chan = self._session()
+        try:
+            chan.settimeout(timeout)
+            chan.exec_command(f"mkdir -p {shlex.quote(remote_dir)} && "
+                              f"tar -x -p -f - -C {shlex.quote(remote_dir)}")
+            with chan.makefile("wb") as stream, \
+                    tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for entry in sorted(local_dir.iterdir()):
+                    tar.add(str(entry), arcname=entry.name)
+            chan.shutdown_write()
+            errors = chan.makefile_stderr("rb").read().decode(errors="replace")
+            status = chan.recv_exit_status()
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise ChannelError(f"push of {local_dir} to {remote_dir} failed: {exc}") from exc
+        finally:
+            chan.close()
+        if status != 0:
+            raise ChannelError(f"push of {local_dir} to {remote_dir} failed in the guest "
+                               f"(tar status {status}): {errors.strip()}")
+
+
+class _Tee(io.BytesIO):
+    """Keeps everything written, and passes it on to an optional live stream."""
+
+    def __init__(self, live: BinaryIO | None) -> None:
+        super().__init__()
+        self.live = live
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if self.live is not None:
+            self.live.write(data)
+            self.live.flush()
+        return super().write(data)
+
+
+class _Deadline(Exception):
+    def __init__(self, pid: int | None, stdout: bytes, stderr: bytes) -> None:
+        self.pid, self.stdout, self.stderr = pid, stdout, stderr
+
+
+def _collect(chan: paramiko.Channel, deadline: float | None, out_tee: BinaryIO | None,
+             err_tee: BinaryIO | None) -> tuple[bytes, bytes, int | None]:
+    """Read stdout and stderr until the command is done; strip the wrapper's pid line."""
+    out, err = _Tee(out_tee), _Tee(err_tee)
+    pid: int | None = None
+    header = b""
+    exited_at: float | None = None
+    while True:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            raise _Deadline(pid, out.getvalue(), err.getvalue())
+        wait = 0.2 if deadline is None else min(0.2, deadline - now)
+        select.select([chan], [], [], wait)
+        got = False
+        while chan.recv_ready():
+            out.write(chan.recv(1 << 20))
+            got = True
+        while chan.recv_stderr_ready():
+            data = chan.recv_stderr(1 << 20)
+            got = True
+            if pid is None:
+                header += data
+                if b"\n" in header:
+                    line, _, rest = header.partition(b"\n")
+                    pid = int(line) if line.strip().isdigit() else -1
+                    err.write(rest)
+            else:
+                err.write(data)
+        if chan.exit_status_ready():
+            if chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
+                break
+            if got or exited_at is None:
+                exited_at = time.monotonic()
+            elif time.monotonic() - exited_at > OUTPUT_LINGER:
+                break
+        elif chan.closed:
+            break
+    return out.getvalue(), err.getvalue(), (pid if pid and pid > 0 else None)

@@ -1,0 +1,207 @@
+"""The ``sandbox`` command: a thin front end over the same core the pytest plugin uses."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from .errors import SandboxError
+from .sizes import format_size
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _friendly(func: F) -> F:
+    """Turn a SandboxError into one clear message and exit status 2, not a traceback."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SandboxError as exc:
+            click.echo(f"sandbox: error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pytest-qemu-sandbox")
+def main() -> None:
+    """Fresh, isolated QEMU virtual machines for tests and terminals."""
+    import logging
+
+    # paramiko logs every refused connection attempt while a guest boots; the CLI reports
+    # what matters itself.
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+
+
+# -- doctor ---------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--refresh", is_flag=True, help="Probe the accelerator again, ignoring the cache.")
+@_friendly
+def doctor(as_json: bool, refresh: bool) -> None:
+    """What this host can do: QEMU, tools, cache space, and KVM or TCG (with the reason)."""
+    from .host import doctor_report
+
+    report = doctor_report(refresh=refresh)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for name, tool in report["tools"].items():
+            state = tool["version"] or click.style("missing", fg="red")
+            click.echo(f"{name:<20} {state:<10} {tool['path'] or 'apt-get install ' + tool['package']}")
+        cache = report["cache"]
+        click.echo(f"{'cache':<20} {cache['free']:<10} free in {cache['path']}")
+        click.echo(f"{'runtime':<20} {'':<10} {report['runtime_dir']}")
+        accel = report["accel"]
+        if accel:
+            colour = "green" if accel["accel"] == "kvm" else "yellow"
+            click.echo(f"{'accelerator':<20} {click.style(accel['accel'], fg=colour):<10} "
+                       f"{accel['reason']}")
+        for problem in report["problems"]:
+            click.echo(click.style(f"problem: {problem}", fg="red"), err=True)
+    sys.exit(0 if report["ok"] else 1)
+
+
+# -- images ---------------------------------------------------------------------------------
+
+@main.group()
+def image() -> None:
+    """Build, list, inspect and remove guest images."""
+
+
+@image.command("build")
+@click.argument("recipe")
+@click.option("--force", is_flag=True, help="Rebuild even when the cache has this image.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image path.")
+@_friendly
+def image_build(recipe: str, force: bool, quiet: bool) -> None:
+    """Build RECIPE (a name from images/ or a path to a .toml file), cached by content."""
+    from .image import build_image, cached_image
+    from .progress import Reporter
+    from .recipe import find_recipe
+
+    parsed = find_recipe(recipe)
+    reporter = Reporter(quiet=quiet)
+    hit = None if force else cached_image(parsed)
+    if hit is not None:
+        if not quiet:
+            click.echo(f"{hit.name}: cached ({hit.digest[:16]})", err=True)
+        click.echo(str(hit.path))
+        return
+    built = build_image(parsed, reporter=reporter, force=force)
+    if not quiet:
+        click.echo(f"{built.name}: built in {built.manifest['build_seconds']} s "
+                   f"({built.digest[:16]})", err=True)
+    click.echo(str(built.path))
+
+
+@image.command("list")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@_friendly
+def image_list(fmt: str) -> None:
+    """The images built in the cache."""
+    from .image import list_images
+
+    images = list_images()
+    if fmt == "json":
+        click.echo(json.dumps([{"name": i.name, "digest": i.digest, "path": str(i.path),
+                                "size": i.size, "built_at": i.manifest["built_at"]}
+                               for i in images], indent=2))
+        return
+    if not images:
+        click.echo("no images built yet: sandbox image build debian-12")
+        return
+    click.echo(f"{'NAME':<20} {'DIGEST':<18} {'SIZE':>7}  BUILT")
+    for i in images:
+        click.echo(f"{i.name:<20} {i.digest[:16]:<18} {format_size(i.size):>7}  "
+                   f"{i.manifest['built_at']}")
+
+
+@image.command("inspect")
+@click.argument("name")
+@_friendly
+def image_inspect(name: str) -> None:
+    """The manifest of a built image, as JSON."""
+    from .image import find_images
+
+    found = find_images(name)
+    click.echo(json.dumps([dict(i.manifest, path=str(i.path)) for i in found]
+                          if len(found) > 1 else dict(found[0].manifest, path=str(found[0].path)),
+                          indent=2))
+
+
+@image.command("rm")
+@click.argument("name")
+@_friendly
+def image_rm(name: str) -> None:
+    """Remove every built version of image NAME from the cache."""
+    from .image import find_images, remove_image
+
+    for found in find_images(name):
+        remove_image(found)
+        click.echo(f"removed {found.name} {found.digest[:16]}")
+
+
+# -- machines -------------------------------------------------------------------------------
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--image", default="debian-12", show_default=True)
+@click.option("--memory", default=None, help="Guest memory, e.g. 2G.")
+@click.option("--cpus", type=int, default=None)
+@click.option("--net", type=click.Choice(["restricted", "user"]), default="restricted",
+              show_default=True, help="'user' gives the guest network egress.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto")
+@click.option("--cold", is_flag=True, help="Boot from scratch instead of cloning.")
+@click.option("--copy", "copies", multiple=True, metavar="LOCAL:REMOTE",
+              help="Copy a file or directory into the guest first (repeatable).")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@_friendly
+def run(image: str, memory: str | None, cpus: int | None, net: str, accel: str, cold: bool,
+        copies: tuple[str, ...], command: tuple[str, ...]) -> None:
+    """Run COMMAND in a throwaway VM, stream its output, exit with its status."""
+    from pathlib import Path
+
+    from .machine import launch
+
+    transfers = []
+    for copy in copies:
+        local, sep, remote = copy.partition(":")
+        if not sep or not local or not remote:
+            raise click.BadParameter(f"{copy!r} is not LOCAL:REMOTE", param_hint="--copy")
+        if not Path(local).exists():
+            raise click.BadParameter(f"no such local path {local!r}", param_hint="--copy")
+        transfers.append((Path(local), remote))
+    with launch(image, memory=memory, cpus=cpus, network=net, accel=accel, cold=cold) as vm:
+        for local, remote in transfers:
+            (vm.push if local.is_dir() else vm.put)(local, remote)
+        argv = list(command)
+        line = argv[0] if len(argv) == 1 else argv
+        result = vm.run(line, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,
+                        timeout=None)
+    sys.exit(result.exit_status if 0 <= result.exit_status < 256 else 255)
+
+
+@main.command()
+@_friendly
+def prune() -> None:
+    """Kill the VMs and remove the files of runs whose process is gone."""
+    from .runs import reap_orphans
+
+    reaped = reap_orphans()
+    for line in reaped:
+        click.echo(line)
+    if not reaped:
+        click.echo("nothing to prune")
+
+
+if __name__ == "__main__":
+    main()

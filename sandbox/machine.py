@@ -1,0 +1,491 @@
+"""Machine: one isolated QEMU guest with an explicit lifecycle, commanded over SSH.
+
+``start`` launches QEMU on a private copy-on-write overlay of the read-only image, connects
+QMP, and waits (bounded) for SSH. ``close`` is graceful then hard (QMP quit, SIGTERM,
+SIGKILL) and removes every file the machine made. QEMU dies with the Python process that
+owns it (parent-death signal); the run directory lets a later run reap the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import paramiko
+import tenacity
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from .channel import Channel, CommandResult, command_string
+from .errors import (
+    BootError,
+    ChannelError,
+    CommandFailed,
+    CommandTimeout,
+    SandboxError,
+    SnapshotError,
+    WaitTimeout,
+)
+from .host import accel_verdict, qemu_binary, resolve_accel
+from .image import Image, get_image
+from .keys import cache_key
+from .runs import current_run
+from .sizes import parse_size
+from .spec import MachineSpec, QemuPlan
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+# QEMU is spawned from one long-lived thread: a parent-death signal fires when the *thread*
+# that forked the child exits, so spawning from a short-lived worker thread would kill it.
+_spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
+_names = iter(range(1, 1 << 30))
+_names_lock = threading.Lock()
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    def setup() -> None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    return setup
+
+
+@dataclass(frozen=True)
+class TranscriptEntry:
+    """One guest command as the failure report shows it."""
+
+    command: str
+    exit_status: int | None
+    duration: float
+    output: str
+
+    def format(self) -> str:
+        status = "timeout" if self.exit_status is None else f"exit {self.exit_status}"
+        text = f"$ {self.command}    [{status}, {self.duration:.2f} s]"
+        return f"{text}\n{self.output}" if self.output else text
+
+
+def _trim(data: str, limit: int = 2000) -> str:
+    data = data.rstrip("\n")
+    if len(data) <= limit:
+        return data
+    return data[: limit // 4] + f"\n[... {len(data) - limit} characters cut ...]\n" + \
+        data[-(limit * 3 // 4):]
+
+
+class Machine:
+    """A QEMU guest. Use :func:`sandbox.launch` to get a started one."""
+
+    def __init__(self, spec: MachineSpec | None = None, *, name: str | None = None) -> None:
+        self.spec = spec or MachineSpec()
+        with _names_lock:
+            self.name = name or f"vm{next(_names)}"
+        self.image: Image | None = None
+        self.accel: str | None = None
+        self.dir: Path | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.transcript: list[TranscriptEntry] = []
+        self.boot_seconds: float | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._qmp_lock = threading.Lock()
+        self._channel: Channel | None = None
+        self._ssh_port: int | None = None
+        self._forwards: dict[int, int] = {}
+        self._plan: QemuPlan | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("running" if self.process else "new")
+        return f"<Machine {self.name} image={self.spec.image} {state}>"
+
+    def __enter__(self) -> Machine:
+        if self.process is None:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> Machine:
+        started = time.monotonic()
+        self.image = get_image(self.spec.image)
+        self.accel = resolve_accel(self.spec.accel)
+        run = current_run()
+        self.dir = run.machine_dir(self.name)
+        try:
+            overlay = self.dir / "overlay.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                            str(self.image.disk), str(overlay)], check=True,
+                           capture_output=True, timeout=60)
+            self._plan = self._make_plan(run.id, overlay)
+            self._launch(self._plan)
+            self._ssh_port = self._hostfwd_ports().get(22)
+            if self._ssh_port is None:
+                raise BootError("QEMU started without the SSH port forward",
+                                console_tail=self.console_tail())
+            self._wait_for_ssh(started + self.spec.boot_timeout)
+        except BaseException:
+            self.close()
+            raise
+        self.boot_seconds = time.monotonic() - started
+        return self
+
+    def _make_plan(self, run_id: str, overlay: Path) -> QemuPlan:
+        assert self.image is not None and self.dir is not None and self.accel is not None
+        memory = self.spec.memory if self.spec.memory is not None else self.image.memory
+        verdict = accel_verdict() if self.accel == "kvm" else None
+        return QemuPlan(
+            binary=qemu_binary(),
+            tag=f"sandbox-{run_id}-{self.name}",
+            accel=self.accel,
+            kvm_cpu=verdict.kvm_cpu if verdict else "",
+            memory_mib=parse_size(memory, default_unit="M") >> 20,
+            cpus=self.spec.cpus or self.image.cpus,
+            kernel=self.image.kernel,
+            initrd=self.image.initrd,
+            cmdline=self.image.kernel_cmdline,
+            disk=overlay,
+            qmp_socket=self.dir / "qmp.sock",
+            console_log=self.dir / "console.log",
+            pidfile=self.dir / "qemu.pid",
+            network=self.spec.network,
+            extra=self.spec.qemu_args,
+        )
+
+    def _launch(self, plan: QemuPlan) -> None:
+        assert self.dir is not None
+        log = (self.dir / "qemu.log").open("wb")
+        parent = os.getpid()
+        self.process = _spawner.submit(
+            subprocess.Popen, plan.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            start_new_session=True, preexec_fn=_die_with_parent(parent)).result()
+        log.close()
+        deadline = time.monotonic() + 30
+        while not plan.qmp_socket.exists():
+            self._check_alive("QEMU exited before its QMP socket appeared")
+            if time.monotonic() > deadline:
+                raise BootError("QEMU did not open its QMP socket within 30 s",
+                                command_line=plan.command())
+            time.sleep(0.01)
+        qmp = QEMUMonitorProtocol(str(plan.qmp_socket))
+        qmp.connect(negotiate=True)
+        qmp.settimeout(30)
+        self._qmp = qmp
+
+    def _check_alive(self, what: str) -> None:
+        if self.process is not None and self.process.poll() is not None:
+            raise BootError(what, exit_status=self.process.returncode,
+                            console_tail=self.console_tail() + self._qemu_stderr(),
+                            command_line=self._plan.command() if self._plan else None)
+
+    def _qemu_stderr(self) -> str:
+        if self.dir is None:
+            return ""
+        try:
+            text = (self.dir / "qemu.log").read_text(errors="replace").strip()
+        except OSError:
+            return ""
+        return f"\nQEMU said:\n{text[-2000:]}" if text else ""
+
+    def _wait_for_ssh(self, deadline: float) -> None:
+        assert self.image is not None and self._ssh_port is not None
+        key = cache_key().load()
+        last: list[BaseException] = []
+
+        def attempt() -> Channel:
+            self._check_alive("QEMU exited while the guest was booting")
+            channel = Channel(("127.0.0.1", self._ssh_port or 0), key, self.image.host_key
+                              if self.image else None)
+            try:
+                channel.connect(timeout=max(1.0, min(20.0, deadline - time.monotonic())))
+            except (OSError, paramiko.SSHException, EOFError) as exc:
+                last[:] = [exc]
+                raise
+            return channel
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type((OSError, paramiko.SSHException, EOFError)),
+            wait=tenacity.wait_fixed(0.25),
+            stop=tenacity.stop_after_delay(max(0.0, deadline - time.monotonic())),
+            reraise=True,
+        )
+        try:
+            self._channel = retrying(attempt)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise BootError(f"the guest did not answer on SSH within "
+                            f"{self.spec.boot_timeout:g} s (last error: {exc!r})",
+                            console_tail=self.console_tail()) from exc
+
+    def close(self) -> None:
+        """Stop QEMU (QMP quit, then SIGTERM, then SIGKILL) and remove the machine's files."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._channel is not None:
+            self._channel.close()
+        process = self.process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(Exception):
+                if self._qmp is not None:
+                    self._qmp.settimeout(3)
+                    self._qmp.cmd("quit")
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.send_signal(sig)
+                try:
+                    process.wait(timeout=3)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                self._qmp.close()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def ssh_port(self) -> int:
+        if self._ssh_port is None:
+            raise SandboxError(f"{self.name} is not running")
+        return self._ssh_port
+
+    @property
+    def key_path(self) -> Path:
+        return cache_key().private_path
+
+    def ssh_command(self) -> str:
+        """A plain ``ssh`` command line that reaches this machine from the host."""
+        return (f"ssh -i {self.key_path} -p {self.ssh_port} -o StrictHostKeyChecking=no "
+                "-o UserKnownHostsFile=/dev/null root@127.0.0.1")
+
+    # -- QMP --------------------------------------------------------------------------------
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """Run a QMP command on this machine's monitor and return its result."""
+        if self._qmp is None or self._closed:
+            raise SandboxError(f"{self.name} is not running")
+        with self._qmp_lock:
+            try:
+                return self._qmp.cmd(command, **arguments)
+            except QMPError as exc:
+                raise SandboxError(f"QMP {command} failed: {exc}") from exc
+
+    def hmp(self, command_line: str) -> str:
+        return str(self.qmp("human-monitor-command", **{"command-line": command_line}))
+
+    def _hostfwd_ports(self) -> dict[int, int]:
+        """guest port -> host port of every TCP forward, read back from QEMU."""
+        ports = {}
+        for line in self.hmp("info usernet").splitlines():
+            fields = line.split()
+            if fields and fields[0] == "TCP[HOST_FORWARD]":
+                ports[int(fields[5])] = int(fields[3])
+        return ports
+
+    # -- commands ---------------------------------------------------------------------------
+
+    @property
+    def channel(self) -> Channel:
+        if self._channel is None or self._closed:
+            raise ChannelError(f"{self.name} is not running")
+        return self._channel
+
+    def run(self, cmd: str | Sequence[str], *, timeout: float | None = None,
+            env: Mapping[str, str] | None = None,
+            input: bytes | str | None = None, stdout: BinaryIO | None = None,
+            stderr: BinaryIO | None = None) -> CommandResult:
+        """Run ``cmd`` in the guest (through ``/bin/sh -c``); never raises on a non-zero status.
+
+        ``timeout`` defaults to the spec's ``command_timeout``; past it the command's guest
+        processes are killed and :class:`CommandTimeout` is raised. ``stdout``/``stderr``
+        binary streams, when given, receive the output live as well.
+        """
+        limit = self.spec.command_timeout if timeout is None else timeout
+        try:
+            result = self.channel.run(cmd, timeout=limit, env=env, input=input, stdout=stdout,
+                                      stderr=stderr)
+        except CommandTimeout as exc:
+            self.transcript.append(TranscriptEntry(exc.command, None, limit,
+                                                   _trim(exc.stdout + exc.stderr)))
+            raise
+        self.transcript.append(TranscriptEntry(result.command, result.exit_status,
+                                               result.duration,
+                                               _trim(result.stdout + result.stderr)))
+        return result
+
+    def succeed(self, cmd: str | Sequence[str], **kwargs: Any) -> str:
+        """Run ``cmd``; its stdout, or :class:`CommandFailed` when the status is not zero."""
+        result = self.run(cmd, **kwargs)
+        if result.failed:
+            raise CommandFailed(result.command, result.exit_status, result.stdout,
+                                result.stderr)
+        return result.stdout
+
+    def fail(self, cmd: str | Sequence[str], **kwargs: Any) -> str:
+        """Run ``cmd`` expecting a non-zero status; its output, or :class:`CommandFailed`."""
+        result = self.run(cmd, **kwargs)
+        if result.succeeded:
+            raise CommandFailed(result.command, 0, result.stdout, result.stderr,
+                                expected="non-zero")
+        return result.stdout + result.stderr
+
+    # -- files ------------------------------------------------------------------------------
+
+    def put(self, local: str | os.PathLike[str], remote: str) -> None:
+        """Copy one host file into the guest (mode kept)."""
+        self.channel.put(Path(local), remote)
+
+    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
+        """Copy one guest file to the host."""
+        self.channel.get(remote, Path(local))
+
+    def push(self, local_dir: str | os.PathLike[str], remote_dir: str, *,
+             timeout: float | None = None) -> None:
+        """Copy the contents of a host directory into ``remote_dir`` (created; modes kept)."""
+        source = Path(local_dir)
+        if not source.is_dir():
+            raise SandboxError(f"push needs a directory, {source} is not one (use put)")
+        self.channel.push(source, remote_dir, timeout or self.spec.command_timeout)
+
+    # -- waits ------------------------------------------------------------------------------
+
+    def wait_until_succeeds(self, cmd: str | Sequence[str], *, timeout: float = 60,
+                            interval: float = 0.5) -> str:
+        """Repeat ``cmd`` until it exits 0; its stdout. On timeout, the last result is shown."""
+        deadline = time.monotonic() + timeout
+        last: CommandResult | None = None
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                last = self.run(cmd, timeout=max(remaining, 1.0))
+                if last.succeeded:
+                    return last.stdout
+            except CommandTimeout:
+                pass
+            if time.monotonic() + interval > deadline:
+                seen = (f"last exit status {last.exit_status}, output:\n"
+                        f"{_trim(last.stdout + last.stderr, 1000)}" if last else "no result")
+                raise WaitTimeout(f"{self.name}: {command_string(cmd)!r} did not succeed "
+                                  f"within {timeout:g} s; {seen}\n{self._console_hint()}")
+            time.sleep(interval)
+
+    def wait_for_port(self, port: int, *, timeout: float = 60) -> None:
+        """Wait until something in the guest listens on TCP ``port``."""
+        try:
+            self.wait_until_succeeds(f"ss -Htln 'sport = :{int(port)}' | grep -q .",
+                                     timeout=timeout, interval=0.25)
+        except WaitTimeout:
+            listening = self.run("ss -Htln", timeout=10).stdout.strip() or "(nothing)"
+            raise WaitTimeout(f"{self.name}: nothing listened on guest TCP port {port} within "
+                              f"{timeout:g} s; listening now:\n{listening}\n"
+                              f"{self._console_hint()}") from None
+
+    def wait_for_unit(self, unit: str, *, timeout: float = 60) -> None:
+        """Wait until a systemd unit is active; fail early when it has failed."""
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.run(["systemctl", "is-active", unit], timeout=30).stdout.strip()
+            if state == "active":
+                return
+            if state == "failed":
+                break
+            time.sleep(0.5)
+        status = self.run(["systemctl", "status", "--no-pager", "-n", "20", unit],
+                          timeout=30).stdout
+        what = "failed" if state == "failed" else f"was not active within {timeout:g} s"
+        raise WaitTimeout(f"{self.name}: unit {unit} {what} (state {state!r}):\n{status}")
+
+    def wait_for_console(self, regex: str, *, timeout: float = 60) -> re.Match[str]:
+        """Wait until the serial console shows a line matching ``regex``; the match."""
+        pattern = re.compile(regex, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = pattern.search(self.console_log())
+            if match:
+                return match
+            self._check_alive("QEMU exited while waiting for the console")
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"{self.name}: the console showed no match for {regex!r} "
+                                  f"within {timeout:g} s\n{self._console_hint()}")
+            time.sleep(0.1)
+
+    # -- ports, console, snapshots ------------------------------------------------------------
+
+    def forward(self, guest_port: int) -> int:
+        """Forward host 127.0.0.1:<free port> to ``guest_port``; the host port."""
+        if guest_port in self._forwards:
+            return self._forwards[guest_port]
+        before = self._hostfwd_ports()
+        if guest_port in before:
+            self._forwards[guest_port] = before[guest_port]
+            return before[guest_port]
+        answer = self.hmp(f"hostfwd_add net0 tcp:127.0.0.1:0-:{int(guest_port)}")
+        ports = self._hostfwd_ports()
+        if guest_port not in ports:
+            raise SandboxError(f"could not forward guest port {guest_port}: {answer.strip()}")
+        self._forwards[guest_port] = ports[guest_port]
+        return ports[guest_port]
+
+    def console_log(self) -> str:
+        """The serial console output so far."""
+        if self.dir is None:
+            return ""
+        try:
+            return (self.dir / "console.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def console_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.console_log().rstrip("\n").splitlines()[-lines:])
+
+    def _console_hint(self) -> str:
+        tail = self.console_tail(15)
+        return f"console tail:\n{tail}" if tail else "console: (empty)"
+
+    def snapshot(self, tag: str) -> None:
+        """Save this machine's disk and RAM under ``tag`` (inside its own overlay)."""
+        self._snapshot_command("savevm", tag)
+
+    def restore(self, tag: str) -> None:
+        """Roll this machine's disk and RAM back to ``snapshot(tag)``; SSH reconnects."""
+        self._snapshot_command("loadvm", tag)
+        assert self._channel is not None
+        self._channel.close()
+        self._wait_for_ssh(time.monotonic() + 60)
+        self.run(f"date -s @{time.time():.3f} >/dev/null", timeout=30)
+
+    def _snapshot_command(self, verb: str, tag: str) -> None:
+        if not re.match(r"^[A-Za-z0-9_.-]+$", tag):
+            raise SnapshotError(f"snapshot tag {tag!r}: use letters, digits, '.', '_', '-'")
+        answer = self.hmp(f"{verb} {tag}").strip()
+        if answer:
+            raise SnapshotError(f"{verb} {tag} on {self.name} failed: {answer}")
+
+
+def launch(image: str = "debian-12", *, name: str | None = None, **shape: Any) -> Machine:
+    """A started machine; use it as a context manager (or call ``close()``)."""
+    return Machine(MachineSpec.from_kwargs(image=image, **shape), name=name).start()

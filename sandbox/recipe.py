@@ -1,0 +1,209 @@
+"""Image recipes: ``images/<name>.toml`` parsed into a validated :class:`Recipe`."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RecipeError
+from .sizes import parse_size
+
+#: Where the recipes shipped with the project live (``images/`` next to the package).
+BUILTIN_RECIPES = Path(__file__).resolve().parent.parent / "images"
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(?:[=:][A-Za-z0-9.+~:-]+)?$")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file to place into the image: inline ``content`` or a ``source`` next to the recipe."""
+
+    path: str
+    content: str | None = None
+    source: str | None = None
+    mode: int = 0o644
+
+    def data(self, base: Path) -> bytes:
+        if self.content is not None:
+            return self.content.encode()
+        assert self.source is not None
+        return (base / self.source).read_bytes()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides what an image contains (see ``images/README.md``)."""
+
+    name: str
+    description: str = ""
+    suite: str = "bookworm"
+    mirror: str = ""
+    components: tuple[str, ...] = ("main",)
+    packages: tuple[str, ...] = ()
+    files: tuple[FileEntry, ...] = ()
+    customize: tuple[str, ...] = ()
+    kernel_cmdline: str = ""
+    memory: str = "1G"
+    cpus: int = 2
+    disk_size: str = "2G"
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_size(self.memory, default_unit="M")
+
+    @property
+    def disk_bytes(self) -> int:
+        return parse_size(self.disk_size, default_unit="M")
+
+    def canonical(self) -> dict[str, Any]:
+        """The recipe as plain data, with file contents resolved: what the cache key hashes."""
+        data = asdict(self)
+        data.pop("path")
+        base = self.path.parent if self.path else Path.cwd()
+        data["files"] = [
+            {"path": f.path, "mode": f.mode,
+             "sha256": hashlib.sha256(f.data(base)).hexdigest()}
+            for f in self.files
+        ]
+        return data
+
+    def digest(self, *extra: str) -> str:
+        payload = json.dumps([self.canonical(), *extra], sort_keys=True).encode()
+        return hashlib.sha256(payload).hexdigest()
+
+
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "description": str, "suite": str, "mirror": str, "components": list, "packages": list,
+    "files": list, "customize": list, "kernel_cmdline": str, "memory": (str, int),
+    "cpus": int, "disk_size": (str, int), "name": str,
+}
+_FILE_FIELDS = {"path", "content", "source", "mode"}
+
+
+def _unknown(where: str, key: str, known: set[str] | dict[str, Any]) -> RecipeError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return RecipeError(f"{where}: unknown field {key!r}{hint} (known fields: "
+                       f"{', '.join(sorted(known))})")
+
+
+def parse_recipe(path: Path) -> Recipe:
+    """Read and validate a recipe file; every problem names the file and the field."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{path}: not valid TOML: {exc}") from None
+    where = str(path)
+    for key, value in raw.items():
+        if key not in _FIELDS:
+            raise _unknown(where, key, _FIELDS)
+        if not isinstance(value, _FIELDS[key]) or isinstance(value, bool):
+            expected = _FIELDS[key]
+            names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple)
+                                                     else (expected,)))
+            raise RecipeError(f"{where}: field {key!r} must be {names}, got {value!r}")
+
+    name = raw.get("name", path.stem.removesuffix(".toml"))
+    if not _NAME.match(name):
+        raise RecipeError(f"{where}: field 'name' {name!r} must be lower case letters, digits, "
+                          "'.', '_' or '-'")
+    for key in ("components", "packages", "customize"):
+        for item in raw.get(key, []):
+            if not isinstance(item, str):
+                raise RecipeError(f"{where}: field {key!r} must hold strings, got {item!r}")
+    for package in raw.get("packages", []):
+        if not _PACKAGE.match(package):
+            raise RecipeError(f"{where}: field 'packages': {package!r} is not a Debian "
+                              "package name")
+    for key, unit in (("memory", "M"), ("disk_size", "M")):
+        if key in raw:
+            try:
+                parse_size(raw[key], default_unit=unit)
+            except ValueError as exc:
+                raise RecipeError(f"{where}: field {key!r}: {exc}") from None
+    if "cpus" in raw and not 1 <= raw["cpus"] <= 64:
+        raise RecipeError(f"{where}: field 'cpus' must be between 1 and 64, got {raw['cpus']}")
+
+    files = []
+    for index, entry in enumerate(raw.get("files", [])):
+        here = f"{where}: files[{index}]"
+        if not isinstance(entry, dict):
+            raise RecipeError(f"{here} must be a table with 'path' and 'content' or 'source'")
+        for key in entry:
+            if key not in _FILE_FIELDS:
+                raise _unknown(here, key, _FILE_FIELDS)
+        if not str(entry.get("path", "")).startswith("/"):
+            raise RecipeError(f"{here}: field 'path' must be an absolute guest path")
+        if ("content" in entry) == ("source" in entry):
+            raise RecipeError(f"{here}: give exactly one of 'content' or 'source'")
+        if "source" in entry and not (path.parent / entry["source"]).is_file():
+            raise RecipeError(f"{here}: field 'source': no file {entry['source']!r} next to "
+                              "the recipe")
+        mode = entry.get("mode", "0644")
+        try:
+            mode_int = int(mode, 8) if isinstance(mode, str) else int(mode)
+        except ValueError:
+            raise RecipeError(f"{here}: field 'mode' must be octal like \"0644\"") from None
+        files.append(FileEntry(path=entry["path"], content=entry.get("content"),
+                               source=entry.get("source"), mode=mode_int))
+
+    return Recipe(
+        name=name,
+        description=raw.get("description", ""),
+        suite=raw.get("suite", "bookworm"),
+        mirror=raw.get("mirror", ""),
+        components=tuple(raw.get("components", ["main"])),
+        packages=tuple(raw.get("packages", [])),
+        files=tuple(files),
+        customize=tuple(raw.get("customize", [])),
+        kernel_cmdline=raw.get("kernel_cmdline", ""),
+        memory=str(raw.get("memory", "1G")),
+        cpus=raw.get("cpus", 2),
+        disk_size=str(raw.get("disk_size", "2G")),
+        path=path.resolve(),
+    )
+
+
+def recipe_dirs() -> list[Path]:
+    """Recipe search path: ``SANDBOX_IMAGES_PATH`` (colon separated), ./images, built-ins."""
+    import os
+
+    dirs = [Path(p) for p in os.environ.get("SANDBOX_IMAGES_PATH", "").split(":") if p]
+    dirs += [Path.cwd() / "images", BUILTIN_RECIPES]
+    seen: list[Path] = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in seen:
+            seen.append(d.resolve())
+    return seen
+
+
+def known_recipes() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for directory in recipe_dirs():
+        for file in sorted(directory.glob("*.toml")):
+            found.setdefault(file.stem, file)
+    return found
+
+
+def find_recipe(name_or_path: str) -> Recipe:
+    """A recipe by name (``debian-12``) or by path (``./my.toml``)."""
+    if name_or_path.endswith(".toml") or "/" in name_or_path:
+        return parse_recipe(Path(name_or_path))
+    known = known_recipes()
+    if name_or_path not in known:
+        names = ", ".join(sorted(known)) or "none"
+        close = difflib.get_close_matches(name_or_path, list(known), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RecipeError(f"unknown image {name_or_path!r}.{hint} Known images: {names}. "
+                          "Add images/<name>.toml or pass a path to a recipe file.")
+    return parse_recipe(known[name_or_path])

@@ -1,0 +1,122 @@
+"""Run ownership: everything a process creates lives under one run directory, tagged with the
+run id, so that a later run (or ``sandbox prune``) can reap what a killed run left behind.
+
+Layout under :func:`sandbox.paths.runtime_dir`::
+
+    run-<id>/owner.json          pid and start time of the owning process
+    run-<id>/<machine>/          qmp.sock, console.log, overlay.qcow2, qemu.pid, ...
+
+A run is orphaned once its owner process is gone (or its pid now names another process).
+QEMU itself dies with its owner through a parent-death signal; the reaper is the second line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .paths import runtime_dir
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (tells a reused pid apart), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def process_alive(pid: int, start_ticks: int | None) -> bool:
+    ticks = process_start_ticks(pid)
+    return ticks is not None and (start_ticks is None or ticks == start_ticks)
+
+
+@dataclass(frozen=True)
+class Run:
+    id: str
+    path: Path
+
+    def machine_dir(self, name: str) -> Path:
+        path = self.path / name
+        path.mkdir(mode=0o700)
+        return path
+
+
+_lock = threading.Lock()
+_current: Run | None = None
+
+
+def current_run() -> Run:
+    """This process's run, created on first use (and re-created after a fork)."""
+    global _current
+    with _lock:
+        if _current is None or _owner_pid(_current) != os.getpid():
+            reap_orphans()
+            run_id = secrets.token_hex(4)
+            path = runtime_dir() / f"run-{run_id}"
+            path.mkdir(mode=0o700)
+            owner = {"pid": os.getpid(), "start_ticks": process_start_ticks(os.getpid()),
+                     "created": time.time()}
+            (path / "owner.json").write_text(json.dumps(owner))
+            _current = Run(run_id, path)
+        return _current
+
+
+def _owner_pid(run: Run) -> int | None:
+    try:
+        return int(json.loads((run.path / "owner.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def orphaned_runs() -> list[Path]:
+    found = []
+    for path in sorted(runtime_dir().glob("run-*")):
+        try:
+            owner = json.loads((path / "owner.json").read_text())
+        except (OSError, ValueError):
+            # A run directory without a readable owner is one that died while being created;
+            # leave young ones alone in case their owner is writing it right now.
+            if time.time() - path.stat().st_mtime > 60:
+                found.append(path)
+            continue
+        if not process_alive(owner["pid"], owner.get("start_ticks")):
+            found.append(path)
+    return found
+
+
+def kill_tagged(pidfile: Path, tag: str) -> bool:
+    """SIGKILL the process named in ``pidfile`` if its command line still carries ``tag``."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    if tag.encode() not in cmdline:
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def reap_orphans() -> list[str]:
+    """Kill the QEMU processes of dead runs and delete their files; returns what was reaped."""
+    reaped = []
+    for path in orphaned_runs():
+        run_id = path.name.removeprefix("run-")
+        for pidfile in path.glob("*/qemu.pid"):
+            if kill_tagged(pidfile, f"sandbox-{run_id}-"):
+                reaped.append(f"killed QEMU of {pidfile.parent.name} (run {run_id})")
+        shutil.rmtree(path, ignore_errors=True)
+        reaped.append(f"removed {path}")
+    return reaped

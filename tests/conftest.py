@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sandbox
+from sandbox.image import cached_image
+from sandbox.recipe import find_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = "debian-12"
+
+
+def sandbox_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
+                input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the ``sandbox`` console script as a user would."""
+    return subprocess.run([sys.executable, "-m", "sandbox.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout, input=input, cwd=ROOT,
+                          check=False)
+
+
+@pytest.fixture(scope="session")
+def built_image() -> dict[str, Any]:
+    """The default image, built for the session if the cache lacks it.
+
+    A missing image is built by four concurrent ``sandbox image build`` processes, as four
+    test workers would: the outcome is kept so a test can check that exactly one built.
+    """
+    if cached_image(find_recipe(IMAGE)) is not None:
+        return {"concurrent": None}
+    started = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: sandbox_cli("image", "build", IMAGE, timeout=900),
+                                range(4)))
+    elapsed = time.monotonic() - started
+    for result in results:
+        assert result.returncode == 0, result.stderr
+    return {"concurrent": results, "seconds": elapsed}
+
+
+@pytest.fixture(scope="module")
+def shared_vm(built_image: dict[str, Any]) -> Iterator[sandbox.Machine]:
+    """One machine shared by the tests of a module that only read or add files."""
+    with sandbox.launch(IMAGE) as machine:
+        yield machine
+
+
+def read_json(text: str) -> Any:
+    return json.loads(text)
+
+
+def qemu_processes(tag: str) -> list[int]:
+    """Pids of QEMU processes whose command line carries ``tag``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and tag.encode() in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def env_with(**overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(overrides)
+    return env

@@ -1,0 +1,135 @@
+"""Pure logic: sizes, machine specs, the QEMU command line, the command wrapper, run ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from sandbox.channel import CommandResult, command_string, wrap
+from sandbox.errors import SandboxError
+from sandbox.runs import kill_tagged, orphaned_runs, process_alive, process_start_ticks
+from sandbox.sizes import format_size, parse_size
+from sandbox.spec import MachineSpec, QemuPlan
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("512M", 512 << 20), ("2G", 2 << 30), ("1.5GiB", 3 << 29), ("1024", 1024 << 20),
+    (256, 256 << 20), ("4k", 4096),
+])
+def test_parse_size(text: str | int, expected: int) -> None:
+    assert parse_size(text, default_unit="M") == expected
+
+
+def test_parse_size_rejects_garbage() -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("two gigs")
+
+
+def test_format_size() -> None:
+    assert format_size(3 << 29) == "1.5G"
+    assert format_size(512 << 20) == "512M"
+
+
+def test_spec_rejects_unknown_option_by_name() -> None:
+    with pytest.raises(SandboxError, match="unknown machine option.*'memroy'"):
+        MachineSpec.from_kwargs(memroy="1G")
+
+
+@pytest.mark.parametrize("kwargs", [{"network": "bridge"}, {"accel": "hvf"}, {"cpus": 0},
+                                    {"memory": "16M"}, {"memory": "lots"}])
+def test_spec_rejects_bad_values(kwargs: dict[str, object]) -> None:
+    with pytest.raises(SandboxError):
+        MachineSpec.from_kwargs(**kwargs)
+
+
+def plan(**kwargs: object) -> QemuPlan:
+    base: dict[str, object] = dict(
+        binary="qemu-system-x86_64", tag="sandbox-abc-vm1", accel="tcg", kvm_cpu="",
+        memory_mib=1024, cpus=2, kernel=Path("/i/vmlinuz"), initrd=Path("/i/initrd.img"),
+        cmdline="root=/dev/vda", disk=Path("/r/overlay.qcow2"), qmp_socket=Path("/r/qmp.sock"),
+        console_log=Path("/r/console.log"), pidfile=Path("/r/qemu.pid"), network="restricted")
+    base.update(kwargs)
+    return QemuPlan(**base)  # type: ignore[arg-type]
+
+
+def test_command_line_restricted_network_and_free_port() -> None:
+    command = plan().command()
+    netdev = command[command.index("-netdev") + 1]
+    assert "restrict=on" in netdev
+    assert "hostfwd=tcp:127.0.0.1:0-:22" in netdev
+    assert command[command.index("-name") + 1].startswith("sandbox-abc-vm1")
+    assert command[command.index("-accel") + 1].startswith("tcg")
+    assert "-nodefaults" in command and "-display" in command
+
+
+def test_command_line_user_network_and_kvm() -> None:
+    command = plan(network="user", accel="kvm", kvm_cpu="host").command()
+    assert "restrict=on" not in command[command.index("-netdev") + 1]
+    assert command[command.index("-accel") + 1] == "kvm"
+    assert command[command.index("-cpu") + 1] == "host"
+
+
+def test_command_line_appends_extra_args() -> None:
+    assert plan(extra=("-device", "virtio-balloon")).command()[-2:] == ["-device",
+                                                                         "virtio-balloon"]
+
+
+def test_wrapper_runs_command_in_sh_and_reports_pid() -> None:
+    line = wrap("echo $FOO", {"FOO": "a b'c"})
+    result = subprocess.run(["sh", "-c", line], capture_output=True, text=True, check=True)
+    assert result.stdout == "a b'c\n"
+    pid = result.stderr.splitlines()[0]
+    assert pid.isdigit()
+
+
+def test_wrapper_rejects_bad_env_names() -> None:
+    with pytest.raises(ValueError, match="environment variable name"):
+        wrap("true", {"A B": "x"})
+
+
+def test_command_string_quotes_sequences() -> None:
+    assert command_string(["sh", "-c", "exit 3"]) == "sh -c 'exit 3'"
+    assert shlex.split(command_string(["a b", "c"])) == ["a b", "c"]
+
+
+def test_command_result_fields() -> None:
+    result = CommandResult("x", 3, b"out\xff", b"err", 0.5)
+    assert result.failed and not result.succeeded
+    assert result.stdout == "out\ufffd" and result.stderr == "err"
+
+
+def test_orphaned_run_is_found_and_live_one_is_not(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOX_RUNTIME_DIR", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for name, pid in (("run-dead", dead.pid), ("run-live", os.getpid())):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "owner.json").write_text(json.dumps(
+            {"pid": pid, "start_ticks": process_start_ticks(os.getpid())}))
+    assert orphaned_runs() == [tmp_path / "run-dead"]
+
+
+def test_reused_pid_counts_as_dead() -> None:
+    ticks = process_start_ticks(os.getpid())
+    assert ticks is not None
+    assert process_alive(os.getpid(), ticks)
+    assert not process_alive(os.getpid(), ticks + 1)
+
+
+def test_kill_tagged_spares_a_process_without_the_tag(tmp_path: Path) -> None:
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        pidfile = tmp_path / "qemu.pid"
+        pidfile.write_text(str(sleeper.pid))
+        assert not kill_tagged(pidfile, "sandbox-nope-")
+        assert sleeper.poll() is None
+        assert kill_tagged(pidfile, "sleep")
+        assert sleeper.wait(timeout=5) != 0
+    finally:
+        sleeper.kill()
