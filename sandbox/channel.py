@@ -93,6 +93,14 @@ class Channel:
         """One attempt: TCP, SSH handshake, host key check, public key auth."""
         sock = socket.create_connection(self.address, timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            # QEMU's user network accepts the connection even while nothing listens in the
+            # guest, then closes it: peek for the server's banner before paramiko starts.
+            if not sock.recv(4, socket.MSG_PEEK):
+                raise ConnectionResetError("the guest closed the connection (sshd not up yet)")
+        except BaseException:
+            sock.close()
+            raise
         transport = paramiko.Transport(sock)
         transport.banner_timeout = timeout
         transport.handshake_timeout = timeout

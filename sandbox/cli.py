@@ -39,6 +39,7 @@ def main() -> None:
     # paramiko logs every refused connection attempt while a guest boots; the CLI reports
     # what matters itself.
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 # -- doctor ---------------------------------------------------------------------------------
@@ -99,8 +100,12 @@ def image_build(recipe: str, force: bool, quiet: bool) -> None:
         return
     built = build_image(parsed, reporter=reporter, force=force)
     if not quiet:
-        click.echo(f"{built.name}: built in {built.manifest['build_seconds']} s "
-                   f"({built.digest[:16]})", err=True)
+        if built.built_now:
+            click.echo(f"{built.name}: built in {built.manifest['build_seconds']} s "
+                       f"({built.digest[:16]})", err=True)
+        else:
+            click.echo(f"{built.name}: cached, built meanwhile by a concurrent build "
+                       f"({built.digest[:16]})", err=True)
     click.echo(str(built.path))
 
 

@@ -20,7 +20,7 @@ import shutil
 import stat
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,8 @@ class Image:
 
     path: Path
     manifest: dict[str, Any]
+    #: True only for the Image that build_image() has just built (not a cache hit).
+    built_now: bool = field(default=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -177,7 +179,7 @@ def build_image(recipe: Recipe, *, reporter: Reporter = QUIET, force: bool = Fal
         except BaseException:
             _remove_tree(work)
             raise
-        return Image(final, manifest)
+        return Image(final, manifest, built_now=True)
     finally:
         lock.release()
 
@@ -229,16 +231,16 @@ def _build_into(recipe: Recipe, key: str, work: Path, reporter: Reporter) -> dic
     with reporter.stage(f"{recipe.name}: installing {len(packages)} packages (mmdebstrap)"):
         _run(command, work / "mmdebstrap.log", env=env, what="mmdebstrap")
 
-    kernel = out / "vmlinuz"
-    if not kernel.exists():
-        raise ImageError(f"recipe {recipe.name!r} installs no kernel: add a kernel package "
-                         "such as linux-image-cloud-amd64 to 'packages'")
     tree_bytes = _tree_bytes(tree)
     need = int(tree_bytes * 1.15) + (64 << 20)
     if recipe.disk_bytes < need:
         raise ImageError(f"recipe {recipe.name!r}: disk_size {recipe.disk_size} is too small "
                          f"for the tree ({format_size(tree_bytes)}); set disk_size to at least "
                          f"{format_size(need)} in {recipe.path}")
+    kernel = out / "vmlinuz"
+    if not kernel.exists():
+        raise ImageError(f"recipe {recipe.name!r} installs no kernel: add a kernel package "
+                         "such as linux-image-cloud-amd64 to 'packages'")
     raw = work / "disk.raw"
     with reporter.stage(f"{recipe.name}: ext4 filesystem {recipe.disk_size} (mke2fs -d)"):
         _run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "sandbox-root", "-d", str(tree),

@@ -52,6 +52,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
 _names = iter(range(1, 1 << 30))
 _names_lock = threading.Lock()
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -182,7 +183,16 @@ class Machine:
                                 command_line=plan.command())
             time.sleep(0.01)
         qmp = QEMUMonitorProtocol(str(plan.qmp_socket))
-        qmp.connect(negotiate=True)
+        try:
+            qmp.connect(negotiate=True)
+        except (QMPError, OSError) as exc:
+            # Usually QEMU failing on its own command line right after opening the socket.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                if self.process is not None:
+                    self.process.wait(timeout=5)
+            self._check_alive("QEMU exited during start-up")
+            raise BootError(f"could not talk to QEMU's monitor: {exc}",
+                            command_line=plan.command()) from exc
         qmp.settimeout(30)
         self._qmp = qmp
 
@@ -460,7 +470,9 @@ class Machine:
             return ""
 
     def console_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.console_log().rstrip("\n").splitlines()[-lines:])
+        """The last ``lines`` console lines, without colour codes or blank lines."""
+        text = _ANSI.sub("", self.console_log()).replace("\r", "")
+        return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
     def _console_hint(self) -> str:
         tail = self.console_tail(15)

@@ -1,0 +1,158 @@
+"""Images: the cache, the CLI, the doctor, and bad input (real builds with mmdebstrap)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox.errors import ImageError
+from sandbox.host import accel_verdict
+from sandbox.image import build_image, cached_image, images_dir, list_images
+from sandbox.recipe import find_recipe, parse_recipe
+
+from .conftest import IMAGE, env_with, sandbox_cli
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="image builds need root")
+
+
+def leftovers() -> list[str]:
+    return sorted(p.name for p in images_dir().glob(".tmp-*"))
+
+
+def test_four_concurrent_builds_make_one_image(built_image: dict[str, Any],
+                                               tmp_path: Path) -> None:
+    results = built_image["concurrent"]
+    variant = None
+    if results is None:
+        # The session found the image cached: build a variant so the check still runs.
+        text = find_recipe(IMAGE).path.read_text()  # type: ignore[union-attr]
+        variant = tmp_path / "concurrency-check.toml"
+        variant.write_text(text + f'\ndescription = "concurrency check {time.time()}"\n')
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda _: sandbox_cli("image", "build", str(variant)),
+                                    range(4)))
+    try:
+        outcomes = sorted("built" if "built in" in r.stderr else
+                          "cached" if "cached" in r.stderr or "waiting" in r.stderr else r.stderr
+                          for r in results)
+        assert [r.returncode for r in results] == [0, 0, 0, 0]
+        assert outcomes == ["built", "cached", "cached", "cached"]
+        assert len({r.stdout.strip() for r in results}) == 1
+    finally:
+        if variant is not None:
+            sandbox_cli("image", "rm", "concurrency-check")
+
+
+def test_cached_build_is_a_hit_and_image_is_read_only(built_image: dict[str, Any]) -> None:
+    result = sandbox_cli("image", "build", IMAGE)
+    assert result.returncode == 0, result.stderr
+    assert "cached" in result.stderr
+    path = Path(result.stdout.strip())
+    assert {p.name for p in path.iterdir()} == {"disk.qcow2", "vmlinuz", "initrd.img",
+                                                 "manifest.json"}
+    assert path.stat().st_mode & 0o222 == 0
+    assert all(p.stat().st_mode & 0o222 == 0 for p in path.iterdir())
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(path / "disk.qcow2")],
+                          capture_output=True, text=True, check=True)
+    assert json.loads(info.stdout)["format"] == "qcow2"
+
+
+def test_image_list_and_inspect(built_image: dict[str, Any]) -> None:
+    listed = sandbox_cli("image", "list", "--format", "json")
+    assert listed.returncode == 0
+    names = [entry["name"] for entry in json.loads(listed.stdout)]
+    assert IMAGE in names
+    table = sandbox_cli("image", "list")
+    assert IMAGE in table.stdout and "DIGEST" in table.stdout
+    inspected = json.loads(sandbox_cli("image", "inspect", IMAGE).stdout)
+    manifest = inspected if isinstance(inspected, dict) else inspected[0]
+    assert manifest["host_key"].startswith("ssh-ed25519 ")
+    assert "root=/dev/vda" in manifest["kernel_cmdline"]
+
+
+def test_unknown_names_list_what_exists() -> None:
+    result = sandbox_cli("image", "build", "debian-99")
+    assert result.returncode == 2
+    assert "unknown image 'debian-99'" in result.stderr and "debian-12" in result.stderr
+    result = sandbox_cli("image", "inspect", "never-built")
+    assert result.returncode == 2 and "no built image named 'never-built'" in result.stderr
+
+
+def test_misspelled_recipe_field_from_cli(tmp_path: Path) -> None:
+    recipe = tmp_path / "typo.toml"
+    recipe.write_text('packges = ["curl"]\n')
+    result = sandbox_cli("image", "build", str(recipe))
+    assert result.returncode == 2
+    assert "unknown field 'packges'" in result.stderr and "'packages'" in result.stderr
+
+
+@needs_root
+def test_missing_package_is_named_and_nothing_is_left(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad-package.toml"
+    recipe.write_text('packages = ["linux-image-cloud-amd64", "no-such-package-zz9"]\n')
+    with pytest.raises(ImageError, match="not found in the archive: no-such-package-zz9"):
+        build_image(parse_recipe(recipe))
+    assert leftovers() == []
+    assert not [i for i in list_images() if i.name == "bad-package"]
+
+
+@needs_root
+def test_disk_too_small_is_named_and_nothing_is_left(tmp_path: Path) -> None:
+    recipe = tmp_path / "tiny-disk.toml"
+    recipe.write_text('disk_size = "100M"\n')
+    with pytest.raises(ImageError, match=r"disk_size 100M is too small .*set disk_size to at"):
+        build_image(parse_recipe(recipe))
+    assert leftovers() == []
+
+
+@needs_root
+def test_no_space_in_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
+    try:
+        monkeypatch.setenv("SANDBOX_CACHE_DIR", str(small))
+        with pytest.raises(ImageError, match=r"not enough space in the cache .*SANDBOX_CACHE_DIR"):
+            build_image(find_recipe(IMAGE))
+        assert not list((small / "images").glob(".tmp-*"))
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_doctor_reports_the_accelerator_with_a_reason() -> None:
+    first = sandbox_cli("doctor", "--json")
+    assert first.returncode == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert report["accel"]["accel"] in ("kvm", "tcg")
+    assert report["accel"]["reason"]
+    assert report["tools"]["qemu-system-x86_64"]["version"]
+    # Asked again, the verdict comes from the per-host cache: the same probe, not a new one.
+    again = json.loads(sandbox_cli("doctor", "--json").stdout)
+    assert again["accel"]["probed_at"] == report["accel"]["probed_at"]
+    text = sandbox_cli("doctor")
+    assert "accelerator" in text.stdout and report["accel"]["accel"] in text.stdout
+
+
+def test_doctor_names_the_package_when_qemu_is_missing() -> None:
+    result = sandbox_cli("doctor", env=env_with(SANDBOX_QEMU="/nonexistent/qemu-system-x86_64"))
+    assert result.returncode == 1
+    assert "apt-get install qemu-system-x86" in result.stdout + result.stderr
+
+
+def test_kvm_request_fails_fast_where_kvm_does_not_work(built_image: dict[str, Any]) -> None:
+    verdict = accel_verdict()
+    if verdict.kvm_usable:
+        pytest.skip("KVM works on this host")
+    started = time.monotonic()
+    result = sandbox_cli("run", "--accel", "kvm", "--", "true", timeout=60)
+    assert result.returncode == 2
+    assert "KVM was requested but does not work" in result.stderr
+    assert time.monotonic() - started < 30
+

@@ -1,0 +1,270 @@
+"""Machine: real guests under QEMU, commanded over SSH."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sandbox
+from sandbox.errors import BootError, CommandFailed, CommandTimeout, WaitTimeout
+from sandbox.image import cached_image
+from sandbox.paths import runtime_dir
+from sandbox.recipe import find_recipe
+
+from .conftest import IMAGE, ROOT, qemu_processes, sandbox_cli
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def test_run_reports_status_and_separate_streams(shared_vm: sandbox.Machine) -> None:
+    result = shared_vm.run("echo out; echo err >&2; exit 3")
+    assert (result.exit_status, result.stdout, result.stderr) == (3, "out\n", "err\n")
+    assert result.failed and not result.succeeded and result.duration > 0
+    assert result.command == "echo out; echo err >&2; exit 3"
+
+
+def test_run_env_input_and_argument_lists(shared_vm: sandbox.Machine) -> None:
+    assert shared_vm.run("echo \"$A|$B\"", env={"A": "x y", "B": "'q'"}).stdout == "x y|'q'\n"
+    assert shared_vm.run("tr a-z A-Z", input="hello\n").stdout == "HELLO\n"
+    assert shared_vm.run(["printf", "%s|", "a b", "$HOME", "*"]).stdout == "a b|$HOME|*|"
+    assert shared_vm.run("cat").stdout == ""  # stdin is closed: nothing hangs
+
+
+def test_succeed_and_fail(shared_vm: sandbox.Machine) -> None:
+    assert shared_vm.succeed("uname -s") == "Linux\n"
+    with pytest.raises(CommandFailed) as info:
+        shared_vm.succeed("echo visible; ls /no/such/path")
+    error = info.value
+    assert error.status == 2 and error.command == "echo visible; ls /no/such/path"
+    assert "visible" in error.stdout and "No such file" in error.stderr
+    assert "No such file" in str(error)
+    assert "No such file" in shared_vm.fail("ls /no/such/path")
+    with pytest.raises(CommandFailed, match="expected non-zero"):
+        shared_vm.fail("true")
+
+
+def test_large_binary_output_is_intact(shared_vm: sandbox.Machine) -> None:
+    digest = shared_vm.succeed("head -c 20000000 /dev/urandom > /root/big && "
+                               "sha256sum /root/big").split()[0]
+    result = shared_vm.run("cat /root/big")
+    assert len(result.stdout_bytes) == 20_000_000
+    assert hashlib.sha256(result.stdout_bytes).hexdigest() == digest
+    shared_vm.succeed("rm /root/big")
+
+
+def test_timeout_kills_the_guest_processes(shared_vm: sandbox.Machine) -> None:
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout) as info:
+        shared_vm.run("echo started; sh -c 'sleep 4242 & sleep 4343'", timeout=3)
+    assert time.monotonic() - started < 20
+    assert "started" in info.value.stdout
+    shared_vm.wait_until_succeeds("! pgrep -f 'sleep 4[23]4[23]'", timeout=10)
+    assert shared_vm.succeed("echo still usable") == "still usable\n"
+
+
+def test_many_channels_at_once(shared_vm: sandbox.Machine) -> None:
+    results: list[str] = []
+
+    def one(i: int) -> None:
+        results.append(shared_vm.succeed(f"sleep 1; echo {i}").strip())
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results, key=int) == [str(i) for i in range(8)]
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def test_binary_file_round_trip(shared_vm: sandbox.Machine, tmp_path: Path) -> None:
+    payload = os.urandom(1 << 20)
+    source = tmp_path / "blob.bin"
+    source.write_bytes(payload)
+    shared_vm.put(source, "/root/blob.bin")
+    assert shared_vm.succeed("sha256sum /root/blob.bin").split()[0] == \
+        hashlib.sha256(payload).hexdigest()
+    back = tmp_path / "back.bin"
+    shared_vm.get("/root/blob.bin", back)
+    assert back.read_bytes() == payload
+
+
+def test_push_directory_keeps_modes(shared_vm: sandbox.Machine, tmp_path: Path) -> None:
+    app = tmp_path / "dist"
+    (app / "bin").mkdir(parents=True)
+    (app / "bin" / "run.sh").write_text("#!/bin/sh\necho pushed-and-run\n")
+    (app / "bin" / "run.sh").chmod(0o755)
+    (app / "secret").write_text("s3cret")
+    (app / "secret").chmod(0o600)
+    (app / "empty-dir").mkdir()
+    shared_vm.push(app, "/opt/app")
+    assert shared_vm.succeed("/opt/app/bin/run.sh") == "pushed-and-run\n"
+    modes = shared_vm.succeed("stat -c '%a %n' /opt/app/bin/run.sh /opt/app/secret "
+                              "/opt/app/empty-dir").split("\n")
+    assert modes[:3] == ["755 /opt/app/bin/run.sh", "600 /opt/app/secret",
+                         "755 /opt/app/empty-dir"]
+
+
+# -- waits, ports, network --------------------------------------------------------------------
+
+
+def test_http_server_in_guest_through_forward(shared_vm: sandbox.Machine,
+                                              tmp_path: Path) -> None:
+    shared_vm.succeed("mkdir -p /srv/www && echo hello-from-guest > /srv/www/health && "
+                      "cd /srv/www && nohup python3 -m http.server 8080 "
+                      ">/var/log/http.log 2>&1 &")
+    shared_vm.wait_for_port(8080, timeout=60)
+    port = shared_vm.forward(8080)
+    assert shared_vm.forward(8080) == port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as response:
+        assert response.status == 200
+        assert response.read() == b"hello-from-guest\n"
+    listening = subprocess.run(["ss", "-Htln", f"sport = :{port}"], capture_output=True,
+                               text=True, check=True).stdout
+    assert [line.split()[3] for line in listening.splitlines()] == [f"127.0.0.1:{port}"]
+
+
+def test_guest_cannot_reach_host_services_or_beyond(shared_vm: sandbox.Machine) -> None:
+    seen: list[Any] = []
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    port = server.getsockname()[1]
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                seen.append(server.accept())
+            except TimeoutError:
+                continue
+
+    watcher = threading.Thread(target=accept)
+    watcher.start()
+    probe = textwrap.dedent(f"""
+        import socket
+        for host in ("10.0.2.2", "10.0.2.3", "192.0.2.1"):
+            try:
+                socket.create_connection((host, {port}), timeout=3).close()
+                print("reached", host)
+            except OSError as exc:
+                print("blocked", host)
+    """)
+    output = shared_vm.succeed(["python3", "-c", probe])
+    done.set()
+    watcher.join()
+    server.close()
+    assert "reached" not in output, output
+    assert seen == []
+
+
+def test_waits_say_what_they_saw(shared_vm: sandbox.Machine) -> None:
+    shared_vm.wait_for_unit("ssh.service", timeout=30)
+    assert shared_vm.wait_for_console(r"sandbox-guest: ready", timeout=10)
+    with pytest.raises(WaitTimeout, match=r"(?s)'echo tried; false' did not succeed .*tried"):
+        shared_vm.wait_until_succeeds("echo tried; false", timeout=2)
+    with pytest.raises(WaitTimeout, match=r"(?s)nothing listened on guest TCP port 9.*:22"):
+        shared_vm.wait_for_port(9, timeout=2)
+    with pytest.raises(WaitTimeout, match=r"(?s)no match for 'never-printed'.*console tail"):
+        shared_vm.wait_for_console("never-printed", timeout=1)
+    with pytest.raises(WaitTimeout, match="unit no-such.service"):
+        shared_vm.wait_for_unit("no-such.service", timeout=2)
+
+
+def test_console_log_and_transcript(shared_vm: sandbox.Machine) -> None:
+    assert "sandbox-guest: ready" in shared_vm.console_log()
+    shared_vm.run("echo transcript-check")
+    last = shared_vm.transcript[-1]
+    assert last.command == "echo transcript-check" and last.exit_status == 0
+    assert "transcript-check" in last.format()
+
+
+def test_snapshot_and_restore_roll_back_disk_and_memory(shared_vm: sandbox.Machine) -> None:
+    shared_vm.succeed("echo before > /root/state; echo ram-before > /dev/shm/state")
+    shared_vm.snapshot("t1")
+    shared_vm.succeed("echo after > /root/state; rm /dev/shm/state; touch /root/new")
+    shared_vm.restore("t1")
+    assert shared_vm.succeed("cat /root/state /dev/shm/state") == "before\nram-before\n"
+    shared_vm.fail("test -e /root/new")
+    clock = float(shared_vm.succeed("date +%s.%N"))
+    assert abs(clock - time.time()) < 2
+
+
+# -- isolation --------------------------------------------------------------------------------
+
+
+def test_machines_are_isolated_and_the_image_never_changes(shared_vm: sandbox.Machine) -> None:
+    image = cached_image(find_recipe(IMAGE))
+    assert image is not None
+    before = hashlib.sha256(image.disk.read_bytes()).hexdigest()
+    shared_vm.succeed("echo from-shared > /root/mine && sync")
+    with sandbox.launch(IMAGE) as other:
+        other.fail("test -e /root/mine")
+        other.succeed("echo from-other > /root/theirs && sync")
+        shared_vm.fail("test -e /root/theirs")
+        # Wreck the other guest's disk outright: only its private overlay may change.
+        other.run("dd if=/dev/urandom of=/dev/vda bs=1M count=64 conv=fsync", timeout=120)
+        machine_dir = other.dir
+    assert machine_dir is not None and not machine_dir.exists()
+    assert hashlib.sha256(image.disk.read_bytes()).hexdigest() == before
+    assert shared_vm.succeed("cat /root/mine") == "from-shared\n"
+
+
+def test_bad_qemu_argument_is_a_boot_error(built_image: dict[str, Any]) -> None:
+    with pytest.raises(BootError) as info:
+        sandbox.launch(IMAGE, qemu_args=["-device", "no-such-device-zz"])
+    assert info.value.exit_status is not None
+    assert "no-such-device-zz" in str(info.value)
+
+
+CHILD = """
+import json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+import sandbox
+with ThreadPoolExecutor(2) as pool:
+    machines = list(pool.map(lambda _: sandbox.launch(sys.argv[1]), range(2)))
+print(json.dumps({"pids": [m.pid for m in machines],
+                  "run_dir": str(machines[0].dir.parent)}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigkilled_owner_leaves_no_qemu_and_prune_reaps_files(
+        built_image: dict[str, Any]) -> None:
+    child = subprocess.Popen([sys.executable, "-c", CHILD, IMAGE], stdout=subprocess.PIPE,
+                             text=True, cwd=ROOT)
+    try:
+        line = child.stdout.readline() if child.stdout else ""
+        assert line, "the child process did not start its machines"
+        info = json.loads(line)
+        run_dir = Path(info["run_dir"])
+        assert all(Path(f"/proc/{pid}").exists() for pid in info["pids"])
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and qemu_processes(f"sandbox-{run_dir.name[4:]}-"):
+            time.sleep(0.1)
+        assert qemu_processes(f"sandbox-{run_dir.name[4:]}-") == []
+        assert run_dir.exists()  # the files stay until someone reaps them
+        result = sandbox_cli("prune")
+        assert result.returncode == 0
+        assert f"removed {run_dir}" in result.stdout
+        assert not run_dir.exists()
+        assert run_dir.parent == runtime_dir()
+    finally:
+        child.kill()
