@@ -46,6 +46,7 @@ BASE_CMDLINE = "root=/dev/vda rw console=ttyS0 loglevel=4 net.ifnames=0 panic=-1
 BUILD_HEADROOM = 1 << 30
 
 _GUEST_SETUP = Path(__file__).with_name("guest") / "setup.sh"
+_GUEST_AGENT = Path(__file__).with_name("guest") / "sandbox-agent"
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def images_dir() -> Path:
 
 def image_key(recipe: Recipe) -> str:
     """Content address of the image a recipe builds (recipe, builder, baked-in key)."""
-    setup = hashlib.sha256(_GUEST_SETUP.read_bytes()).hexdigest()
+    setup = hashlib.sha256(_GUEST_SETUP.read_bytes() + _GUEST_AGENT.read_bytes()).hexdigest()
     return recipe.digest(BUILDER_VERSION, setup, cache_key().public_line)
 
 
@@ -221,6 +222,7 @@ def _build_into(recipe: Recipe, key: str, work: Path, reporter: Reporter) -> dic
                                        for i, f in enumerate(recipe.files)),
                SANDBOX_FILES_DIR=str(staged),
                SANDBOX_OUT=str(out),
+               SANDBOX_AGENT=str(_GUEST_AGENT),
                SANDBOX_CUSTOMIZE="\n".join(recipe.customize))
     packages = list(dict.fromkeys([*BASE_PACKAGES, *recipe.packages]))
     command = ["mmdebstrap", "--variant=apt", "--format=directory", "--mode=root",

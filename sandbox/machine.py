@@ -12,22 +12,25 @@ import contextlib
 import ctypes
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import paramiko
 import tenacity
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from .agent import Agent
 from .channel import Channel, CommandResult, command_string
 from .errors import (
     BootError,
@@ -43,7 +46,15 @@ from .image import Image, get_image
 from .keys import cache_key
 from .runs import current_run
 from .sizes import parse_size
+from .progress import QUIET, Reporter
 from .spec import MachineSpec, QemuPlan
+
+if TYPE_CHECKING:
+    from .golden import Golden
+
+
+class SandboxWarning(UserWarning):
+    """Something was worked around (a golden snapshot rebuilt, a cold boot instead)."""
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -89,8 +100,10 @@ def _trim(data: str, limit: int = 2000) -> str:
 class Machine:
     """A QEMU guest. Use :func:`sandbox.launch` to get a started one."""
 
-    def __init__(self, spec: MachineSpec | None = None, *, name: str | None = None) -> None:
+    def __init__(self, spec: MachineSpec | None = None, *, name: str | None = None,
+                 reporter: Reporter = QUIET) -> None:
         self.spec = spec or MachineSpec()
+        self.reporter = reporter
         with _names_lock:
             self.name = name or f"vm{next(_names)}"
         self.image: Image | None = None
@@ -99,12 +112,14 @@ class Machine:
         self.process: subprocess.Popen[bytes] | None = None
         self.transcript: list[TranscriptEntry] = []
         self.boot_seconds: float | None = None
+        #: Seconds from QEMU start to a running clone (golden snapshot restores only).
+        self.restore_seconds: float | None = None
         self._qmp: QEMUMonitorProtocol | None = None
         self._qmp_lock = threading.Lock()
         self._channel: Channel | None = None
         self._ssh_port: int | None = None
         self._forwards: dict[int, int] = {}
-        self._plan: QemuPlan | None = None
+        self._qemu_plan: QemuPlan | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -122,53 +137,164 @@ class Machine:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> Machine:
+        """Clone the image's golden snapshot (made on first use), or boot cold if asked to."""
         started = time.monotonic()
-        self.image = get_image(self.spec.image)
+        self.image = get_image(self.spec.image, reporter=self.reporter)
         self.accel = resolve_accel(self.spec.accel)
-        run = current_run()
-        self.dir = run.machine_dir(self.name)
+        self.dir = current_run().machine_dir(self.name)
         try:
-            overlay = self.dir / "overlay.qcow2"
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                            str(self.image.disk), str(overlay)], check=True,
-                           capture_output=True, timeout=60)
-            self._plan = self._make_plan(run.id, overlay)
-            self._launch(self._plan)
-            self._ssh_port = self._hostfwd_ports().get(22)
-            if self._ssh_port is None:
-                raise BootError("QEMU started without the SSH port forward",
-                                console_tail=self.console_tail())
-            self._wait_for_ssh(started + self.spec.boot_timeout)
+            if self.spec.cold:
+                self._boot(self._make_plan(self._overlay(self.image.disk)),
+                           started + self.spec.boot_timeout)
+            else:
+                self._clone_or_boot(started)
         except BaseException:
             self.close()
             raise
         self.boot_seconds = time.monotonic() - started
         return self
 
-    def _make_plan(self, run_id: str, overlay: Path) -> QemuPlan:
+    def _overlay(self, backing: Path) -> Path:
+        """A fresh copy-on-write disk for this machine on a read-only base."""
+        assert self.dir is not None
+        overlay = self.dir / "overlay.qcow2"
+        overlay.unlink(missing_ok=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                        str(backing), str(overlay)], check=True, capture_output=True, timeout=60)
+        return overlay
+
+    def _make_plan(self, disk: Path, **memory: Any) -> QemuPlan:
         assert self.image is not None and self.dir is not None and self.accel is not None
-        memory = self.spec.memory if self.spec.memory is not None else self.image.memory
+        size = self.spec.memory if self.spec.memory is not None else self.image.memory
         verdict = accel_verdict() if self.accel == "kvm" else None
         return QemuPlan(
             binary=qemu_binary(),
-            tag=f"sandbox-{run_id}-{self.name}",
+            tag=f"sandbox-{self.dir.parent.name.removeprefix('run-')}-{self.name}",
             accel=self.accel,
             kvm_cpu=verdict.kvm_cpu if verdict else "",
-            memory_mib=parse_size(memory, default_unit="M") >> 20,
+            memory_mib=parse_size(size, default_unit="M") >> 20,
             cpus=self.spec.cpus or self.image.cpus,
             kernel=self.image.kernel,
             initrd=self.image.initrd,
             cmdline=self.image.kernel_cmdline,
-            disk=overlay,
+            disk=disk,
             qmp_socket=self.dir / "qmp.sock",
             console_log=self.dir / "console.log",
             pidfile=self.dir / "qemu.pid",
+            agent_socket=self.dir / "agent.sock",
             network=self.spec.network,
             extra=self.spec.qemu_args,
+            **memory,
         )
+
+    def _boot(self, plan: QemuPlan, deadline: float) -> None:
+        """Cold boot: start QEMU and wait for the guest's SSH server."""
+        self._launch(plan)
+        self._find_ssh_port()
+        self._wait_for_ssh(deadline)
+
+    def _find_ssh_port(self) -> None:
+        self._ssh_port = self._hostfwd_ports().get(22)
+        if self._ssh_port is None:
+            raise BootError("QEMU started without the SSH port forward",
+                            console_tail=self.console_tail())
+
+    def _clone_or_boot(self, started: float) -> None:
+        from .golden import discard_golden, ensure_golden
+
+        assert self.image is not None
+        for attempt in (1, 2):
+            template = self._make_plan(Path("overlay.qcow2"), ram_file=Path("ram"))
+            builder = Machine(replace(self.spec, cold=True), name=f"{self.name}-golden")
+            golden = ensure_golden(self.image, template, builder.boot_and_save,
+                                   reporter=self.reporter)
+            try:
+                self._restore_golden(golden)
+                return
+            except (BootError, SnapshotError, ChannelError) as exc:
+                what = "rebuilding it" if attempt == 1 else "booting from scratch instead"
+                warnings.warn(f"golden snapshot {golden.path.name} did not load ({exc}); "
+                              f"{what}", SandboxWarning, stacklevel=4)
+                self._stop_process()
+                discard_golden(golden)
+        self._boot(self._make_plan(self._overlay(self.image.disk)), started + self.spec.boot_timeout)
+
+    def _restore_golden(self, golden: Golden) -> None:
+        """Clone: a fresh overlay on the golden disk, RAM mapped copy-on-write, device state
+        loaded over the monitor, a new identity through the agent, then SSH."""
+        started = time.monotonic()
+        plan = self._make_plan(self._overlay(golden.disk), ram_file=golden.ram, incoming=True)
+        self._launch(plan)
+        self.qmp("migrate-set-capabilities",
+                 capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        self.qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(str(golden.state))}")
+        self._wait_migration("loading the golden snapshot")
+        agent = Agent(plan.agent_socket)
+        agent.send_identity()
+        self.qmp("cont")
+        self.restore_seconds = time.monotonic() - started
+        self._find_ssh_port()
+        identity = threading.Thread(target=agent.finish, daemon=True)
+        identity.start()
+        self._wait_for_ssh(time.monotonic() + 60)
+        identity.join(timeout=15)
+        if agent.error:
+            warnings.warn(f"{self.name}: the guest agent did not refresh the clone's clock and "
+                          f"randomness ({agent.error})", SandboxWarning, stacklevel=5)
+
+    def _wait_migration(self, what: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.qmp("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return dict(info)
+            if status in ("failed", "cancelled"):
+                raise SnapshotError(f"{what} failed: {info.get('error-desc', status)}"
+                                    f"{self._qemu_stderr()}")
+            self._check_alive(f"QEMU exited while {what}")
+            if time.monotonic() > deadline:
+                raise SnapshotError(f"{what} did not finish within {timeout:g} s "
+                                    f"(migration status {status!r})")
+            time.sleep(0.005)
+
+    def boot_and_save(self, target: Path) -> dict[str, Any]:
+        """Make a golden snapshot in ``target``: boot with RAM in a shared file, wait for SSH,
+        quiesce, then save the device state. Used by :func:`sandbox.golden.ensure_golden`."""
+        started = time.monotonic()
+        assert self.image is None
+        self.image = get_image(self.spec.image)
+        self.accel = resolve_accel(self.spec.accel)
+        self.dir = current_run().machine_dir(self.name)
+        try:
+            disk = target / "disk.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
+                            str(self.image.disk), str(disk)], check=True, capture_output=True,
+                           timeout=60)
+            plan = self._make_plan(disk, ram_file=target / "ram", ram_shared=True)
+            self._boot(plan, started + self.spec.boot_timeout)
+            booted = time.monotonic()
+            # Settle: let boot-time jobs finish so clones do not all redo them.
+            self.run("systemctl is-system-running --wait >/dev/null 2>&1; sync", timeout=120)
+            self.channel.close()  # quiesce: no host connection inside the saved state
+            time.sleep(0.2)
+            self.qmp("stop")
+            self.qmp("migrate-set-capabilities",
+                     capabilities=[{"capability": "x-ignore-shared", "state": True}])
+            saving = time.monotonic()
+            state = target / "state"
+            self.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
+            self._wait_migration("saving the golden snapshot")
+            saved = time.monotonic()
+        finally:
+            self.close()
+        return {"boot_seconds": round(booted - started, 2),
+                "save_seconds": round(saved - saving, 3),
+                "state_bytes": state.stat().st_size}
 
     def _launch(self, plan: QemuPlan) -> None:
         assert self.dir is not None
+        self._qemu_plan = plan
         log = (self.dir / "qemu.log").open("wb")
         parent = os.getpid()
         self.process = _spawner.submit(
@@ -200,7 +326,7 @@ class Machine:
         if self.process is not None and self.process.poll() is not None:
             raise BootError(what, exit_status=self.process.returncode,
                             console_tail=self.console_tail() + self._qemu_stderr(),
-                            command_line=self._plan.command() if self._plan else None)
+                            command_line=self._qemu_plan.command() if self._qemu_plan else None)
 
     def _qemu_stderr(self) -> str:
         if self.dir is None:
@@ -245,8 +371,14 @@ class Machine:
         if self._closed:
             return
         self._closed = True
+        self._stop_process()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _stop_process(self) -> None:
         if self._channel is not None:
             self._channel.close()
+            self._channel = None
         process = self.process
         if process is not None and process.poll() is None:
             with contextlib.suppress(Exception):
@@ -265,8 +397,13 @@ class Machine:
         if self._qmp is not None:
             with contextlib.suppress(Exception):
                 self._qmp.close()
+            self._qmp = None
+        self.process = None
+        self._ssh_port = None
+        self._forwards.clear()
         if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            for leftover in ("qmp.sock", "agent.sock", "qemu.pid"):
+                (self.dir / leftover).unlink(missing_ok=True)
 
     @property
     def closed(self) -> bool:
@@ -295,7 +432,7 @@ class Machine:
 
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Run a QMP command on this machine's monitor and return its result."""
-        if self._qmp is None or self._closed:
+        if self._qmp is None:
             raise SandboxError(f"{self.name} is not running")
         with self._qmp_lock:
             try:

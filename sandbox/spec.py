@@ -81,16 +81,31 @@ class QemuPlan:
     console_log: Path
     pidfile: Path
     network: str
+    agent_socket: Path
     extra: tuple[str, ...] = field(default=())
+    #: Guest RAM in this file (golden snapshots): shared while a golden is made, a private
+    #: copy-on-write mapping in a clone.
+    ram_file: Path | None = None
+    ram_shared: bool = False
+    #: Wait for the machine state on the monitor (-incoming defer) instead of booting.
+    incoming: bool = False
 
     def command(self) -> list[str]:
         cpu = (self.kvm_cpu or "host") if self.accel == "kvm" else "max"
         accel = "kvm" if self.accel == "kvm" else "tcg,thread=multi"
         restrict = ",restrict=on" if self.network == "restricted" else ""
+        machine = "q35,vmport=off,hpet=off"
+        memory: list[str] = []
+        if self.ram_file is not None:
+            share = "on" if self.ram_shared else "off"
+            memory = ["-object", f"memory-backend-file,id=ram0,size={self.memory_mib}M,"
+                                 f"mem-path={self.ram_file},share={share}"]
+            machine += ",memory-backend=ram0"
         return [
             self.binary,
             "-name", f"{self.tag},debug-threads=on",
-            "-machine", "q35,vmport=off,hpet=off",
+            "-machine", machine,
+            *memory,
             "-accel", accel,
             "-cpu", cpu,
             "-m", str(self.memory_mib),
@@ -106,9 +121,22 @@ class QemuPlan:
             "-netdev", f"user,id=net0{restrict},hostfwd=tcp:127.0.0.1:0-:22",
             "-device", "virtio-net-pci,netdev=net0",
             "-device", "virtio-rng-pci",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-chardev", f"socket,id=agent0,path={self.agent_socket},server=on,wait=off",
+            "-device", "virtserialport,bus=vser0.0,chardev=agent0,name=org.sandbox.agent",
             "-chardev", f"file,id=console0,path={self.console_log}",
             "-serial", "chardev:console0",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             "-pidfile", str(self.pidfile),
+            *(["-incoming", "defer"] if self.incoming else []),
             *self.extra,
         ]
+
+    def shape(self) -> list[str]:
+        """The command line without per-machine paths and ports: what a saved machine state
+        depends on. Two plans with equal shapes can restore each other's snapshots."""
+        generic = replace(self, tag="T", disk=Path("D"), qmp_socket=Path("Q"),
+                          console_log=Path("C"), pidfile=Path("P"), agent_socket=Path("A"),
+                          ram_file=Path("R") if self.ram_file else None, ram_shared=False,
+                          incoming=False, network="restricted", binary="qemu")
+        return generic.command()

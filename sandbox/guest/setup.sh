@@ -69,6 +69,23 @@ WantedBy=multi-user.target
 UNIT
 chroot "$root" systemctl enable sandbox-ready.service
 
+# The agent that gives each clone of a golden snapshot its own clock and randomness
+# (needs python3 in the image; without it clones still work, sharing the golden's state).
+install -D -m 0755 "$SANDBOX_AGENT" "$root/usr/local/sbin/sandbox-agent"
+cat > "$root/etc/systemd/system/sandbox-agent.service" <<UNIT
+[Unit]
+Description=pytest-qemu-sandbox guest agent
+ConditionPathExists=/usr/bin/python3
+
+[Service]
+ExecStart=/usr/local/sbin/sandbox-agent
+Restart=always
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+chroot "$root" systemctl enable sandbox-agent.service
+
 # The recipe's own files, then its customize commands.
 if [ -n "${SANDBOX_FILES:-}" ]; then
     printf '%s\n' "$SANDBOX_FILES" | while read -r index mode path; do

@@ -1,0 +1,54 @@
+"""Host side of the guest agent (``sandbox/guest/sandbox-agent``) on its virtio-serial port.
+
+Used right after a clone resumes: the guest sets its clock to the host's and reseeds its
+kernel RNG with bytes from the host, so clones of one snapshot never share random output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+
+class Agent:
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.error: str | None = None
+        self.answer: dict[str, object] | None = None
+        self._sock: socket.socket | None = None
+
+    def send_identity(self) -> None:
+        """Connect and send the request; the guest answers once it runs."""
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            sock.connect(str(self.path))
+            request = {"op": "identity", "time": time.time(), "seed": os.urandom(64).hex()}
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            self._sock = sock
+        except OSError as exc:
+            self.error = f"could not reach the agent socket: {exc}"
+
+    def finish(self) -> None:
+        """Wait for the answer (run in a thread, beside the SSH handshake)."""
+        if self._sock is None:
+            return
+        try:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = self._sock.recv(4096)
+                if not chunk:
+                    raise ConnectionError("the agent closed the connection")
+                data += chunk
+            self.answer = json.loads(data)
+            if not self.answer.get("ok"):
+                self.error = str(self.answer.get("error"))
+        except (OSError, ValueError) as exc:
+            self.error = f"no answer from the guest agent within {self.timeout:g} s ({exc})"
+        finally:
+            self._sock.close()
+            self._sock = None
