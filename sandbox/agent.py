@@ -21,6 +21,28 @@ class Agent:
         self.answer: dict[str, object] | None = None
         self._sock: socket.socket | None = None
 
+    def request(self, op: str, **fields: object) -> dict[str, object]:
+        """One request and its answer, synchronously; SandboxError when it fails."""
+        from .errors import SandboxError
+
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(str(self.path))
+                sock.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
+                data = b""
+                while not data.endswith(b"\n"):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise ConnectionError("the agent closed the connection")
+                    data += chunk
+        except OSError as exc:
+            raise SandboxError(f"guest agent request {op!r} failed: {exc}") from exc
+        answer: dict[str, object] = json.loads(data)
+        if not answer.get("ok"):
+            raise SandboxError(f"guest agent request {op!r} failed: {answer.get('error')}")
+        return answer
+
     def send_identity(self) -> None:
         """Connect and send the request; the guest answers once it runs."""
         try:

@@ -11,11 +11,11 @@ import stat
 import tarfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import paramiko
 
@@ -64,22 +64,79 @@ def command_string(cmd: str | Sequence[str]) -> str:
 
 
 def wrap(command: str, env: Mapping[str, str] | None) -> str:
-    """The line the guest runs: report the session's pid first (so a timed-out command's
-    processes can be killed as a session), export ``env``, then run ``command`` in sh."""
-    exports = ""
+    """What the guest's login shell runs: first report the session's pid (so a timed-out
+    command's processes can be killed as a session), export ``env``, then ``command``.
+
+    One line each: the shell runs the first line before it parses the command, so even a
+    command with a syntax error reports its pid and gets its own error message.
+    """
+    lines = ["echo $$ >&2"]
     for name, value in (env or {}).items():
         if not _ENV_NAME.match(name):
             raise ValueError(f"not an environment variable name: {name!r}")
-        exports += f"export {name}={shlex.quote(str(value))}; "
-    return f"echo $$ >&2; {exports}exec /bin/sh -c {shlex.quote(command)}"
+        lines.append(f"export {name}={shlex.quote(str(value))}")
+    return "\n".join([*lines, command])
+
+
+def tcp(address: tuple[str, int]) -> Callable[[float], socket.socket]:
+    """Opens TCP connections to a guest SSH server behind QEMU's user network."""
+
+    def open_tcp(timeout: float) -> socket.socket:
+        sock = socket.create_connection(address, timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            # QEMU's user network accepts the connection even while nothing listens in the
+            # guest, then closes it: peek for the server's banner before paramiko starts.
+            if not sock.recv(4, socket.MSG_PEEK):
+                raise ConnectionResetError("the guest closed the connection (no SSH server yet)")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return open_tcp
+
+
+class PreludeSocket:
+    """A connected socket whose first bytes were received earlier (and are replayed).
+
+    The SSH server waiting on a clone's virtio-serial port sent its banner and key exchange
+    offer before the golden snapshot was saved; every clone's client reads those bytes from
+    the snapshot's record, then the live stream.
+    """
+
+    def __init__(self, sock: socket.socket, prelude: bytes) -> None:
+        self._sock = sock
+        self._prelude = prelude
+
+    def recv(self, size: int) -> bytes:
+        if self._prelude:
+            data, self._prelude = self._prelude[:size], self._prelude[size:]
+            return data
+        return self._sock.recv(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _first(preferred: tuple[str, ...], available: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*(p for p in preferred if p in available), *available]))
+
+
+def _prefer_cheap_algorithms(options: paramiko.SecurityOptions) -> None:
+    """Order algorithms by what is cheap for a guest under TCG: curve25519 key exchange
+    (not post-quantum hybrids) and AES-GCM, whose MAC needs no emulated SHA-256 rounds."""
+    options.kex = _first(("curve25519-sha256@libssh.org",), options.kex)
+    options.ciphers = _first(("aes128-gcm@openssh.com", "aes256-gcm@openssh.com"),
+                             options.ciphers)
 
 
 class Channel:
     """SSH to one guest with the cache's key, pinning the host key the image was built with."""
 
-    def __init__(self, address: tuple[str, int], key: paramiko.PKey,
+    def __init__(self, opener: Callable[[float], Any], key: paramiko.PKey,
                  host_key: str | None = None, user: str = "root") -> None:
-        self.address = address
+        self.opener = opener
         self.key = key
         self.host_key = host_key
         self.user = user
@@ -90,18 +147,9 @@ class Channel:
     # -- connection -------------------------------------------------------------------------
 
     def connect(self, timeout: float = 10.0) -> None:
-        """One attempt: TCP, SSH handshake, host key check, public key auth."""
-        sock = socket.create_connection(self.address, timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            # QEMU's user network accepts the connection even while nothing listens in the
-            # guest, then closes it: peek for the server's banner before paramiko starts.
-            if not sock.recv(4, socket.MSG_PEEK):
-                raise ConnectionResetError("the guest closed the connection (sshd not up yet)")
-        except BaseException:
-            sock.close()
-            raise
-        transport = paramiko.Transport(sock)
+        """One attempt: open the byte stream, SSH handshake, host key check, key auth."""
+        transport = paramiko.Transport(self.opener(timeout))
+        _prefer_cheap_algorithms(transport.get_security_options())
         transport.banner_timeout = timeout
         transport.handshake_timeout = timeout
         try:
@@ -285,7 +333,10 @@ def _collect(chan: paramiko.Channel, deadline: float | None, out_tee: BinaryIO |
                 header += data
                 if b"\n" in header:
                     line, _, rest = header.partition(b"\n")
-                    pid = int(line) if line.strip().isdigit() else -1
+                    if line.strip().isdigit():
+                        pid = int(line)
+                    else:  # not the wrapper's line: keep it, it is the command's
+                        pid, rest = -1, header
                     err.write(rest)
             else:
                 err.write(data)

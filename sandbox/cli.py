@@ -58,7 +58,8 @@ def doctor(as_json: bool, refresh: bool) -> None:
     else:
         for name, tool in report["tools"].items():
             state = tool["version"] or click.style("missing", fg="red")
-            click.echo(f"{name:<20} {state:<10} {tool['path'] or 'apt-get install ' + tool['package']}")
+            where = tool["path"] or f"apt-get install {tool['package']}"
+            click.echo(f"{name:<20} {state:<10} {where}")
         cache = report["cache"]
         click.echo(f"{'cache':<20} {cache['free']:<10} free in {cache['path']}")
         click.echo(f"{'runtime':<20} {'':<10} {report['runtime_dir']}")

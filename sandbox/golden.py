@@ -18,9 +18,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import filelock
@@ -31,7 +31,7 @@ from .paths import cache_dir
 from .progress import QUIET, Reporter
 from .spec import QemuPlan
 
-GOLDEN_VERSION = "1"
+GOLDEN_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,12 @@ class Golden:
     @property
     def disk(self) -> Path:
         return self.path / "disk.qcow2"
+
+    @property
+    def ssh_prelude(self) -> bytes | None:
+        """What the SSH server waiting in the snapshot sent before its client spoke."""
+        path = self.path / "ssh-prelude"
+        return path.read_bytes() if path.exists() else None
 
     @classmethod
     def load(cls, path: Path) -> Golden:

@@ -179,7 +179,8 @@ def _probe_kvm(qemu: str, kernel: Path) -> tuple[float | None, str, str]:
         return seconds, "host", f"a stock kernel {error}"
     first = error.splitlines()[0]
     seconds, second = _boot_banner(qemu, kernel, "kvm", "qemu64", KVM_PROBE_SECONDS)
-    return seconds, "qemu64", f"-cpu host fails ({first}) and with -cpu qemu64 a stock kernel {second}"
+    return seconds, "qemu64", (f"-cpu host fails ({first}) and with -cpu qemu64 a stock kernel "
+                               f"{second}")
 
 
 def _boot_banner(qemu: str, kernel: Path, accel: str, cpu: str,

@@ -11,6 +11,7 @@ rename when complete; concurrent builders of the same recipe serialise on a file
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,7 +38,8 @@ from .sizes import format_size
 BUILDER_VERSION = "1"
 
 #: Packages the sandbox itself relies on inside every guest, added to each recipe's list.
-BASE_PACKAGES = ("systemd-sysv", "udev", "openssh-server", "iproute2")
+BASE_PACKAGES = ("systemd-sysv", "udev", "dropbear-bin", "openssh-sftp-server", "socat",
+                 "iproute2")
 
 #: Kernel command line every image gets; the recipe's ``kernel_cmdline`` is appended.
 BASE_CMDLINE = "root=/dev/vda rw console=ttyS0 loglevel=4 net.ifnames=0 panic=-1"
@@ -346,10 +348,8 @@ def _tree_bytes(tree: Path) -> int:
     total = 0
     for root, dirs, files in os.walk(tree):
         for name in dirs + files:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
     return total
 
 

@@ -15,6 +15,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -31,7 +32,7 @@ from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .agent import Agent
-from .channel import Channel, CommandResult, command_string
+from .channel import Channel, CommandResult, PreludeSocket, command_string, tcp
 from .errors import (
     BootError,
     ChannelError,
@@ -44,9 +45,9 @@ from .errors import (
 from .host import accel_verdict, qemu_binary, resolve_accel
 from .image import Image, get_image
 from .keys import cache_key
+from .progress import QUIET, Reporter
 from .runs import current_run
 from .sizes import parse_size
-from .progress import QUIET, Reporter
 from .spec import MachineSpec, QemuPlan
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ class Machine:
         self._ssh_port: int | None = None
         self._forwards: dict[int, int] = {}
         self._qemu_plan: QemuPlan | None = None
+        self._ssh_port_sock: socket.socket | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -182,6 +184,7 @@ class Machine:
             console_log=self.dir / "console.log",
             pidfile=self.dir / "qemu.pid",
             agent_socket=self.dir / "agent.sock",
+            ssh_socket=self.dir / "ssh.sock",
             network=self.spec.network,
             extra=self.spec.qemu_args,
             **memory,
@@ -211,20 +214,32 @@ class Machine:
             try:
                 self._restore_golden(golden)
                 return
-            except (BootError, SnapshotError, ChannelError) as exc:
+            except SandboxError as exc:
                 what = "rebuilding it" if attempt == 1 else "booting from scratch instead"
                 warnings.warn(f"golden snapshot {golden.path.name} did not load ({exc}); "
                               f"{what}", SandboxWarning, stacklevel=4)
                 self._stop_process()
                 discard_golden(golden)
-        self._boot(self._make_plan(self._overlay(self.image.disk)), started + self.spec.boot_timeout)
+        self._boot(self._make_plan(self._overlay(self.image.disk)),
+                   started + self.spec.boot_timeout)
 
     def _restore_golden(self, golden: Golden) -> None:
         """Clone: a fresh overlay on the golden disk, RAM mapped copy-on-write, device state
-        loaded over the monitor, a new identity through the agent, then SSH."""
+        loaded over the monitor, a new identity through the agent, then SSH, to the server
+        that waits on the virtio-serial port when the snapshot has one (else over TCP)."""
         started = time.monotonic()
         plan = self._make_plan(self._overlay(golden.disk), ram_file=golden.ram, incoming=True)
         self._launch(plan)
+        prelude = golden.ssh_prelude
+        opener: Callable[[float], Any] | None = None
+        if prelude is not None:
+            # Connect before the state loads: the port must count as open when the guest
+            # resumes, or the waiting server would read end-of-file.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(plan.ssh_socket))
+            self._ssh_port_sock = sock
+            self._wait_chardev_open("ssh0")
+            opener = lambda timeout: PreludeSocket(sock, prelude)  # noqa: E731
         self.qmp("migrate-set-capabilities",
                  capabilities=[{"capability": "x-ignore-shared", "state": True}])
         self.qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(str(golden.state))}")
@@ -236,16 +251,65 @@ class Machine:
         self._find_ssh_port()
         identity = threading.Thread(target=agent.finish, daemon=True)
         identity.start()
-        self._wait_for_ssh(time.monotonic() + 60)
+        if opener is not None:
+            self._wait_for_ssh(time.monotonic() + 30, opener, attempts=1)
+        else:
+            self._wait_for_ssh(time.monotonic() + 60)
         identity.join(timeout=15)
         if agent.error:
             warnings.warn(f"{self.name}: the guest agent did not refresh the clone's clock and "
                           f"randomness ({agent.error})", SandboxWarning, stacklevel=5)
 
+    def _arm_ssh_port(self, plan: QemuPlan) -> bytes | None:
+        """Start an SSH server on the guest's virtio-serial SSH port and record what it sends
+        before the client speaks (banner, key exchange offer). The host end stays connected
+        through the save, so every clone resumes with that server waiting for its client."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(plan.ssh_socket))
+        self._ssh_port_sock = sock
+        self._wait_chardev_open("ssh0")
+        try:
+            Agent(plan.agent_socket).request("arm-ssh")
+        except SandboxError as exc:
+            warnings.warn(f"{self.name}: clones will connect over TCP instead of a waiting SSH "
+                          f"server ({exc})", SandboxWarning, stacklevel=4)
+            return None
+        prelude = b""
+        sock.settimeout(2.0)
+        while True:  # read until the server falls silent: it now waits for the client
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                raise SnapshotError("the waiting SSH server closed its port")
+            prelude += chunk
+            sock.settimeout(1.0)
+        if not prelude.startswith(b"SSH-"):
+            raise SnapshotError(f"the waiting SSH server sent no banner ({prelude[:40]!r})")
+        return prelude
+
+    def _wait_chardev_open(self, label: str, timeout: float = 10) -> None:
+        """Wait until QEMU has accepted the host's connection to chardev ``label``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for chardev in self.qmp("query-chardev"):
+                if chardev["label"] == label and not chardev["filename"].startswith("disconn"):
+                    return
+            time.sleep(0.005)
+        raise SnapshotError(f"QEMU did not accept the connection to its {label} port")
+
     def _wait_migration(self, what: str, timeout: float = 120) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
-            info = self.qmp("query-migrate")
+            try:
+                info = self.qmp("query-migrate")
+            except SandboxError as exc:
+                if self.process is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.process.wait(timeout=2)
+                raise SnapshotError(f"{what} failed: QEMU stopped answering ({exc})"
+                                    f"{self._qemu_stderr()}") from exc
             status = info.get("status")
             if status == "completed":
                 return dict(info)
@@ -276,7 +340,8 @@ class Machine:
             booted = time.monotonic()
             # Settle: let boot-time jobs finish so clones do not all redo them.
             self.run("systemctl is-system-running --wait >/dev/null 2>&1; sync", timeout=120)
-            self.channel.close()  # quiesce: no host connection inside the saved state
+            prelude = self._arm_ssh_port(plan)
+            self.channel.close()  # quiesce: no TCP connection inside the saved state
             time.sleep(0.2)
             self.qmp("stop")
             self.qmp("migrate-set-capabilities",
@@ -286,6 +351,8 @@ class Machine:
             self.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
             self._wait_migration("saving the golden snapshot")
             saved = time.monotonic()
+            if prelude is not None:
+                (target / "ssh-prelude").write_bytes(prelude)
         finally:
             self.close()
         return {"boot_seconds": round(booted - started, 2),
@@ -337,28 +404,27 @@ class Machine:
             return ""
         return f"\nQEMU said:\n{text[-2000:]}" if text else ""
 
-    def _wait_for_ssh(self, deadline: float) -> None:
-        assert self.image is not None and self._ssh_port is not None
+    def _wait_for_ssh(self, deadline: float, opener: Callable[[float], Any] | None = None,
+                      attempts: int | None = None) -> None:
+        """Connect (retrying, bounded by ``deadline``) and keep the channel."""
+        assert self.image is not None
         key = cache_key().load()
-        last: list[BaseException] = []
+        if opener is None:
+            assert self._ssh_port is not None
+            opener = tcp(("127.0.0.1", self._ssh_port))
 
         def attempt() -> Channel:
             self._check_alive("QEMU exited while the guest was booting")
-            channel = Channel(("127.0.0.1", self._ssh_port or 0), key, self.image.host_key
-                              if self.image else None)
-            try:
-                channel.connect(timeout=max(1.0, min(20.0, deadline - time.monotonic())))
-            except (OSError, paramiko.SSHException, EOFError) as exc:
-                last[:] = [exc]
-                raise
+            channel = Channel(opener, key, self.image.host_key if self.image else None)
+            channel.connect(timeout=max(1.0, min(20.0, deadline - time.monotonic())))
             return channel
 
+        stop = tenacity.stop_after_delay(max(0.0, deadline - time.monotonic()))
+        if attempts is not None:
+            stop = stop | tenacity.stop_after_attempt(attempts)
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type((OSError, paramiko.SSHException, EOFError)),
-            wait=tenacity.wait_fixed(0.25),
-            stop=tenacity.stop_after_delay(max(0.0, deadline - time.monotonic())),
-            reraise=True,
-        )
+            wait=tenacity.wait_fixed(0.25), stop=stop, reraise=True)
         try:
             self._channel = retrying(attempt)
         except (OSError, paramiko.SSHException, EOFError) as exc:
@@ -398,11 +464,14 @@ class Machine:
             with contextlib.suppress(Exception):
                 self._qmp.close()
             self._qmp = None
+        if self._ssh_port_sock is not None:  # closed only now: a golden save needs it open
+            self._ssh_port_sock.close()
+            self._ssh_port_sock = None
         self.process = None
         self._ssh_port = None
         self._forwards.clear()
         if self.dir is not None:
-            for leftover in ("qmp.sock", "agent.sock", "qemu.pid"):
+            for leftover in ("qmp.sock", "agent.sock", "ssh.sock", "qemu.pid"):
                 (self.dir / leftover).unlink(missing_ok=True)
 
     @property

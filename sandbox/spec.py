@@ -82,6 +82,7 @@ class QemuPlan:
     pidfile: Path
     network: str
     agent_socket: Path
+    ssh_socket: Path
     extra: tuple[str, ...] = field(default=())
     #: Guest RAM in this file (golden snapshots): shared while a golden is made, a private
     #: copy-on-write mapping in a clone.
@@ -124,6 +125,8 @@ class QemuPlan:
             "-device", "virtio-serial-pci,id=vser0",
             "-chardev", f"socket,id=agent0,path={self.agent_socket},server=on,wait=off",
             "-device", "virtserialport,bus=vser0.0,chardev=agent0,name=org.sandbox.agent",
+            "-chardev", f"socket,id=ssh0,path={self.ssh_socket},server=on,wait=off",
+            "-device", "virtserialport,bus=vser0.0,chardev=ssh0,name=org.sandbox.ssh",
             "-chardev", f"file,id=console0,path={self.console_log}",
             "-serial", "chardev:console0",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
@@ -137,6 +140,7 @@ class QemuPlan:
         depends on. Two plans with equal shapes can restore each other's snapshots."""
         generic = replace(self, tag="T", disk=Path("D"), qmp_socket=Path("Q"),
                           console_log=Path("C"), pidfile=Path("P"), agent_socket=Path("A"),
+                          ssh_socket=Path("S"),
                           ram_file=Path("R") if self.ram_file else None, ram_shared=False,
                           incoming=False, network="restricted", binary="qemu")
         return generic.command()

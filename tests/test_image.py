@@ -14,7 +14,7 @@ import pytest
 
 from sandbox.errors import ImageError
 from sandbox.host import accel_verdict
-from sandbox.image import build_image, cached_image, images_dir, list_images
+from sandbox.image import build_image, images_dir, list_images
 from sandbox.recipe import find_recipe, parse_recipe
 
 from .conftest import IMAGE, env_with, sandbox_cli

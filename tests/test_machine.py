@@ -13,7 +13,6 @@ import textwrap
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +173,7 @@ def test_guest_cannot_reach_host_services_or_beyond(shared_vm: sandbox.Machine) 
 
 
 def test_waits_say_what_they_saw(shared_vm: sandbox.Machine) -> None:
-    shared_vm.wait_for_unit("ssh.service", timeout=30)
+    shared_vm.wait_for_unit("sandbox-sshd.service", timeout=30)
     assert shared_vm.wait_for_console(r"sandbox-guest: ready", timeout=10)
     with pytest.raises(WaitTimeout, match=r"(?s)'echo tried; false' did not succeed .*tried"):
         shared_vm.wait_until_succeeds("echo tried; false", timeout=2)

@@ -53,7 +53,7 @@ def plan(**kwargs: object) -> QemuPlan:
         memory_mib=1024, cpus=2, kernel=Path("/i/vmlinuz"), initrd=Path("/i/initrd.img"),
         cmdline="root=/dev/vda", disk=Path("/r/overlay.qcow2"), qmp_socket=Path("/r/qmp.sock"),
         console_log=Path("/r/console.log"), pidfile=Path("/r/qemu.pid"), network="restricted",
-        agent_socket=Path("/r/agent.sock"))
+        agent_socket=Path("/r/agent.sock"), ssh_socket=Path("/r/ssh.sock"))
     base.update(kwargs)
     return QemuPlan(**base)  # type: ignore[arg-type]
 

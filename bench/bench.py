@@ -1,0 +1,161 @@
+"""Benchmark: cold boot vs golden-snapshot clones, side by side, on this machine.
+
+    .venv/bin/python bench/bench.py [--clones 10] [--cold 3] [--cycles 50] [--idle 8] [--json]
+
+Prints one table: cold boot to first command, clone to first command (p50/p95), restore
+only, golden snapshot build, proportional memory (PSS) of idle clones, and sequential and
+2-at-a-time clone/command/close cycles, with the cold/clone ratio. Figures, not assertions:
+this is where speed and memory targets are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import sandbox  # noqa: E402
+from sandbox.golden import discard_golden, list_goldens  # noqa: E402
+from sandbox.host import accel_verdict, qemu_version  # noqa: E402
+from sandbox.progress import Reporter  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def first_command(**shape: Any) -> tuple[float, float | None]:
+    """Seconds from launch() to the first command's result; and the restore-only part."""
+    started = time.monotonic()
+    with sandbox.launch(**shape) as vm:
+        vm.succeed("true")
+        elapsed = time.monotonic() - started
+        return elapsed, vm.restore_seconds
+
+
+def pss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cycle() -> float:
+    started = time.monotonic()
+    with sandbox.launch() as vm:
+        vm.succeed("echo hello > /root/hello && cat /root/hello")
+    return time.monotonic() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image", default="debian-12")
+    parser.add_argument("--clones", type=int, default=10, help="clones timed one by one")
+    parser.add_argument("--cold", type=int, default=3, help="cold boots timed")
+    parser.add_argument("--cycles", type=int, default=50, help="clone-command-close cycles")
+    parser.add_argument("--idle", type=int, default=8, help="idle clones for the PSS figure")
+    parser.add_argument("--keep-golden", action="store_true",
+                        help="reuse a cached golden snapshot instead of timing a fresh build")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    note = Reporter()
+    results: dict[str, Any] = {
+        "machine": f"{platform.node()}: {os.cpu_count()} cores, "
+                   f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') >> 30} GiB, "
+                   f"QEMU {qemu_version()}, accel {accel_verdict().accel}",
+    }
+
+    sandbox.launch(args.image, cold=True).close()  # the image exists before anything is timed
+    if not args.keep_golden:
+        for golden in list_goldens():
+            if golden.manifest["image"] == args.image:
+                discard_golden(golden)
+    with note.stage("golden snapshot build"):
+        started = time.monotonic()
+        first_command(image=args.image)
+        results["golden_build_s"] = time.monotonic() - started
+
+    with note.stage(f"{args.cold} cold boots"):
+        cold = [first_command(image=args.image, cold=True)[0] for _ in range(args.cold)]
+    with note.stage(f"{args.clones} clones"):
+        clones = [first_command(image=args.image) for _ in range(args.clones)]
+    clone_times = [c[0] for c in clones]
+    restores = [c[1] for c in clones if c[1] is not None]
+    results.update(
+        cold_first_command_p50_s=statistics.median(cold),
+        clone_first_command_p50_s=statistics.median(clone_times),
+        clone_first_command_p95_s=percentile(clone_times, 95),
+        restore_p50_s=statistics.median(restores),
+        restore_p95_s=percentile(restores, 95),
+    )
+    results["cold_clone_ratio"] = results["cold_first_command_p50_s"] / \
+        results["clone_first_command_p50_s"]
+
+    with note.stage(f"{args.idle} idle clones"):
+        machines = [sandbox.launch(args.image) for _ in range(args.idle)]
+        try:
+            time.sleep(3)
+            pss = [pss_kib(m.pid) for m in machines if m.pid]
+        finally:
+            for m in machines:
+                m.close()
+    results["idle_clones"] = args.idle
+    results["idle_pss_total_mib"] = sum(pss) / 1024
+    results["idle_pss_per_clone_mib"] = sum(pss) / 1024 / len(pss)
+
+    with note.stage(f"{args.cycles} cycles, one at a time"):
+        started = time.monotonic()
+        serial = [cycle() for _ in range(args.cycles)]
+        results["cycles_serial_total_s"] = time.monotonic() - started
+    with note.stage(f"{args.cycles} cycles, two at a time"):
+        started = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:
+            paired = list(pool.map(lambda _: cycle(), range(args.cycles)))
+        results["cycles_parallel2_total_s"] = time.monotonic() - started
+    results["cycle_serial_p50_s"] = statistics.median(serial)
+    results["cycle_parallel2_p50_s"] = statistics.median(paired)
+    results["cycles"] = args.cycles
+
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    rows = [
+        ("machine", results["machine"]),
+        ("golden snapshot build", f"{results['golden_build_s']:.1f} s"),
+        (f"cold boot -> first command (p50 of {args.cold})",
+         f"{results['cold_first_command_p50_s']:.2f} s"),
+        (f"clone -> first command (p50 / p95 of {args.clones})",
+         f"{results['clone_first_command_p50_s']:.3f} s / "
+         f"{results['clone_first_command_p95_s']:.3f} s"),
+        ("restore only (p50 / p95)",
+         f"{results['restore_p50_s']:.3f} s / {results['restore_p95_s']:.3f} s"),
+        ("cold / clone ratio", f"{results['cold_clone_ratio']:.1f}x"),
+        (f"PSS of {args.idle} idle clones (total / each)",
+         f"{results['idle_pss_total_mib']:.0f} MiB / {results['idle_pss_per_clone_mib']:.0f} MiB"),
+        (f"{args.cycles} clone-command-close cycles, serial",
+         f"{results['cycles_serial_total_s']:.1f} s (p50 {results['cycle_serial_p50_s']:.2f} s)"),
+        (f"{args.cycles} cycles, 2 at a time",
+         f"{results['cycles_parallel2_total_s']:.1f} s "
+         f"(p50 {results['cycle_parallel2_p50_s']:.2f} s)"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print()
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

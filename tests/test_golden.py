@@ -1,0 +1,100 @@
+"""Golden snapshots and clones: identity, isolation, rebuild on damage (real guests)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sandbox
+from sandbox.golden import Golden, find_golden, golden_key, golden_root
+from sandbox.host import resolve_accel
+from sandbox.image import Image, get_image
+from sandbox.machine import SandboxWarning
+from sandbox.spec import QemuPlan
+
+from .conftest import IMAGE
+
+
+def template(**shape: Any) -> tuple[Image, QemuPlan]:
+    """The image and the plan shape that launch(**shape) clones from."""
+    image = get_image(IMAGE)
+    vm = sandbox.Machine(sandbox.MachineSpec(image=IMAGE, **shape))
+    vm.image, vm.accel, vm.dir = image, resolve_accel("auto"), Path("/tmp/run-x/vm")
+    return image, vm._make_plan(Path("overlay.qcow2"), ram_file=Path("ram"))
+
+
+def golden_for(**shape: Any) -> Golden:
+    golden = find_golden(*template(**shape))
+    assert golden is not None, "no golden snapshot was made"
+    return golden
+
+
+def digests(golden: Golden) -> dict[str, str]:
+    out = {}
+    for name in ("ram", "state", "disk.qcow2"):
+        sha = hashlib.sha256()
+        with (golden.path / name).open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                sha.update(chunk)
+        out[name] = sha.hexdigest()
+    return out
+
+
+def test_clones_restore_with_their_own_identity(built_image: dict[str, Any]) -> None:
+    with sandbox.launch(IMAGE) as a, sandbox.launch(IMAGE) as b:
+        assert a.restore_seconds is not None and b.restore_seconds is not None
+        bytes_a = a.succeed("head -c 32 /dev/urandom | od -An -tx1")
+        bytes_b = b.succeed("head -c 32 /dev/urandom | od -An -tx1")
+        assert bytes_a != bytes_b
+        for vm in (a, b):
+            assert abs(float(vm.succeed("date +%s.%N")) - time.time()) < 2
+            assert vm.succeed("uptime -s")  # the clone is a running system, not a fresh boot
+
+
+def test_golden_files_unchanged_after_50_clones_wrote_disk_and_memory(
+        built_image: dict[str, Any]) -> None:
+    sandbox.launch(IMAGE).close()  # the golden snapshot exists
+    golden = golden_for()
+    before = digests(golden)
+    assert all(not os.access(golden.path / n, os.W_OK) or os.geteuid() == 0 for n in before)
+    for i in range(50):
+        with sandbox.launch(IMAGE) as vm:
+            vm.succeed(f"head -c 1M /dev/urandom > /root/junk{i} && "
+                       "dd if=/dev/zero of=/dev/shm/fill bs=1M count=16 2>/dev/null && sync")
+    assert digests(golden) == before
+    assert golden.path.stat().st_mode & 0o222 == 0
+
+
+def test_a_damaged_golden_snapshot_is_rebuilt_with_a_warning(
+        built_image: dict[str, Any]) -> None:
+    sandbox.launch(IMAGE).close()
+    golden = golden_for()
+    golden.path.chmod(0o755)
+    state = golden.path / "state"
+    state.chmod(0o644)
+    state.write_bytes(b"not a migration stream")
+    with pytest.warns(SandboxWarning, match="did not load"), sandbox.launch(IMAGE) as vm:
+        assert vm.succeed("echo alive") == "alive\n"
+    rebuilt = golden_for()
+    assert rebuilt.state.read_bytes() != b"not a migration stream"
+    assert not list(golden_root().glob(".tmp-*"))
+
+
+def test_cold_boot_path_stays(built_image: dict[str, Any]) -> None:
+    with sandbox.launch(IMAGE, cold=True) as vm:
+        assert vm.restore_seconds is None
+        assert float(vm.succeed("cut -d' ' -f1 /proc/uptime")) < 300
+        assert vm.succeed("uname -s") == "Linux\n"
+
+
+def test_golden_key_follows_the_machine_shape(built_image: dict[str, Any]) -> None:
+    base = golden_key(*template())
+    assert golden_key(*template(network="user")) == base
+    assert golden_key(*template(memory="2G")) != base
+    assert golden_key(*template(cpus=1)) != base
+    assert golden_key(*template(qemu_args=["-device", "virtio-balloon-pci"])) != base
