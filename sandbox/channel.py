@@ -64,8 +64,8 @@ def command_string(cmd: str | Sequence[str]) -> str:
 
 
 def wrap(command: str, env: Mapping[str, str] | None) -> str:
-    """What the guest's login shell runs: first report the session's pid (so a timed-out
-    command's processes can be killed as a session), export ``env``, then ``command``.
+    """What the guest's login shell runs: first report the shell's pid (so a timed-out
+    command's process tree can be killed), export ``env``, then ``command``.
 
     One line each: the shell runs the first line before it parses the command, so even a
     command with a syntax error reports its pid and gets its own error message.
@@ -237,12 +237,18 @@ class Channel:
         return thread
 
     def _kill_session(self, pid: int | None) -> None:
+        """Kill the timed-out command's process tree: stop it all first, then SIGKILL, so
+        nothing forks away in between. (The SSH server may not give each command a session
+        of its own, so the tree is walked rather than the session killed.)"""
         if pid is None:
             return
+        tree = 't() { for c in $(pgrep -P "$1"); do t "$c"; done; echo "$1"; }'
+        script = (f"{tree}; kill -STOP $(t {pid}) 2>/dev/null; "
+                  f"kill -KILL $(t {pid}) 2>/dev/null; true")
         try:
             chan = self._session()
             chan.settimeout(10)
-            chan.exec_command(f"pkill -KILL -s {pid}; kill -KILL -- -{pid} 2>/dev/null; true")
+            chan.exec_command(script)
             chan.recv_exit_status()
             chan.close()
         except Exception:  # noqa: BLE001 - best effort: the timeout is what gets reported

@@ -197,12 +197,258 @@ def run(image: str, memory: str | None, cpus: int | None, net: str, accel: str, 
 
 
 @main.command()
+@click.option("--image", default="debian-12", show_default=True)
+@click.option("--memory", default=None, help="Guest memory, e.g. 2G.")
+@click.option("--cpus", type=int, default=None)
+@click.option("--net", type=click.Choice(["restricted", "user"]), default="restricted",
+              show_default=True)
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto")
+@_friendly
+def shell(image: str, memory: str | None, cpus: int | None, net: str, accel: str) -> None:
+    """An interactive shell in a throwaway VM, removed on exit."""
+    from .machine import launch
+
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise SandboxError("sandbox shell needs a terminal; use 'sandbox run -- CMD' in scripts")
+    with launch(image, memory=memory, cpus=cpus, network=net, accel=accel) as vm:
+        status = _interactive_ssh(vm)
+    sys.exit(status)
+
+
+def _interactive_ssh(vm: Any) -> int:
+    """Run the host's ssh client against ``vm`` in this terminal; its exit status."""
+    import shutil
+    import signal
+    import subprocess
+
+    if not shutil.which("ssh"):
+        raise SandboxError("the interactive session needs the ssh client: "
+                           "apt-get install openssh-client")
+    known_hosts = vm.dir / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{vm.ssh_port} {vm.image.host_key}\n")
+    command = ["ssh", "-t", "-q", "-i", str(vm.key_path), "-p", str(vm.ssh_port),
+               "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
+               "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "root@127.0.0.1"]
+    # Ctrl-C belongs to the guest: the terminal sends it through ssh's raw mode.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return subprocess.call(command)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -- named machines -------------------------------------------------------------------------
+
+@main.command()
+@click.argument("name")
+@click.option("--image", default="debian-12", show_default=True)
+@click.option("--memory", default=None, help="Guest memory, e.g. 2G.")
+@click.option("--cpus", type=int, default=None)
+@click.option("--net", type=click.Choice(["restricted", "user"]), default="restricted",
+              show_default=True)
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto")
+@click.option("--cold", is_flag=True, help="Boot from scratch instead of cloning.")
+@_friendly
+def up(name: str, image: str, memory: str | None, cpus: int | None, net: str, accel: str,
+       cold: bool) -> None:
+    """Start a named VM that keeps running after this command (see list, exec, down)."""
+    from .machine import Machine
+    from .spec import MachineSpec
+
+    spec = MachineSpec.from_kwargs(image=image, memory=memory, cpus=cpus, network=net,
+                                   accel=accel, cold=cold)
+    from .progress import Reporter
+
+    machine = Machine(spec, name=name, persistent=True, reporter=Reporter()).start()
+    click.echo(f"{name}: running (image {image}, ssh port {machine.ssh_port}, "
+               f"ready in {machine.boot_seconds:.2f} s)")
+    machine.disconnect()
+
+
+@main.command("list")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@_friendly
+def list_machines(fmt: str) -> None:
+    """The named VMs, running or dead."""
+    from .named import list_named
+
+    machines = [m.summary() for m in list_named()]
+    if fmt == "json":
+        click.echo(json.dumps(machines, indent=2))
+        return
+    if not machines:
+        click.echo("no machines: sandbox up NAME")
+        return
+    click.echo(f"{'NAME':<24} {'STATUS':<8} {'IMAGE':<14} {'SSH':>6}  CREATED")
+    for m in machines:
+        click.echo(f"{m['name']:<24} {m['status']:<8} {m['image']:<14} {m['ssh_port']:>6}  "
+                   f"{m['created']}")
+
+
+main.add_command(list_machines, "ls")
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@_friendly
+def exec_(name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in the named VM NAME; exit with its status."""
+    from .machine import Machine
+
+    vm = Machine.attach(name)
+    try:
+        argv = list(command)
+        result = vm.run(argv[0] if len(argv) == 1 else argv, stdout=sys.stdout.buffer,
+                        stderr=sys.stderr.buffer)
+    finally:
+        vm.disconnect()
+    sys.exit(result.exit_status if 0 <= result.exit_status < 256 else 255)
+
+
+@main.command()
+@click.argument("name")
+@_friendly
+def ssh(name: str) -> None:
+    """An interactive shell in the named VM NAME."""
+    from .machine import Machine
+
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise SandboxError("sandbox ssh needs a terminal; use 'sandbox exec NAME -- CMD'")
+    vm = Machine.attach(name, connect_ssh=False)
+    try:
+        status = _interactive_ssh(vm)
+    finally:
+        vm.disconnect()
+    sys.exit(status)
+
+
+@main.command()
+@click.argument("source")
+@click.argument("target")
+@_friendly
+def cp(source: str, target: str) -> None:
+    """Copy files in or out of a named VM: NAME:/path on one side (directories too)."""
+    from pathlib import Path
+
+    from .machine import Machine
+
+    def split(spec: str) -> tuple[str | None, str]:
+        head, sep, tail = spec.partition(":")
+        return (head, tail) if sep and "/" not in head and head else (None, spec)
+
+    (src_vm, src), (dst_vm, dst) = split(source), split(target)
+    if (src_vm is None) == (dst_vm is None):
+        raise SandboxError("give exactly one side as NAME:/path, e.g. "
+                           "sandbox cp ./app dev:/opt/app")
+    vm = Machine.attach(src_vm or dst_vm or "")
+    try:
+        if dst_vm is not None:
+            local = Path(src)
+            if not local.exists():
+                raise SandboxError(f"no such local path: {local}")
+            (vm.push if local.is_dir() else vm.put)(local, dst)
+        else:
+            vm.get(src, Path(dst))
+    finally:
+        vm.disconnect()
+
+
+@main.group()
+def snapshot() -> None:
+    """Save, restore and list snapshots (disk and RAM) of a named VM."""
+
+
+@snapshot.command("save")
+@click.argument("name")
+@click.argument("tag")
+@_friendly
+def snapshot_save(name: str, tag: str) -> None:
+    """Save VM NAME's disk and RAM as TAG."""
+    from .machine import Machine
+
+    vm = Machine.attach(name, connect_ssh=False)
+    try:
+        vm.snapshot(tag)
+    finally:
+        vm.disconnect()
+    click.echo(f"{name}: saved snapshot {tag}")
+
+
+@snapshot.command("restore")
+@click.argument("name")
+@click.argument("tag")
+@_friendly
+def snapshot_restore(name: str, tag: str) -> None:
+    """Roll VM NAME back to snapshot TAG."""
+    from .machine import Machine
+
+    vm = Machine.attach(name, connect_ssh=False)
+    try:
+        vm.restore(tag)
+    finally:
+        vm.disconnect()
+    click.echo(f"{name}: restored snapshot {tag}")
+
+
+@snapshot.command("list")
+@click.argument("name")
+@_friendly
+def snapshot_list(name: str) -> None:
+    """The snapshots of VM NAME."""
+    from .machine import Machine
+
+    vm = Machine.attach(name, connect_ssh=False)
+    try:
+        tags = vm.snapshots()
+    finally:
+        vm.disconnect()
+    click.echo("\n".join(tags) if tags else f"{name}: no snapshots")
+
+
+@main.command()
+@click.argument("name")
+@click.option("-n", "--lines", type=int, default=None, help="Only the last N lines.")
+@_friendly
+def logs(name: str, lines: int | None) -> None:
+    """The serial console of VM NAME."""
+    from .named import find_named
+
+    named = find_named(name)
+    text = (named.path / "console.log").read_text(errors="replace")
+    if lines is not None:
+        text = "\n".join(text.splitlines()[-lines:]) + "\n"
+    click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+@_friendly
+def down(names: tuple[str, ...]) -> None:
+    """Stop the named VMs and delete everything they had."""
+    from .named import find_named, remove_named
+
+    for name in names:
+        named = find_named(name)
+        if named.alive:
+            from .machine import Machine
+
+            try:
+                Machine.attach(name, connect_ssh=False).close()
+            except SandboxError:
+                remove_named(named)
+        remove_named(named)
+        click.echo(f"{name}: down")
+
+
+@main.command()
 @_friendly
 def prune() -> None:
-    """Kill the VMs and remove the files of runs whose process is gone."""
+    """Reap VMs and files of killed runs, and named VMs whose QEMU died."""
+    from .named import prune_named
     from .runs import reap_orphans
 
-    reaped = reap_orphans()
+    reaped = reap_orphans() + prune_named()
     for line in reaped:
         click.echo(line)
     if not reaped:

@@ -31,7 +31,7 @@ from .paths import cache_dir
 from .progress import QUIET, Reporter
 from .spec import QemuPlan
 
-GOLDEN_VERSION = "2"
+GOLDEN_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,11 @@ class Golden:
     @property
     def disk(self) -> Path:
         return self.path / "disk.qcow2"
+
+    @property
+    def console(self) -> Path:
+        """The serial console of the boot the snapshot was taken from."""
+        return self.path / "console.log"
 
     @property
     def ssh_prelude(self) -> bytes | None:

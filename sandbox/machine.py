@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -45,13 +45,40 @@ from .errors import (
 from .host import accel_verdict, qemu_binary, resolve_accel
 from .image import Image, get_image
 from .keys import cache_key
+from .named import check_name, find_named, machines_dir, write_state
 from .progress import QUIET, Reporter
-from .runs import current_run
+from .runs import current_run, process_alive, process_start_ticks
 from .sizes import parse_size
 from .spec import MachineSpec, QemuPlan
 
 if TYPE_CHECKING:
     from .golden import Golden
+
+
+class _Pid:
+    """The part of Popen's interface a Machine uses, for a QEMU this process did not start."""
+
+    def __init__(self, pid: int, start_ticks: int | None) -> None:
+        self.pid = pid
+        self.start_ticks = start_ticks
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not process_alive(self.pid, self.start_ticks):
+            self.returncode = -1
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0)
+            time.sleep(0.02)
+        return self.returncode or -1
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
 
 
 class SandboxWarning(UserWarning):
@@ -102,15 +129,20 @@ class Machine:
     """A QEMU guest. Use :func:`sandbox.launch` to get a started one."""
 
     def __init__(self, spec: MachineSpec | None = None, *, name: str | None = None,
-                 reporter: Reporter = QUIET) -> None:
+                 reporter: Reporter = QUIET, persistent: bool = False,
+                 die_with_parent: bool = True) -> None:
         self.spec = spec or MachineSpec()
         self.reporter = reporter
+        #: A named machine that outlives this process (``sandbox up``); see sandbox.named.
+        self.persistent = persistent
+        #: QEMU is killed when this process dies (off for persistent and kept machines).
+        self.die_with_parent = die_with_parent and not persistent
         with _names_lock:
             self.name = name or f"vm{next(_names)}"
         self.image: Image | None = None
         self.accel: str | None = None
         self.dir: Path | None = None
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: subprocess.Popen[bytes] | _Pid | None = None
         self.transcript: list[TranscriptEntry] = []
         self.boot_seconds: float | None = None
         #: Seconds from QEMU start to a running clone (golden snapshot restores only).
@@ -143,7 +175,7 @@ class Machine:
         started = time.monotonic()
         self.image = get_image(self.spec.image, reporter=self.reporter)
         self.accel = resolve_accel(self.spec.accel)
-        self.dir = current_run().machine_dir(self.name)
+        self.dir = self._home()
         try:
             if self.spec.cold:
                 self._boot(self._make_plan(self._overlay(self.image.disk)),
@@ -154,7 +186,82 @@ class Machine:
             self.close()
             raise
         self.boot_seconds = time.monotonic() - started
+        if self.persistent:
+            self._write_state()
         return self
+
+    def _home(self) -> Path:
+        if not self.persistent:
+            return current_run().machine_dir(self.name)
+        path = machines_dir() / check_name(self.name)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise SandboxError(f"a machine named {self.name!r} exists already; pick another "
+                               f"name or remove it with: sandbox down {self.name}") from None
+        return path
+
+    def _write_state(self) -> None:
+        assert self.dir is not None and self.image is not None and self._qemu_plan is not None
+        write_state(self.dir, {
+            "name": self.name, "image": self.spec.image, "image_path": str(self.image.path),
+            "pid": self.pid, "start_ticks": process_start_ticks(self.pid or 0),
+            "ssh_port": self._ssh_port, "memory_mib": self._qemu_plan.memory_mib,
+            "cpus": self._qemu_plan.cpus, "spec": asdict(self.spec),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+
+    def keep(self, name: str) -> Machine:
+        """Hand this machine over to the named-machine registry instead of closing it: it
+        keeps running after this process exits (``sandbox ssh NAME``, ``sandbox down NAME``).
+        Only for machines started with ``die_with_parent=False``."""
+        if self.die_with_parent:
+            raise SandboxError(f"{self.name} dies with this process and cannot be kept; start "
+                               "it with die_with_parent=False (--sandbox-keep-on-failure)")
+        assert self.dir is not None
+        target = machines_dir() / check_name(name)
+        self.dir.rename(target)
+        self.dir, self.name, self.persistent = target, name, True
+        self._write_state()
+        self._release()
+        return self
+
+    def disconnect(self) -> None:
+        """Drop this handle (SSH, QMP) and leave the machine running; for named machines."""
+        self._release()
+
+    def _release(self) -> None:
+        """Drop this object's hold on the machine without stopping it."""
+        self._closed = True
+        if self._channel is not None:
+            self._channel.close()
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                self._qmp.close()
+        if self._ssh_port_sock is not None:
+            self._ssh_port_sock.close()
+
+    @classmethod
+    def attach(cls, name: str, *, connect_ssh: bool = True) -> Machine:
+        """A handle on the running named machine ``name`` (QMP, and SSH over TCP)."""
+        named = find_named(name)
+        if not named.alive:
+            raise SandboxError(f"machine {name!r} is dead (its QEMU exited); remove it with: "
+                               f"sandbox down {name}")
+        spec = MachineSpec.from_kwargs(**{k: tuple(v) if k == "qemu_args" else v
+                                          for k, v in named.state["spec"].items()})
+        machine = cls(spec, name=name, persistent=True)
+        machine.dir = named.path
+        machine.image = Image.load(Path(named.state["image_path"]))
+        machine.process = _Pid(named.pid, named.state.get("start_ticks"))
+        machine._ssh_port = int(named.state["ssh_port"])
+        qmp = QEMUMonitorProtocol(str(named.path / "qmp.sock"))
+        qmp.connect(negotiate=True)
+        qmp.settimeout(30)
+        machine._qmp = qmp
+        if connect_ssh:
+            machine._wait_for_ssh(time.monotonic() + 30)
+        return machine
 
     def _overlay(self, backing: Path) -> Path:
         """A fresh copy-on-write disk for this machine on a read-only base."""
@@ -171,7 +278,8 @@ class Machine:
         verdict = accel_verdict() if self.accel == "kvm" else None
         return QemuPlan(
             binary=qemu_binary(),
-            tag=f"sandbox-{self.dir.parent.name.removeprefix('run-')}-{self.name}",
+            tag=(f"sandbox-named-{self.name}" if self.persistent else
+                 f"sandbox-{self.dir.parent.name.removeprefix('run-')}-{self.name}"),
             accel=self.accel,
             kvm_cpu=verdict.kvm_cpu if verdict else "",
             memory_mib=parse_size(size, default_unit="M") >> 20,
@@ -229,6 +337,11 @@ class Machine:
         that waits on the virtio-serial port when the snapshot has one (else over TCP)."""
         started = time.monotonic()
         plan = self._make_plan(self._overlay(golden.disk), ram_file=golden.ram, incoming=True)
+        if golden.console.exists():
+            with plan.console_log.open("wb") as log:
+                log.write(golden.console.read_bytes())
+                log.write(f"\n[sandbox: {self.name} cloned from golden snapshot "
+                          f"{golden.path.name}]\n".encode())
         self._launch(plan)
         prelude = golden.ssh_prelude
         opener: Callable[[float], Any] | None = None
@@ -353,6 +466,7 @@ class Machine:
             saved = time.monotonic()
             if prelude is not None:
                 (target / "ssh-prelude").write_bytes(prelude)
+            shutil.copyfile(plan.console_log, target / "console.log")
         finally:
             self.close()
         return {"boot_seconds": round(booted - started, 2),
@@ -366,7 +480,8 @@ class Machine:
         parent = os.getpid()
         self.process = _spawner.submit(
             subprocess.Popen, plan.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            start_new_session=True, preexec_fn=_die_with_parent(parent)).result()
+            start_new_session=True,
+            preexec_fn=_die_with_parent(parent) if self.die_with_parent else None).result()
         log.close()
         deadline = time.monotonic() + 30
         while not plan.qmp_socket.exists():
@@ -691,10 +806,21 @@ class Machine:
     def restore(self, tag: str) -> None:
         """Roll this machine's disk and RAM back to ``snapshot(tag)``; SSH reconnects."""
         self._snapshot_command("loadvm", tag)
-        assert self._channel is not None
-        self._channel.close()
+        if self._channel is not None:  # its TCP or port state was rolled back with the guest
+            self._channel.close()
         self._wait_for_ssh(time.monotonic() + 60)
         self.run(f"date -s @{time.time():.3f} >/dev/null", timeout=30)
+
+    def snapshots(self) -> list[str]:
+        """Tags saved with :meth:`snapshot`."""
+        tags, table = [], False
+        for line in self.hmp("info snapshots").splitlines():
+            fields = line.split()
+            if fields[:2] == ["ID", "TAG"]:
+                table = True
+            elif table and len(fields) >= 2:
+                tags.append(fields[1])  # the ID column reads "--" for VM-wide snapshots
+        return tags
 
     def _snapshot_command(self, verb: str, tag: str) -> None:
         if not re.match(r"^[A-Za-z0-9_.-]+$", tag):

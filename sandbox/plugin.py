@@ -1,55 +1,223 @@
-"""The pytest plugin: ``vm`` and ``vm_factory`` fixtures and the ``vm`` marker.
+"""The pytest plugin: ``vm`` and ``vm_factory`` fixtures, the ``vm`` marker, options, hooks.
 
-Tests that use neither fixture pay nothing: no image build, no QEMU, no cache writes.
+Tests that use neither fixture pay nothing: no image build, no QEMU, no cache writes (the
+machine modules are imported only when a fixture runs).
+
+Option precedence for a machine: ``@pytest.mark.vm(...)``, then ``--sandbox-*`` options,
+then ``sandbox_*`` ini keys, then the image recipe's defaults.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .machine import Machine, launch
-from .spec import MachineSpec
+if TYPE_CHECKING:
+    from .machine import Machine
+
+# name, help, kind ("value" or "flag"), MachineSpec field it sets (None: plugin behaviour)
+_OPTIONS = (
+    ("image", "image (recipe name or .toml path) of the test VMs", "value", "image"),
+    ("accel", "accelerator: auto (KVM where it works, else TCG), kvm or tcg", "value", "accel"),
+    ("memory", "guest memory, e.g. 2G", "value", "memory"),
+    ("cpus", "guest vCPUs", "value", "cpus"),
+    ("cold-boot", "boot every VM from scratch instead of cloning a golden snapshot", "flag",
+     "cold"),
+    ("keep-on-failure", "leave the VMs of a failed test running and print how to reach them",
+     "flag", None),
+)
+_MACHINES = pytest.StashKey[list["Machine"]]()
+_CALL_FAILED = pytest.StashKey[bool]()
+_KEPT = pytest.StashKey[list[str]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("sandbox", "QEMU sandbox VMs (pytest-qemu-sandbox)")
+    for name, text, kind, _ in _OPTIONS:
+        dest = "sandbox_" + name.replace("-", "_")
+        if kind == "flag":
+            group.addoption(f"--sandbox-{name}", action="store_true", default=None, dest=dest,
+                            help=text)
+            parser.addini(dest, text, type="bool", default=None)
+        else:
+            group.addoption(f"--sandbox-{name}", default=None, dest=dest, metavar="VALUE",
+                            help=text)
+            parser.addini(dest, text, default=None)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "vm(image=..., memory=..., cpus=..., network=..., accel=..., cold=...): "
-        "the shape of the machines the vm and vm_factory fixtures give this test")
+        "vm(image=, memory=, cpus=, network=, accel=, cold=, qemu_args=, boot_timeout=, "
+        "command_timeout=): the shape of the machines of this test (vm, vm_factory)")
+    config.stash[_KEPT] = []
 
 
-def _marker_shape(request: pytest.FixtureRequest) -> dict[str, Any]:
+def _setting(config: pytest.Config, name: str) -> Any:
+    dest = "sandbox_" + name.replace("-", "_")
+    value = config.getoption(dest)
+    if value is None:
+        value = config.getini(dest)
+    return None if value in (None, "") else value
+
+
+def machine_shape(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The keyword arguments for launch(): marker, then command line, then ini."""
     shape: dict[str, Any] = {}
+    for name, _, kind, field in _OPTIONS:
+        value = _setting(request.config, name)
+        if field is None or value is None or (kind == "flag" and not value):
+            continue
+        shape[field] = int(value) if field == "cpus" else value
     marker = request.node.get_closest_marker("vm")
     if marker is not None:
         if marker.args:
-            raise pytest.UsageError("@pytest.mark.vm takes keyword arguments only, "
-                                    "e.g. @pytest.mark.vm(image='debian-12')")
+            pytest.fail("@pytest.mark.vm takes keyword arguments only, e.g. "
+                        "@pytest.mark.vm(image='debian-12', memory='2G')", pytrace=False)
         shape.update(marker.kwargs)
-    MachineSpec.from_kwargs(**shape)  # an unknown argument fails here, by name
+    from .errors import SandboxError
+    from .spec import MachineSpec
+
+    try:
+        MachineSpec.from_kwargs(**shape)
+    except SandboxError as exc:
+        pytest.fail(f"@pytest.mark.vm / --sandbox-* options: {exc}", pytrace=False)
     return shape
+
+
+@contextmanager
+def _to_terminal(config: pytest.Config) -> Iterator[Callable[[str], None]]:
+    """Write straight to the terminal, around output capture."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    terminal = config.pluginmanager.getplugin("terminalreporter")
+
+    def write(line: str) -> None:
+        if terminal is not None:
+            terminal.write_line(line)
+
+    if capture is None:
+        yield write
+        return
+    with capture.global_and_fixture_disabled():
+        yield write
+
+
+def _reporter(config: pytest.Config) -> Any:
+    from .progress import Reporter
+
+    class TerminalReporter(Reporter):
+        """Stage lines (image build, golden snapshot) shown live despite output capture."""
+
+        @contextmanager
+        def stage(self, name: str) -> Iterator[None]:
+            import time
+
+            with _to_terminal(config) as write:
+                write(f"sandbox: {name}...")
+            start = time.monotonic()
+            yield
+            with _to_terminal(config) as write:
+                write(f"sandbox: {name}: done in {time.monotonic() - start:.1f} s")
+
+        def note(self, message: str) -> None:
+            with _to_terminal(config) as write:
+                write(f"sandbox: {message}")
+
+    return TerminalReporter()
 
 
 @pytest.fixture
 def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Machine]]:
-    """Start any number of machines; each is torn down after the test."""
-    machines: list[Machine] = []
-    base = _marker_shape(request)
+    """Start any number of machines for this test; each is torn down after it."""
+    from .machine import Machine
+    from .spec import MachineSpec
+
+    config = request.config
+    node = request.node
+    base = machine_shape(request)
+    keep = bool(_setting(config, "keep-on-failure"))
+    machines = node.stash.setdefault(_MACHINES, [])
+    mine: list[Machine] = []
 
     def factory(**overrides: Any) -> Machine:
-        machine = launch(**{**base, **overrides})
+        shape = {**base, **overrides}
+        config.hook.pytest_sandbox_spec(shape=shape, node=node)
+        machine = Machine(MachineSpec.from_kwargs(**shape), reporter=_reporter(config),
+                          die_with_parent=not keep)
+        machine.start()
         machines.append(machine)
+        mine.append(machine)
+        config.hook.pytest_sandbox_ready(machine=machine, node=node)
         return machine
 
     yield factory
-    for machine in reversed(machines):
-        machine.close()
+    failed = node.stash.get(_CALL_FAILED, False)
+    for index, machine in enumerate(reversed(mine)):
+        try:
+            config.hook.pytest_sandbox_teardown(machine=machine, node=node, failed=failed)
+        finally:
+            if failed and keep:
+                _keep(config, node, machine, len(mine) - 1 - index)
+            else:
+                machine.close()
+
+
+def _keep(config: pytest.Config, node: pytest.Item, machine: Machine, index: int) -> None:
+    from .named import machines_dir
+
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", node.name).strip("-.")[:40] or "test"
+    name = f"{stem}-{index}" if index else stem
+    suffix = 1
+    while (machines_dir() / name).exists():
+        suffix += 1
+        name = f"{stem}-{index}-{suffix}"
+    machine.keep(name)
+    lines = [f"sandbox: kept VM {name} of failed test {node.nodeid}",
+             f"  sandbox ssh {name}",
+             f"  {machine.ssh_command()}",
+             f"  sandbox down {name}    # when done"]
+    config.stash[_KEPT].extend(lines)
+    with _to_terminal(config) as write:
+        for line in lines:
+            write(line)
 
 
 @pytest.fixture
 def vm(vm_factory: Callable[..., Machine]) -> Machine:
-    """A fresh machine private to this test."""
+    """A fresh machine private to this test (a clone of the image's golden snapshot)."""
     return vm_factory()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item,
+                              call: pytest.CallInfo[None]) -> Iterator[None]:
+    report: pytest.TestReport = yield
+    machines = item.stash.get(_MACHINES, [])
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    if report.failed and machines:
+        for machine in machines:
+            tail = machine.console_tail(40)
+            report.sections.append((f"sandbox {machine.name}: console tail", tail or "(empty)"))
+            commands = "\n".join(entry.format() for entry in machine.transcript[-30:])
+            report.sections.append((f"sandbox {machine.name}: guest commands",
+                                    commands or "(none)"))
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    kept = config.stash.get(_KEPT, [])
+    if kept:
+        terminalreporter.section("sandbox: VMs kept running")
+        for line in kept:
+            terminalreporter.write_line(line)

@@ -127,7 +127,8 @@ class QemuPlan:
             "-device", "virtserialport,bus=vser0.0,chardev=agent0,name=org.sandbox.agent",
             "-chardev", f"socket,id=ssh0,path={self.ssh_socket},server=on,wait=off",
             "-device", "virtserialport,bus=vser0.0,chardev=ssh0,name=org.sandbox.ssh",
-            "-chardev", f"file,id=console0,path={self.console_log}",
+            # append: a clone's log starts with the golden boot's console, copied in first.
+            "-chardev", f"file,id=console0,path={self.console_log},append=on",
             "-serial", "chardev:console0",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             "-pidfile", str(self.pidfile),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,8 @@ def test_four_concurrent_builds_make_one_image(built_image: dict[str, Any],
         # The session found the image cached: build a variant so the check still runs.
         text = find_recipe(IMAGE).path.read_text()  # type: ignore[union-attr]
         variant = tmp_path / "concurrency-check.toml"
-        variant.write_text(text + f'\ndescription = "concurrency check {time.time()}"\n')
+        variant.write_text(re.sub(r"(?m)^description = .*$",
+                                  f'description = "concurrency check {time.time()}"', text))
         with ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda _: sandbox_cli("image", "build", str(variant)),
                                     range(4)))

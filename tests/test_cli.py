@@ -1,0 +1,143 @@
+"""The sandbox CLI as a user at a terminal or a CI script drives it (real guests)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import ROOT, qemu_processes, sandbox_cli
+
+
+def test_run_propagates_the_exit_status(built_image: dict[str, Any]) -> None:
+    result = sandbox_cli("run", "--", "sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3")
+    assert result.returncode == 3
+    assert result.stdout == "to-stdout\n"
+    assert result.stderr.endswith("to-stderr\n")
+
+
+def test_run_prints_a_linux_banner_and_copies_files(built_image: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    result = sandbox_cli("run", "--", "uname", "-a")
+    assert result.returncode == 0 and result.stdout.startswith("Linux sandbox ")
+    payload = tmp_path / "payload"
+    payload.mkdir()
+    (payload / "hello.sh").write_text("#!/bin/sh\necho hello from the payload\n")
+    (payload / "hello.sh").chmod(0o755)
+    result = sandbox_cli("run", "--copy", f"{payload}:/opt/payload", "--",
+                         "/opt/payload/hello.sh")
+    assert (result.returncode, result.stdout) == (0, "hello from the payload\n")
+
+
+def test_named_machine_lifecycle_with_snapshots(built_image: dict[str, Any]) -> None:
+    name = "cli-a"
+    up = sandbox_cli("up", name)
+    assert up.returncode == 0, up.stderr
+    try:
+        again = sandbox_cli("up", name)
+        assert again.returncode == 2 and "exists already" in again.stderr
+        assert sandbox_cli("exec", name, "--", "sh", "-c",
+                           "echo keep-me > /root/file").returncode == 0
+        assert sandbox_cli("snapshot", "save", name, "t").returncode == 0
+        assert "t" in sandbox_cli("snapshot", "list", name).stdout.split()
+        assert sandbox_cli("exec", name, "--", "rm", "/root/file").returncode == 0
+        assert sandbox_cli("exec", name, "--", "test", "-e", "/root/file").returncode == 1
+        restored = sandbox_cli("snapshot", "restore", name, "t")
+        assert restored.returncode == 0, restored.stderr
+        shown = sandbox_cli("exec", name, "--", "cat", "/root/file")
+        assert (shown.returncode, shown.stdout) == (0, "keep-me\n")
+        listed = json.loads(sandbox_cli("ls", "--format", "json").stdout)
+        assert [(m["name"], m["status"]) for m in listed] == [(name, "running")]
+        assert "sandbox-guest: ready" in sandbox_cli("logs", name).stdout
+        unknown = sandbox_cli("exec", "nope", "--", "true")
+        assert unknown.returncode == 2 and "known machines: cli-a" in unknown.stderr
+    finally:
+        down = sandbox_cli("down", name)
+    assert down.returncode == 0, down.stderr
+    assert json.loads(sandbox_cli("ls", "--format", "json").stdout) == []
+    assert qemu_processes(f"sandbox-named-{name},") == []
+
+
+def test_dead_machine_shows_as_dead_and_prune_clears_it(built_image: dict[str, Any]) -> None:
+    assert sandbox_cli("up", "cli-dead").returncode == 0
+    listed = json.loads(sandbox_cli("list", "--format", "json").stdout)
+    pid = next(m["pid"] for m in listed if m["name"] == "cli-dead")
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    listed = json.loads(sandbox_cli("list", "--format", "json").stdout)
+    assert [m["status"] for m in listed if m["name"] == "cli-dead"] == ["dead"]
+    result = sandbox_cli("exec", "cli-dead", "--", "true")
+    assert result.returncode == 2 and "is dead" in result.stderr
+    pruned = sandbox_cli("prune")
+    assert "removed dead machine cli-dead" in pruned.stdout
+    assert sandbox_cli("list", "--format", "json").stdout.strip() == "[]"
+
+
+def test_shell_without_a_terminal_is_refused() -> None:
+    result = sandbox_cli("shell", input="")
+    assert result.returncode == 2
+    assert "needs a terminal" in result.stderr
+
+
+def read_until(fd: int, needle: bytes, timeout: float) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"did not see {needle!r}; got {seen[-500:]!r}")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    return seen
+
+
+def test_interactive_shell_through_a_pseudo_terminal(built_image: dict[str, Any]) -> None:
+    main_fd, child_fd = os.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "shell"], stdin=child_fd,
+                               stdout=child_fd, stderr=child_fd, cwd=ROOT,
+                               start_new_session=True,
+                               preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(child_fd)
+    try:
+        read_until(main_fd, b"root@sandbox", 120)
+        os.write(main_fd, b"echo $((6 * 7)); stty size\n")
+        output = read_until(main_fd, b"33 101", 30)
+        assert b"42" in output
+        os.write(main_fd, b"sleep 300\n")
+        time.sleep(1)
+        os.write(main_fd, b"\x03")  # Ctrl-C reaches the guest's foreground job
+        os.write(main_fd, b"echo after-interrupt\n")
+        read_until(main_fd, b"after-interrupt\r\n", 30)
+        os.write(main_fd, b"exit\n")
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(main_fd)
+
+
+@pytest.mark.parametrize("args", [["cp", "a", "b"], ["cp", "x:/a", "y:/b"]])
+def test_cp_needs_exactly_one_guest_side(args: list[str]) -> None:
+    result = sandbox_cli(*args)
+    assert result.returncode == 2 and "exactly one side" in result.stderr

@@ -1,0 +1,163 @@
+"""The pytest plugin, driven through pytester: real guests behind the fixtures."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+from .conftest import sandbox_cli
+
+pytest_plugins = ["pytester"]
+
+
+def test_vm_fixture_passes_and_cleans_up(pytester: pytest.Pytester,
+                                         built_image: dict[str, Any]) -> None:
+    pytester.makepyfile("""
+        def test_uname(vm):
+            assert vm.succeed("uname -s") == "Linux\\n"
+
+        def test_two(vm_factory):
+            a, b = vm_factory(), vm_factory()
+            a.succeed("touch /root/only-a")
+            b.fail("test -e /root/only-a")
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_tests_without_fixtures_start_nothing(pytester: pytest.Pytester, tmp_path: Any,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    pytester.makepyfile("def test_plain():\n    assert 1 + 1 == 2\n")
+    monkeypatch.setenv("SANDBOX_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(tmp_path / "cache"))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert not (tmp_path / "runtime").exists()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_failure_report_shows_console_and_commands(pytester: pytest.Pytester,
+                                                   built_image: dict[str, Any]) -> None:
+    pytester.makepyfile("""
+        def test_broken(vm):
+            vm.run("echo diagnostic-output; exit 7")
+            vm.succeed("cat /etc/no-such-config")
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    text = result.stdout.str()
+    assert re.search(r"sandbox vm\d+: console tail", text)
+    assert "sandbox-guest: ready" in text
+    assert re.search(r"sandbox vm\d+: guest commands", text)
+    assert "$ echo diagnostic-output; exit 7    [exit 7" in text
+    assert "diagnostic-output" in text
+    assert "$ cat /etc/no-such-config    [exit 1" in text
+    assert "No such file or directory" in text
+
+
+def test_keep_on_failure_leaves_the_vm_reachable(pytester: pytest.Pytester,
+                                                 built_image: dict[str, Any]) -> None:
+    pytester.makepyfile("""
+        def test_keep_me(vm):
+            vm.succeed("echo evidence > /root/evidence")
+            assert False, "fails on purpose"
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider",
+                                           "--sandbox-keep-on-failure")
+    result.assert_outcomes(failed=1)
+    text = result.stdout.str()
+    assert "kept VM test_keep_me" in text
+    assert "sandbox ssh test_keep_me" in text
+    assert re.search(r"ssh -i \S+id_ed25519 -p \d+ .*root@127.0.0.1", text)
+    try:
+        listed = json.loads(sandbox_cli("list", "--format", "json").stdout)
+        assert [m["status"] for m in listed if m["name"] == "test_keep_me"] == ["running"]
+        shown = sandbox_cli("exec", "test_keep_me", "--", "cat", "/root/evidence")
+        assert (shown.returncode, shown.stdout) == (0, "evidence\n")
+    finally:
+        assert sandbox_cli("down", "test_keep_me").returncode == 0
+    assert "test_keep_me" not in sandbox_cli("list").stdout
+
+
+def test_option_precedence_marker_then_cli_then_ini(pytester: pytest.Pytester) -> None:
+    pytester.makeini("""
+        [pytest]
+        sandbox_memory = 768M
+        sandbox_cpus = 3
+        sandbox_image = from-ini
+    """)
+    pytester.makepyfile("""
+        import pytest
+        from sandbox.plugin import machine_shape
+
+        def test_defaults(request):
+            assert machine_shape(request) == {"memory": "1536M", "cpus": 3, "image": "from-ini"}
+
+        @pytest.mark.vm(memory="2G", network="user")
+        def test_marker(request):
+            shape = machine_shape(request)
+            assert shape == {"memory": "2G", "cpus": 3, "image": "from-ini", "network": "user"}
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox-memory", "1536M")
+    result.assert_outcomes(passed=2)
+
+
+def test_unknown_marker_argument_is_named(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.vm(memroy="2G")
+        def test_typo(vm):
+            pass
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*unknown machine option(s) 'memroy'*"])
+
+
+def test_hooks_adjust_prepare_and_see_the_outcome(pytester: pytest.Pytester,
+                                                  built_image: dict[str, Any]) -> None:
+    pytester.makeconftest("""
+        OUTCOMES = []
+
+        def pytest_sandbox_spec(shape, node):
+            shape["network"] = "user"
+
+        def pytest_sandbox_ready(machine, node):
+            machine.succeed("echo installed > /root/app")
+
+        def pytest_sandbox_teardown(machine, node, failed):
+            OUTCOMES.append((node.name, failed, machine.succeed("cat /root/app").strip()))
+
+        def pytest_sessionfinish(session):
+            print("OUTCOMES", sorted(OUTCOMES))
+    """)
+    pytester.makepyfile("""
+        def test_ok(vm):
+            assert vm.spec.network == "user"
+            assert vm.succeed("cat /root/app") == "installed\\n"
+
+        def test_bad(vm):
+            assert False
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
+    result.assert_outcomes(passed=1, failed=1)
+    assert ("OUTCOMES [('test_bad', True, 'installed'), ('test_ok', False, 'installed')]"
+            in result.stdout.str())
+
+
+def test_xdist_two_workers_share_the_golden_snapshot(pytester: pytest.Pytester,
+                                                     built_image: dict[str, Any]) -> None:
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_each_in_its_own_vm(vm, n):
+            vm.fail("test -e /root/marker")
+            vm.succeed(f"echo {n} > /root/marker")
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=6)
