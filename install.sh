@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-packages=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client)
+packages=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client iproute2)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \

@@ -149,12 +149,17 @@ def image_inspect(name: str) -> None:
 @click.argument("name")
 @_friendly
 def image_rm(name: str) -> None:
-    """Remove every built version of image NAME from the cache."""
+    """Remove every built version of image NAME, and its golden snapshots, from the cache."""
+    from .golden import discard_golden, list_goldens
     from .image import find_images, remove_image
 
     for found in find_images(name):
         remove_image(found)
         click.echo(f"removed {found.name} {found.digest[:16]}")
+    for golden in list_goldens():
+        if golden.manifest["image"] == name:
+            discard_golden(golden)
+            click.echo(f"removed golden snapshot {golden.path.name}")
 
 
 # -- machines -------------------------------------------------------------------------------
@@ -187,8 +192,8 @@ def run(image: str, memory: str | None, cpus: int | None, net: str, accel: str, 
             raise click.BadParameter(f"no such local path {local!r}", param_hint="--copy")
         transfers.append((Path(local), remote))
     with launch(image, memory=memory, cpus=cpus, network=net, accel=accel, cold=cold) as vm:
-        for local, remote in transfers:
-            (vm.push if local.is_dir() else vm.put)(local, remote)
+        for source, target in transfers:
+            (vm.push if source.is_dir() else vm.put)(source, target)
         argv = list(command)
         line = argv[0] if len(argv) == 1 else argv
         result = vm.run(line, stdout=sys.stdout.buffer, stderr=sys.stderr.buffer,

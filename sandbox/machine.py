@@ -534,7 +534,8 @@ class Machine:
             channel.connect(timeout=max(1.0, min(20.0, deadline - time.monotonic())))
             return channel
 
-        stop = tenacity.stop_after_delay(max(0.0, deadline - time.monotonic()))
+        stop: tenacity.stop.stop_base = tenacity.stop_after_delay(
+            max(0.0, deadline - time.monotonic()))
         if attempts is not None:
             stop = stop | tenacity.stop_after_attempt(attempts)
         retrying = tenacity.Retrying(

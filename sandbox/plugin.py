@@ -10,8 +10,9 @@ then ``sandbox_*`` ini keys, then the image recipe's defaults.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -29,6 +30,8 @@ _OPTIONS = (
      "cold"),
     ("keep-on-failure", "leave the VMs of a failed test running and print how to reach them",
      "flag", None),
+    ("log-dir", "write the console log and command transcript of each VM of a failed test "
+     "into this directory (for CI artifacts)", "value", None),
 )
 _MACHINES = pytest.StashKey[list["Machine"]]()
 _CALL_FAILED = pytest.StashKey[bool]()
@@ -199,20 +202,32 @@ def vm(vm_factory: Callable[..., Machine]) -> Machine:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item,
-                              call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+        item: pytest.Item,
+        call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report: pytest.TestReport = yield
     machines = item.stash.get(_MACHINES, [])
     if report.when == "call":
         item.stash[_CALL_FAILED] = report.failed
     if report.failed and machines:
+        log_dir = _setting(item.config, "log-dir")
         for machine in machines:
+            if log_dir:
+                _write_logs(Path(log_dir), item, machine)
             tail = machine.console_tail(40)
             report.sections.append((f"sandbox {machine.name}: console tail", tail or "(empty)"))
             commands = "\n".join(entry.format() for entry in machine.transcript[-30:])
             report.sections.append((f"sandbox {machine.name}: guest commands",
                                     commands or "(none)"))
     return report
+
+
+def _write_logs(directory: Path, item: pytest.Item, machine: Machine) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid).strip("_")[:120]
+    (directory / f"{stem}.{machine.name}.console.log").write_text(machine.console_log())
+    (directory / f"{stem}.{machine.name}.commands.log").write_text(
+        "\n".join(entry.format() for entry in machine.transcript) + "\n")
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

@@ -46,9 +46,12 @@ def test_failure_report_shows_console_and_commands(pytester: pytest.Pytester,
             vm.run("echo diagnostic-output; exit 7")
             vm.succeed("cat /etc/no-such-config")
     """)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox-log-dir=logs")
     result.assert_outcomes(failed=1)
     text = result.stdout.str()
+    logs = sorted(p.name for p in (pytester.path / "logs").iterdir())
+    assert len(logs) == 2 and logs[0].endswith(".commands.log")
+    assert "sandbox-guest: ready" in (pytester.path / "logs" / logs[1]).read_text()
     assert re.search(r"sandbox vm\d+: console tail", text)
     assert "sandbox-guest: ready" in text
     assert re.search(r"sandbox vm\d+: guest commands", text)
