@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -244,6 +245,18 @@ def _interactive_ssh(vm: Any) -> int:
 
 # -- named machines -------------------------------------------------------------------------
 
+@contextmanager
+def _attached(name: str, *, connect_ssh: bool = True) -> Iterator[Any]:
+    """A handle on named machine NAME, dropped (the VM keeps running) afterwards."""
+    from .machine import Machine
+
+    vm = Machine.attach(name, connect_ssh=connect_ssh)
+    try:
+        yield vm
+    finally:
+        vm.disconnect()
+
+
 @main.command()
 @click.argument("name")
 @click.option("--image", default="debian-12", show_default=True)
@@ -299,15 +312,10 @@ main.add_command(list_machines, "ls")
 @_friendly
 def exec_(name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in the named VM NAME; exit with its status."""
-    from .machine import Machine
-
-    vm = Machine.attach(name)
-    try:
+    with _attached(name) as vm:
         argv = list(command)
         result = vm.run(argv[0] if len(argv) == 1 else argv, stdout=sys.stdout.buffer,
                         stderr=sys.stderr.buffer)
-    finally:
-        vm.disconnect()
     sys.exit(result.exit_status if 0 <= result.exit_status < 256 else 255)
 
 
@@ -316,15 +324,10 @@ def exec_(name: str, command: tuple[str, ...]) -> None:
 @_friendly
 def ssh(name: str) -> None:
     """An interactive shell in the named VM NAME."""
-    from .machine import Machine
-
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise SandboxError("sandbox ssh needs a terminal; use 'sandbox exec NAME -- CMD'")
-    vm = Machine.attach(name, connect_ssh=False)
-    try:
+    with _attached(name, connect_ssh=False) as vm:
         status = _interactive_ssh(vm)
-    finally:
-        vm.disconnect()
     sys.exit(status)
 
 
@@ -336,8 +339,6 @@ def cp(source: str, target: str) -> None:
     """Copy files in or out of a named VM: NAME:/path on one side (directories too)."""
     from pathlib import Path
 
-    from .machine import Machine
-
     def split(spec: str) -> tuple[str | None, str]:
         head, sep, tail = spec.partition(":")
         return (head, tail) if sep and "/" not in head and head else (None, spec)
@@ -346,8 +347,7 @@ def cp(source: str, target: str) -> None:
     if (src_vm is None) == (dst_vm is None):
         raise SandboxError("give exactly one side as NAME:/path, e.g. "
                            "sandbox cp ./app dev:/opt/app")
-    vm = Machine.attach(src_vm or dst_vm or "")
-    try:
+    with _attached(src_vm or dst_vm or "") as vm:
         if dst_vm is not None:
             local = Path(src)
             if not local.exists():
@@ -355,8 +355,6 @@ def cp(source: str, target: str) -> None:
             (vm.push if local.is_dir() else vm.put)(local, dst)
         else:
             vm.get(src, Path(dst))
-    finally:
-        vm.disconnect()
 
 
 @main.group()
@@ -370,13 +368,8 @@ def snapshot() -> None:
 @_friendly
 def snapshot_save(name: str, tag: str) -> None:
     """Save VM NAME's disk and RAM as TAG."""
-    from .machine import Machine
-
-    vm = Machine.attach(name, connect_ssh=False)
-    try:
+    with _attached(name, connect_ssh=False) as vm:
         vm.snapshot(tag)
-    finally:
-        vm.disconnect()
     click.echo(f"{name}: saved snapshot {tag}")
 
 
@@ -386,13 +379,8 @@ def snapshot_save(name: str, tag: str) -> None:
 @_friendly
 def snapshot_restore(name: str, tag: str) -> None:
     """Roll VM NAME back to snapshot TAG."""
-    from .machine import Machine
-
-    vm = Machine.attach(name, connect_ssh=False)
-    try:
+    with _attached(name, connect_ssh=False) as vm:
         vm.restore(tag)
-    finally:
-        vm.disconnect()
     click.echo(f"{name}: restored snapshot {tag}")
 
 
@@ -401,13 +389,8 @@ def snapshot_restore(name: str, tag: str) -> None:
 @_friendly
 def snapshot_list(name: str) -> None:
     """The snapshots of VM NAME."""
-    from .machine import Machine
-
-    vm = Machine.attach(name, connect_ssh=False)
-    try:
+    with _attached(name, connect_ssh=False) as vm:
         tags = vm.snapshots()
-    finally:
-        vm.disconnect()
     click.echo("\n".join(tags) if tags else f"{name}: no snapshots")
 
 

@@ -12,6 +12,7 @@ QEMU itself dies with its owner through a parent-death signal; the reaper is the
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
@@ -67,7 +68,17 @@ def current_run() -> Run:
                      "created": time.time()}
             (path / "owner.json").write_text(json.dumps(owner))
             _current = Run(run_id, path)
+            atexit.register(_remove_run, _current, os.getpid())
         return _current
+
+
+def _remove_run(run: Run, owner: int) -> None:
+    """At exit: machines still open die with this process; their files go with the run."""
+    if os.getpid() != owner:  # a forked child exiting: the run is its parent's
+        return
+    for pidfile in run.path.glob("*/qemu.pid"):
+        kill_tagged(pidfile, f"sandbox-{run.id}-")
+    shutil.rmtree(run.path, ignore_errors=True)
 
 
 def _owner_pid(run: Run) -> int | None:
