@@ -117,6 +117,14 @@ class TranscriptEntry:
         return f"{text}\n{self.output}" if self.output else text
 
 
+def _refused(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
 def _trim(data: str, limit: int = 2000) -> str:
     data = data.rstrip("\n")
     if len(data) <= limit:
@@ -322,7 +330,7 @@ class Machine:
             try:
                 self._restore_golden(golden)
                 return
-            except SandboxError as exc:
+            except SnapshotError as exc:
                 what = "rebuilding it" if attempt == 1 else "booting from scratch instead"
                 warnings.warn(f"golden snapshot {golden.path.name} did not load ({exc}); "
                               f"{what}", SandboxWarning, stacklevel=4)
@@ -364,10 +372,13 @@ class Machine:
         self._find_ssh_port()
         identity = threading.Thread(target=agent.finish, daemon=True)
         identity.start()
-        if opener is not None:
-            self._wait_for_ssh(time.monotonic() + 30, opener, attempts=1)
-        else:
-            self._wait_for_ssh(time.monotonic() + 60)
+        try:
+            if opener is not None:
+                self._wait_for_ssh(time.monotonic() + 30, opener, attempts=1)
+            else:
+                self._wait_for_ssh(time.monotonic() + 60)
+        except BootError as exc:  # the state loaded, yet the clone does not answer
+            raise SnapshotError(f"the restored clone did not answer on SSH: {exc}") from exc
         identity.join(timeout=15)
         if agent.error:
             warnings.warn(f"{self.name}: the guest agent did not refresh the clone's clock and "
@@ -429,7 +440,10 @@ class Machine:
             if status in ("failed", "cancelled"):
                 raise SnapshotError(f"{what} failed: {info.get('error-desc', status)}"
                                     f"{self._qemu_stderr()}")
-            self._check_alive(f"QEMU exited while {what}")
+            try:
+                self._check_alive(f"QEMU exited while {what}")
+            except BootError as exc:
+                raise SnapshotError(str(exc)) from exc
             if time.monotonic() > deadline:
                 raise SnapshotError(f"{what} did not finish within {timeout:g} s "
                                     f"(migration status {status!r})")
@@ -490,17 +504,25 @@ class Machine:
                 raise BootError("QEMU did not open its QMP socket within 30 s",
                                 command_line=plan.command())
             time.sleep(0.01)
-        qmp = QEMUMonitorProtocol(str(plan.qmp_socket))
-        try:
-            qmp.connect(negotiate=True)
-        except (QMPError, OSError) as exc:
-            # Usually QEMU failing on its own command line right after opening the socket.
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                if self.process is not None:
-                    self.process.wait(timeout=5)
-            self._check_alive("QEMU exited during start-up")
-            raise BootError(f"could not talk to QEMU's monitor: {exc}",
-                            command_line=plan.command()) from exc
+        while True:
+            qmp = QEMUMonitorProtocol(str(plan.qmp_socket))
+            try:
+                qmp.connect(negotiate=True)
+                break
+            except (QMPError, OSError) as exc:
+                # The socket file appears when QEMU binds it, a moment before it listens:
+                # refused connections are retried. Anything else is usually QEMU failing on
+                # its own command line right after opening the socket.
+                if time.monotonic() < deadline and self.process is not None and \
+                        self.process.poll() is None and _refused(exc):
+                    time.sleep(0.01)
+                    continue
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    if self.process is not None:
+                        self.process.wait(timeout=5)
+                self._check_alive("QEMU exited during start-up")
+                raise BootError(f"could not talk to QEMU's monitor: {exc}",
+                                command_line=plan.command()) from exc
         qmp.settimeout(30)
         self._qmp = qmp
 

@@ -113,7 +113,7 @@ def parse_recipe(path: Path) -> Recipe:
                                                      else (expected,)))
             raise RecipeError(f"{where}: field {key!r} must be {names}, got {value!r}")
 
-    name = raw.get("name", path.stem.removesuffix(".toml"))
+    name = raw.get("name", path.stem)
     if not _NAME.match(name):
         raise RecipeError(f"{where}: field 'name' {name!r} must be lower case letters, digits, "
                           "'.', '_' or '-'")

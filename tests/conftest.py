@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -52,10 +51,6 @@ def shared_vm(built_image: dict[str, Any]) -> Iterator[sandbox.Machine]:
     """One machine shared by the tests of a module that only read or add files."""
     with sandbox.launch(IMAGE) as machine:
         yield machine
-
-
-def read_json(text: str) -> Any:
-    return json.loads(text)
 
 
 def qemu_processes(tag: str) -> list[int]:

@@ -267,3 +267,19 @@ def test_sigkilled_owner_leaves_no_qemu_and_prune_reaps_files(
         assert run_dir.parent == runtime_dir()
     finally:
         child.kill()
+
+
+def test_ssh_takes_the_cache_key_only(shared_vm: sandbox.Machine) -> None:
+    import paramiko
+
+    transport = paramiko.Transport(("127.0.0.1", shared_vm.ssh_port))
+    try:
+        transport.start_client(timeout=30)
+        with pytest.raises(paramiko.BadAuthenticationType) as info:
+            transport.auth_none("root")
+        assert info.value.allowed_types == ["publickey"]
+        with pytest.raises(paramiko.SSHException):
+            transport.auth_password("root", "")
+        assert not transport.is_authenticated()
+    finally:
+        transport.close()
