@@ -1,7 +1,14 @@
-"""pytest-qemu-sandbox: a fresh, fully isolated QEMU virtual machine for every test."""
+"""pytest-qemu-sandbox: a fresh, fully isolated QEMU virtual machine for every test.
+
+The machine modules (paramiko, QMP) load on first use, so that the pytest plugin costs
+nothing to suites that never ask for a VM and the CLI starts quickly.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from . import errors
-from .channel import CommandResult
 from .errors import (
     BootError,
     ChannelError,
@@ -13,13 +20,27 @@ from .errors import (
     SnapshotError,
     WaitTimeout,
 )
-from .machine import Machine, launch
-from .spec import MachineSpec
+
+if TYPE_CHECKING:
+    from .channel import CommandResult
+    from .machine import Machine, SandboxWarning, launch
+    from .spec import MachineSpec
 
 __version__ = "0.1.0"
 
+_LAZY = {"launch": "machine", "Machine": "machine", "SandboxWarning": "machine",
+         "CommandResult": "channel", "MachineSpec": "spec"}
+
 __all__ = [
     "BootError", "ChannelError", "CommandFailed", "CommandResult", "CommandTimeout",
-    "HostError", "ImageError", "Machine", "MachineSpec", "SandboxError", "SnapshotError",
-    "WaitTimeout", "errors", "launch",
+    "HostError", "ImageError", "Machine", "MachineSpec", "SandboxError", "SandboxWarning",
+    "SnapshotError", "WaitTimeout", "errors", "launch",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'sandbox' has no attribute {name!r}")
