@@ -67,8 +67,8 @@ def doctor(as_json: bool, refresh: bool) -> None:
         accel = report["accel"]
         if accel:
             colour = "green" if accel["accel"] == "kvm" else "yellow"
-            click.echo(f"{'accelerator':<20} {click.style(accel['accel'], fg=colour):<10} "
-                       f"{accel['reason']}")
+            label = click.style(f"{accel['accel']:<10}", fg=colour)
+            click.echo(f"{'accelerator':<20} {label} {accel['reason']}")
         for problem in report["problems"]:
             click.echo(click.style(f"problem: {problem}", fg="red"), err=True)
     sys.exit(0 if report["ok"] else 1)
