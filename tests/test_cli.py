@@ -58,14 +58,15 @@ def test_named_machine_lifecycle_with_snapshots(built_image: dict[str, Any]) -> 
         shown = sandbox_cli("exec", name, "--", "cat", "/root/file")
         assert (shown.returncode, shown.stdout) == (0, "keep-me\n")
         listed = json.loads(sandbox_cli("ls", "--format", "json").stdout)
-        assert [(m["name"], m["status"]) for m in listed] == [(name, "running")]
+        assert [m["status"] for m in listed if m["name"] == name] == ["running"]
         assert "sandbox-guest: ready" in sandbox_cli("logs", name).stdout
         unknown = sandbox_cli("exec", "nope", "--", "true")
-        assert unknown.returncode == 2 and "known machines: cli-a" in unknown.stderr
+        assert unknown.returncode == 2 and "known machines: " in unknown.stderr
+        assert name in unknown.stderr.split("known machines: ")[1]
     finally:
         down = sandbox_cli("down", name)
     assert down.returncode == 0, down.stderr
-    assert json.loads(sandbox_cli("ls", "--format", "json").stdout) == []
+    assert name not in [m["name"] for m in json.loads(sandbox_cli("ls", "--format", "json").stdout)]
     assert qemu_processes(f"sandbox-named-{name},") == []
 
 
@@ -83,7 +84,8 @@ def test_dead_machine_shows_as_dead_and_prune_clears_it(built_image: dict[str, A
     assert result.returncode == 2 and "is dead" in result.stderr
     pruned = sandbox_cli("prune")
     assert "removed dead machine cli-dead" in pruned.stdout
-    assert sandbox_cli("list", "--format", "json").stdout.strip() == "[]"
+    listed = json.loads(sandbox_cli("list", "--format", "json").stdout)
+    assert "cli-dead" not in [m["name"] for m in listed]
 
 
 def test_shell_without_a_terminal_is_refused() -> None:

@@ -23,8 +23,8 @@ from .conftest import IMAGE, env_with, sandbox_cli
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="image builds need root")
 
 
-def leftovers() -> list[str]:
-    return sorted(p.name for p in images_dir().glob(".tmp-*"))
+def leftovers(name: str) -> list[str]:
+    return sorted(p.name for p in images_dir().glob(f".tmp-{name}-*"))
 
 
 def test_four_concurrent_builds_make_one_image(built_image: dict[str, Any],
@@ -45,7 +45,11 @@ def test_four_concurrent_builds_make_one_image(built_image: dict[str, Any],
                           "cached" if "cached" in r.stderr or "waiting" in r.stderr else r.stderr
                           for r in results)
         assert [r.returncode for r in results] == [0, 0, 0, 0]
-        assert outcomes == ["built", "cached", "cached", "cached"]
+        if variant is None and os.environ.get("PYTEST_XDIST_WORKER"):
+            # Another worker may have been the one that built: never more than one build.
+            assert outcomes.count("built") <= 1 and set(outcomes) <= {"built", "cached"}
+        else:
+            assert outcomes == ["built", "cached", "cached", "cached"]
         assert len({r.stdout.strip() for r in results}) == 1
     finally:
         if variant is not None:
@@ -101,7 +105,7 @@ def test_missing_package_is_named_and_nothing_is_left(tmp_path: Path) -> None:
     recipe.write_text('packages = ["linux-image-cloud-amd64", "no-such-package-zz9"]\n')
     with pytest.raises(ImageError, match="not found in the archive: no-such-package-zz9"):
         build_image(parse_recipe(recipe))
-    assert leftovers() == []
+    assert leftovers("bad-package") == []
     assert not [i for i in list_images() if i.name == "bad-package"]
 
 
@@ -111,7 +115,7 @@ def test_disk_too_small_is_named_and_nothing_is_left(tmp_path: Path) -> None:
     recipe.write_text('disk_size = "100M"\n')
     with pytest.raises(ImageError, match=r"disk_size 100M is too small .*set disk_size to at"):
         build_image(parse_recipe(recipe))
-    assert leftovers() == []
+    assert leftovers("tiny-disk") == []
 
 
 @needs_root

@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,10 @@ def test_reused_pid_counts_as_dead() -> None:
 def test_kill_tagged_spares_a_process_without_the_tag(tmp_path: Path) -> None:
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
+        deadline = time.monotonic() + 10  # until the child has exec'd (cmdline says sleep)
+        while b"sleep" not in Path(f"/proc/{sleeper.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         pidfile = tmp_path / "qemu.pid"
         pidfile.write_text(str(sleeper.pid))
         assert not kill_tagged(pidfile, "sandbox-nope-")
