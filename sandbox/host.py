@@ -162,12 +162,14 @@ def _kvm_device_problem() -> str | None:
 
 
 def _nested_hint() -> str:
-    try:
-        cmdline = Path("/proc/cmdline").read_text()
-        modules = Path("/proc/modules").read_text()
-    except OSError:
-        return ""
-    if "nested_pvm" in cmdline or re.search(r"^kvm_pvm ", modules, re.MULTILINE):
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return ""
+
+    if "nested_pvm" in read("/proc/cmdline") or re.search(r"^kvm_pvm ", read("/proc/modules"),
+                                                         re.MULTILINE):
         return " (this is a paravirtualised nested host: kvm_pvm / nested_pvm)"
     return ""
 
