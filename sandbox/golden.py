@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import filelock
-
+from .entries import entry_lock, publish, remove_entry
 from .host import qemu_version
 from .image import Image
 from .paths import cache_dir
@@ -91,16 +88,11 @@ def ensure_golden(image: Image, plan: QemuPlan, make: Callable[[Path], dict[str,
     final = golden_root() / f"{image.name}-{key[:16]}"
     if (final / "manifest.json").exists():
         return Golden.load(final)
-    locks = golden_root() / ".locks"
-    locks.mkdir(exist_ok=True)
-    with filelock.FileLock(str(locks / f"{final.name}.lock"), timeout=1800):
+    with entry_lock(final):
         if (final / "manifest.json").exists():
             return Golden.load(final)
-        _reap_stale()
-        work = golden_root() / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
-        try:
+
+        def build(work: Path) -> None:
             started = time.monotonic()
             with reporter.stage(f"{image.name}: golden snapshot (boot once, save booted state)"):
                 timings = make(work)
@@ -112,34 +104,16 @@ def ensure_golden(image: Image, plan: QemuPlan, make: Callable[[Path], dict[str,
                 "build_seconds": round(time.monotonic() - started, 2), **timings,
             }
             (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            for entry in work.iterdir():
-                entry.chmod(0o444)
-            work.chmod(0o555)
-            work.rename(final)
-        except BaseException:
-            _remove(work)
-            raise
+
+        publish(final, build)
     return Golden.load(final)
 
 
 def discard_golden(golden: Golden) -> None:
     """Remove a golden snapshot that failed to load, so that the next clone rebuilds it."""
-    _remove(golden.path)
+    remove_entry(golden.path)
 
 
 def list_goldens() -> list[Golden]:
     return [Golden.load(p) for p in sorted(golden_root().iterdir())
             if not p.name.startswith(".") and (p / "manifest.json").exists()]
-
-
-def _remove(path: Path) -> None:
-    if path.exists():
-        path.chmod(0o755)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _reap_stale() -> None:
-    for entry in golden_root().glob(".tmp-*"):
-        pid = entry.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            _remove(entry)

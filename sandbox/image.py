@@ -18,15 +18,13 @@ import os
 import re
 import shlex
 import shutil
-import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import filelock
-
+from .entries import entry_lock, publish, remove_entry
 from .errors import HostError, ImageError
 from .keys import cache_key
 from .paths import cache_dir
@@ -147,8 +145,7 @@ def find_images(name: str) -> list[Image]:
 
 
 def remove_image(image: Image) -> None:
-    _make_writable(image.path)
-    shutil.rmtree(image.path)
+    remove_entry(image.path)
 
 
 def build_image(recipe: Recipe, *, reporter: Reporter = QUIET, force: bool = False) -> Image:
@@ -156,35 +153,15 @@ def build_image(recipe: Recipe, *, reporter: Reporter = QUIET, force: bool = Fal
     _require_tools()
     key = image_key(recipe)
     final = images_dir() / f"{recipe.name}-{key[:16]}"
-    locks = images_dir() / ".locks"
-    locks.mkdir(exist_ok=True)
-    lock = filelock.FileLock(str(locks / f"{final.name}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        reporter.note(f"waiting for a concurrent build of {recipe.name}...")
-        lock.acquire(timeout=1800)
-    try:
+    with entry_lock(final, lambda: reporter.note(f"waiting for a concurrent build of "
+                                                 f"{recipe.name}...")):
         if (final / "manifest.json").exists():
             if not force:
                 return Image.load(final)
             remove_image(Image.load(final))
-        _reap_stale_builds()
         _check_space(recipe)
-        work = images_dir() / f".tmp-{final.name}-{os.getpid()}"
-        if work.exists():
-            _remove_tree(work)
-        work.mkdir()
-        try:
-            manifest = _build_into(recipe, key, work, reporter)
-            _seal(work)
-            work.rename(final)
-        except BaseException:
-            _remove_tree(work)
-            raise
+        manifest = publish(final, lambda work: _build_into(recipe, key, work, reporter))
         return Image(final, manifest, built_now=True)
-    finally:
-        lock.release()
 
 
 def _require_tools() -> None:
@@ -250,7 +227,7 @@ def _build_into(recipe: Recipe, key: str, work: Path, reporter: Reporter) -> dic
         _run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "sandbox-root", "-d", str(tree),
               str(raw), str(recipe.disk_bytes // 1024) + "k"], work / "mke2fs.log",
              what="mke2fs", too_small=recipe)
-    _remove_tree(tree)
+    remove_entry(tree)
     with reporter.stage(f"{recipe.name}: qcow2 image (qemu-img convert)"):
         _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw),
               str(work / "disk.qcow2")], work / "qemu-img.log", what="qemu-img convert")
@@ -259,7 +236,7 @@ def _build_into(recipe: Recipe, key: str, work: Path, reporter: Reporter) -> dic
     shutil.move(str(out / "initrd.img"), work / "initrd.img")
     host_key = (out / "ssh_host_ed25519_key.pub").read_text().split()
     for leftover in ("out", "files"):
-        _remove_tree(work / leftover)
+        remove_entry(work / leftover)
     for log in work.glob("*.log"):
         log.unlink()
     manifest: dict[str, Any] = {
@@ -351,29 +328,3 @@ def _tree_bytes(tree: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_blocks * 512
     return total
-
-
-def _seal(path: Path) -> None:
-    for entry in path.iterdir():
-        entry.chmod(0o444)
-    path.chmod(0o555)
-
-
-def _make_writable(path: Path) -> None:
-    path.chmod(0o755)
-    for entry in path.iterdir():
-        if not entry.is_symlink():
-            entry.chmod(entry.stat().st_mode | stat.S_IWUSR)
-
-
-def _remove_tree(path: Path) -> None:
-    if path.exists():
-        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
-
-
-def _reap_stale_builds() -> None:
-    """Remove temporary build directories whose builder process is gone."""
-    for entry in images_dir().glob(".tmp-*"):
-        pid = entry.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            _remove_tree(entry)

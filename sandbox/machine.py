@@ -271,10 +271,10 @@ class Machine:
             machine._wait_for_ssh(time.monotonic() + 30)
         return machine
 
-    def _overlay(self, backing: Path) -> Path:
-        """A fresh copy-on-write disk for this machine on a read-only base."""
+    def _overlay(self, backing: Path, overlay: Path | None = None) -> Path:
+        """A fresh copy-on-write disk (by default this machine's) on a read-only base."""
         assert self.dir is not None
-        overlay = self.dir / "overlay.qcow2"
+        overlay = overlay or self.dir / "overlay.qcow2"
         overlay.unlink(missing_ok=True)
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
                         str(backing), str(overlay)], check=True, capture_output=True, timeout=60)
@@ -458,10 +458,7 @@ class Machine:
         self.accel = resolve_accel(self.spec.accel)
         self.dir = current_run().machine_dir(self.name)
         try:
-            disk = target / "disk.qcow2"
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                            str(self.image.disk), str(disk)], check=True, capture_output=True,
-                           timeout=60)
+            disk = self._overlay(self.image.disk, target / "disk.qcow2")
             plan = self._make_plan(disk, ram_file=target / "ram", ram_shared=True)
             self._boot(plan, started + self.spec.boot_timeout)
             booted = time.monotonic()
