@@ -1,21 +1,81 @@
-"""Where the sandbox keeps things: a persistent cache and a per-user runtime root."""
+"""Where the sandbox keeps things, and how it finds host tools.
+
+Two places belong to the account that runs the sandbox and to no one else:
+
+- the **cache** (images, golden snapshots, keys, host probe results): persistent, under the
+  XDG cache directory, or ``SANDBOX_CACHE_DIR``;
+- the **runtime directory** (QMP sockets, console logs, disk overlays, pid files):
+  ``$XDG_RUNTIME_DIR/pytest-qemu-sandbox`` when the session has a private runtime
+  directory, else ``<tmp>/sandbox-<uid>``, or ``SANDBOX_RUNTIME_DIR``.
+
+Both are checked before use, as ssh-agent and tmux check their socket directories: a real
+directory (not a symbolic link) owned by this account. The runtime directory must also be
+closed to other accounts (mode 0700): a directory that another local user made first, or a
+link planted in its place, would let that user redirect this account's sockets and pid
+files. Such a place is refused with an error that names the path and the fix.
+"""
 
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
+import stat
 import tempfile
 from pathlib import Path
 
 import platformdirs
 
+from .errors import HostError
+
 APP = "pytest-qemu-sandbox"
+
+#: Debian puts mke2fs, tune2fs, resize2fs, debugfs and chroot here, and an ordinary
+#: account's PATH does not include them.
+SYSTEM_TOOL_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def find_tool(name: str) -> str | None:
+    """The path of host program ``name``: on PATH, or where Debian keeps system tools."""
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(SYSTEM_TOOL_DIRS))
+
+
+def tool_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """An environment whose PATH also holds the system tool directories (for programs such
+    as mmdebstrap that run other host tools themselves)."""
+    env = dict(os.environ if base is None else base)
+    parts = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p]
+    env["PATH"] = os.pathsep.join(parts + [d for d in SYSTEM_TOOL_DIRS if d not in parts])
+    return env
+
+
+def account_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def cache_dir() -> Path:
     """Images, golden snapshots, keys and host probe results (``SANDBOX_CACHE_DIR``)."""
     override = os.environ.get("SANDBOX_CACHE_DIR")
     path = Path(override) if override else Path(platformdirs.user_cache_dir(APP))
-    path.mkdir(parents=True, exist_ok=True)
+    how = ("point SANDBOX_CACHE_DIR at a directory of your own" if override else
+           "set SANDBOX_CACHE_DIR to a directory of your own")
+    _make_dir(path, "cache directory", how)
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise HostError(f"the cache directory {path} cannot be used ({exc.strerror}); "
+                        f"{how}") from None
+    if info.st_uid != os.getuid():
+        raise HostError(
+            f"the cache directory {path} belongs to {account_name(info.st_uid)}, not to you "
+            f"({account_name(os.getuid())}): a cache serves one account (its images carry "
+            f"that account's SSH key, its golden snapshots must be writable by it). Use your "
+            f"own cache (unset SANDBOX_CACHE_DIR to get "
+            f"{platformdirs.user_cache_dir(APP)}), or take this one over with: "
+            f"sudo chown -R {account_name(os.getuid())}: {path}")
     return path
 
 
@@ -25,6 +85,63 @@ def runtime_dir() -> Path:
     Kept short on purpose: unix socket paths are limited to 107 bytes.
     """
     override = os.environ.get("SANDBOX_RUNTIME_DIR")
-    path = Path(override) if override else Path(tempfile.gettempdir()) / f"sandbox-{os.getuid()}"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if override:
+        path = Path(override)
+    else:
+        session = os.environ.get("XDG_RUNTIME_DIR")
+        if session and _private(Path(session)):
+            path = Path(session) / APP
+        else:  # no session runtime directory (cron, CI, su): a private one under tmp
+            path = Path(tempfile.gettempdir()) / f"sandbox-{os.getuid()}"
+    fix = ("set SANDBOX_RUNTIME_DIR to a private directory of yours (it is created with "
+           "mode 0700)")
+    _make_dir(path, "runtime directory", fix, mode=0o700)
+    check_private_dir(path, "runtime directory", fix)
     return path
+
+
+def check_private_dir(path: Path, what: str, fix: str) -> None:
+    """Refuse ``path`` unless it is a real directory of this account closed to others."""
+    info = os.lstat(path)
+    me = account_name(os.getuid())
+    if stat.S_ISLNK(info.st_mode):
+        raise HostError(f"the {what} {path} is a symbolic link (to {os.readlink(path)}); "
+                        f"refusing to follow it, since another account may have planted it. "
+                        f"Remove the link if it is yours (rm {path}), or {fix}")
+    if not stat.S_ISDIR(info.st_mode):
+        raise HostError(f"the {what} {path} is not a directory; remove it or {fix}")
+    if info.st_uid != os.getuid():
+        raise HostError(f"the {what} {path} belongs to {account_name(info.st_uid)}, not to you "
+                        f"({me}): another account created it first, and using it would let "
+                        f"that account reach your machines' sockets and files. Ask an "
+                        f"administrator to remove it (sudo rm -rf {path}), or {fix}")
+    if info.st_mode & 0o077:
+        raise HostError(f"the {what} {path} is open to other accounts (mode "
+                        f"{stat.S_IMODE(info.st_mode):04o}); make it private with "
+                        f"chmod 700 {path} (or remove it), or {fix}")
+
+
+def _private(path: Path) -> bool:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+            and not info.st_mode & 0o077)
+
+
+def _make_dir(path: Path, what: str, fix: str, mode: int = 0o755) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=mode, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        if path.is_symlink():  # a dangling link: the caller's check names it
+            return
+        if path.parent.is_dir():
+            raise HostError(f"the {what} {path} exists but is not a directory; "
+                            f"{fix}") from None
+        raise HostError(f"the {what} {path} cannot be made: a part of that path is a "
+                        f"file, not a directory; {fix}") from None
+    except PermissionError as exc:
+        raise HostError(f"the {what} {path} cannot be made ({exc.strerror}: "
+                        f"{exc.filename}); {fix}") from None

@@ -105,13 +105,15 @@ def orphaned_runs() -> list[Path]:
 
 
 def kill_tagged(pidfile: Path, tag: str) -> bool:
-    """SIGKILL the process named in ``pidfile`` if its command line still carries ``tag``."""
+    """SIGKILL the process named in ``pidfile`` if it is this account's and its command line
+    still carries ``tag`` (a pid file alone is never trusted)."""
     try:
         pid = int(pidfile.read_text().strip())
+        owner = os.stat(f"/proc/{pid}").st_uid
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return False
-    if tag.encode() not in cmdline:
+    if owner != os.getuid() or tag.encode() not in cmdline:
         return False
     try:
         os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,169 @@
+"""The places the sandbox keeps things, host tools and host readiness checks (pure logic and
+the local file system; no guests)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from sandbox.errors import HostError
+from sandbox.host import kvm_access_problem, subordinate_range, unprivileged_build_problems
+from sandbox.paths import APP, cache_dir, find_tool, runtime_dir, tool_env
+from sandbox.recipe import builtin_recipes, known_recipes
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    for name in ("SANDBOX_RUNTIME_DIR", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    return tmp
+
+
+def test_runtime_dir_is_made_private_under_tmp(clean_env: Path) -> None:
+    path = runtime_dir()
+    assert path == clean_env / f"sandbox-{os.getuid()}"
+    info = path.lstat()
+    assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o700
+    assert info.st_uid == os.getuid()
+    assert runtime_dir() == path  # and accepted again
+
+
+def test_runtime_dir_prefers_a_private_session_directory(
+        clean_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    session = tmp_path / "run-user"
+    session.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(session))
+    assert runtime_dir() == session / APP
+    # One that is not private to this account (su keeps another user's) is passed over.
+    session.chmod(0o755)
+    assert runtime_dir() == clean_env / f"sandbox-{os.getuid()}"
+
+
+def test_runtime_dir_open_to_others_is_refused(clean_env: Path) -> None:
+    loose = clean_env / f"sandbox-{os.getuid()}"
+    loose.mkdir()
+    loose.chmod(0o755)
+    with pytest.raises(HostError, match=r"is open to other accounts \(mode 0755\).*chmod 700"):
+        runtime_dir()
+
+
+def test_runtime_dir_symlink_is_refused(clean_env: Path, tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir(mode=0o700)
+    (clean_env / f"sandbox-{os.getuid()}").symlink_to(target)
+    with pytest.raises(HostError, match="is a symbolic link .*refusing to follow it"):
+        runtime_dir()
+    (clean_env / f"sandbox-{os.getuid()}").unlink()
+    (clean_env / f"sandbox-{os.getuid()}").symlink_to(tmp_path / "missing")
+    with pytest.raises(HostError, match="is a symbolic link"):
+        runtime_dir()
+
+
+def test_runtime_dir_override_is_checked_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made = tmp_path / "deep" / "run"
+    monkeypatch.setenv("SANDBOX_RUNTIME_DIR", str(made))
+    assert runtime_dir() == made and stat.S_IMODE(made.stat().st_mode) == 0o700
+    made.chmod(0o775)
+    with pytest.raises(HostError, match="SANDBOX_RUNTIME_DIR"):
+        runtime_dir()
+
+
+def test_cache_of_another_account_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.geteuid() == 0:
+        foreign = tmp_path / "foreign-cache"
+        foreign.mkdir()
+        os.chown(foreign, 65534, 65534)
+    else:
+        foreign = Path("/usr/share")  # root's
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(foreign))
+    with pytest.raises(HostError, match=r"belongs to .*not to you.*chown -R"):
+        cache_dir()
+
+
+def test_cache_under_a_file_is_a_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    with pytest.raises(HostError, match="is a file, not a directory"):
+        cache_dir()
+
+
+def test_system_tools_are_found_outside_an_ordinary_path(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/usr/local/bin:/usr/bin:/bin")
+    mke2fs = find_tool("mke2fs")
+    assert mke2fs is not None and "/sbin/" in mke2fs
+    assert find_tool("no-such-tool-zz9") is None
+    assert tool_env()["PATH"].split(":")[:3] == ["/usr/local/bin", "/usr/bin", "/bin"]
+    assert "/usr/sbin" in tool_env()["PATH"].split(":")
+
+
+def test_subordinate_ranges_are_read_by_name_or_uid(tmp_path: Path) -> None:
+    import pwd
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    table = tmp_path / "subuid"
+    table.write_text(f"someone:100000:65536\n{me}:165536:65536\n")
+    assert subordinate_range("uid", table) == (165536, 65536)
+    table.write_text(f"{os.getuid()}:300000:1000\n")
+    assert subordinate_range("uid", table) == (300000, 1000)
+    table.write_text("someone:100000:65536\n")
+    assert subordinate_range("uid", table) is None
+
+
+def test_unprivileged_build_problems_name_their_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sandbox.host as host
+
+    monkeypatch.setattr(host, "subordinate_range", lambda kind, path=None: None)
+    problems = unprivileged_build_problems()
+    assert any("no subordinate uid range in /etc/subuid" in p and "usermod --add-subuids" in p
+               for p in problems), problems
+    monkeypatch.setattr(host, "subordinate_range", lambda kind, path=None: (100000, 1000))
+    assert any("only 1000 subordinate gids" in p for p in unprivileged_build_problems())
+    real = host.find_tool
+    monkeypatch.setattr(host, "find_tool", lambda name: None if name == "newuidmap" else real(name))
+    monkeypatch.setattr(host, "subordinate_range", lambda kind, path=None: (100000, 65536))
+    assert any("newuidmap is missing: sudo apt-get install uidmap" in p
+               for p in unprivileged_build_problems())
+
+
+def test_apparmor_restriction_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sandbox.host as host
+
+    real = host._sysctl
+    monkeypatch.setattr(host, "_sysctl", lambda name: "1" if "apparmor" in name else real(name))
+    monkeypatch.setattr(host, "subordinate_range", lambda kind, path=None: (100000, 65536))
+    text = " ".join(unprivileged_build_problems())
+    assert "apparmor_restrict_unprivileged_userns" in text and "userns," in text
+
+
+def test_kvm_access_problem_names_group_or_udev_fix(tmp_path: Path) -> None:
+    device = tmp_path / "kvm"
+    device.write_text("")
+    device.chmod(0o666)
+    assert kvm_access_problem(str(device)) is None
+    if os.geteuid() == 0:
+        pytest.skip("root opens any file: the refusal needs an ordinary account")
+    device.chmod(0o000)
+    problem = kvm_access_problem(str(device))
+    assert problem is not None and "sudo" in problem
+
+
+def test_builtin_recipes_are_found_from_any_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SANDBOX_IMAGES_PATH", raising=False)
+    builtin = builtin_recipes()
+    assert builtin is not None and (builtin / "debian-12.toml").is_file()
+    assert known_recipes()["debian-12"].parent == builtin
