@@ -61,14 +61,28 @@ def doctor(as_json: bool, refresh: bool) -> None:
             state = tool["version"] or click.style("missing", fg="red")
             where = tool["path"] or f"apt-get install {tool['package']}"
             click.echo(f"{name:<20} {state:<10} {where}")
-        cache = report["cache"]
-        click.echo(f"{'cache':<20} {cache['free']:<10} free in {cache['path']}")
-        click.echo(f"{'runtime':<20} {'':<10} {report['runtime_dir']}")
+        cache, runtime = report["cache"], report["runtime_dir"]
+        if cache["path"]:
+            click.echo(f"{'cache':<20} {cache['free']:<10} free in {cache['path']}")
+        if runtime["path"]:
+            click.echo(f"{'runtime':<20} {'private':<10} {runtime['path']}")
+        kvm = report["kvm_access"]
+        if kvm["device"]:
+            state = click.style(f"{'no':<10}", fg="red") if kvm["problem"] else f"{'yes':<10}"
+            click.echo(f"{'kvm access':<20} {state} {kvm['problem'] or '/dev/kvm opens'}")
+        builds = report["builds"]
+        how = ("as root (mmdebstrap --mode=root)" if builds["mode"] == "root" else
+               f"as {report['user']} in a user namespace (mmdebstrap --mode=unshare)")
+        state = f"{'ready':<10}" if builds["ready"] else click.style(f"{'not ready':<10}",
+                                                                      fg="red")
+        click.echo(f"{'image builds':<20} {state} {how}")
         accel = report["accel"]
         if accel:
             colour = "green" if accel["accel"] == "kvm" else "yellow"
             label = click.style(f"{accel['accel']:<10}", fg=colour)
-            click.echo(f"{'accelerator':<20} {label} {accel['reason']}")
+            reason = ("this account cannot open /dev/kvm (see kvm access)"
+                      if kvm["problem"] and not accel["kvm_usable"] else accel["reason"])
+            click.echo(f"{'accelerator':<20} {label} {reason}")
         for problem in report["problems"]:
             click.echo(click.style(f"problem: {problem}", fg="red"), err=True)
     sys.exit(0 if report["ok"] else 1)
@@ -115,22 +129,32 @@ def image_build(recipe: str, force: bool, quiet: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @_friendly
 def image_list(fmt: str) -> None:
-    """The images built in the cache."""
+    """The known recipes (built-in, ./images, SANDBOX_IMAGES_PATH) and the images built."""
     from .image import list_images
+    from .recipe import known_recipes
 
+    recipes = known_recipes()
     images = list_images()
+    rows = [{"name": i.name, "digest": i.digest, "path": str(i.path), "size": i.size,
+             "built_at": i.manifest["built_at"],
+             "recipe": str(recipes.get(i.name) or i.manifest.get("recipe_path"))}
+            for i in images]
+    rows += [{"name": name, "digest": None, "path": None, "size": None, "built_at": None,
+              "recipe": str(path)}
+             for name, path in recipes.items() if not any(i.name == name for i in images)]
+    rows.sort(key=lambda row: (row["name"], row["built_at"] or ""))
     if fmt == "json":
-        click.echo(json.dumps([{"name": i.name, "digest": i.digest, "path": str(i.path),
-                                "size": i.size, "built_at": i.manifest["built_at"]}
-                               for i in images], indent=2))
+        click.echo(json.dumps(rows, indent=2))
         return
-    if not images:
-        click.echo("no images built yet: sandbox image build debian-12")
+    if not rows:
+        click.echo("no recipes and no images: add images/NAME.toml (see images/README.md)")
         return
-    click.echo(f"{'NAME':<20} {'DIGEST':<18} {'SIZE':>7}  BUILT")
-    for i in images:
-        click.echo(f"{i.name:<20} {i.digest[:16]:<18} {format_size(i.size):>7}  "
-                   f"{i.manifest['built_at']}")
+    click.echo(f"{'NAME':<20} {'DIGEST':<18} {'SIZE':>7}  {'BUILT':<24}  RECIPE")
+    for row in rows:
+        digest = row["digest"][:16] if row["digest"] else "-"
+        size = format_size(row["size"]) if row["size"] is not None else "-"
+        click.echo(f"{row['name']:<20} {digest:<18} {size:>7}  "
+                   f"{row['built_at'] or 'not built':<24}  {row['recipe']}")
 
 
 @image.command("inspect")

@@ -40,9 +40,14 @@ def entry_lock(final: Path, on_wait: Callable[[], None] | None = None) -> Iterat
         lock.release()
 
 
-def publish(final: Path, build: Callable[[Path], T]) -> T:
+def publish(final: Path, build: Callable[[Path], T], *, owner_writable: tuple[str, ...] = ()
+            ) -> T:
     """Run ``build(work)`` in a fresh temporary directory, then seal it and rename it to
-    ``final``; on any failure nothing is left. Call it holding :func:`entry_lock`."""
+    ``final``; on any failure nothing is left. Call it holding :func:`entry_lock`.
+
+    Sealed means read-only for everyone, except the files named in ``owner_writable``, which
+    the owner keeps write permission on (0644) because a program insists on opening them
+    read-write although it never writes to them."""
     reap_abandoned(final.parent)
     work = final.parent / f".tmp-{final.name}-{os.getpid()}"
     remove_entry(work)
@@ -50,7 +55,7 @@ def publish(final: Path, build: Callable[[Path], T]) -> T:
     try:
         result = build(work)
         for entry in work.iterdir():
-            entry.chmod(0o444)
+            entry.chmod(0o644 if entry.name in owner_writable else 0o444)
         work.chmod(0o555)
         work.rename(final)
     except BaseException:

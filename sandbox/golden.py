@@ -6,7 +6,11 @@ holds only devices (under 1 MB) while RAM stays in the file. A clone maps that f
 copy-on-write (``share=off``), loads the small device state and resumes in about 0.1 s.
 
 Layout: ``<cache>/golden/<image>-<key>/{ram,state,disk.qcow2,manifest.json}``, read-only once
-made. The key covers the image digest, the machine's shape (the QEMU command line without
+made, except ``ram``: QEMU 7.2 opens a memory backend's file read-write even for a private
+(``share=off``) mapping, so its owner keeps write permission on it (0644; the directory is
+0555). Clones never write to it: their guest RAM is a copy-on-write private mapping.
+
+The key covers the image digest, the machine's shape (the QEMU command line without
 per-machine paths: memory, cpus, devices, accelerator), the QEMU version and this module's
 version, so any change makes a new golden snapshot instead of a broken clone.
 """
@@ -28,7 +32,7 @@ from .paths import cache_dir
 from .progress import QUIET, Reporter
 from .spec import QemuPlan
 
-GOLDEN_VERSION = "3"
+GOLDEN_VERSION = "4"
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ def ensure_golden(image: Image, plan: QemuPlan, make: Callable[[Path], dict[str,
             }
             (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
-        publish(final, build)
+        publish(final, build, owner_writable=("ram",))
     return Golden.load(final)
 
 

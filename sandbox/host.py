@@ -10,12 +10,14 @@ host kernel release and QEMU version, so asking again is instant.
 from __future__ import annotations
 
 import functools
+import grp
 import hashlib
 import json
 import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -27,7 +29,7 @@ from typing import Any
 import filelock
 
 from .errors import HostError
-from .paths import cache_dir, runtime_dir
+from .paths import account_name, cache_dir, find_tool, runtime_dir
 from .sizes import format_size
 
 #: How long a kernel may take to print its banner under KVM before KVM counts as unusable.
@@ -39,11 +41,21 @@ PROBE_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 _BANNER = b"Linux version"
 _INSTALL_HINT = "apt-get install qemu-system-x86 qemu-utils"
 
+#: Host programs and the Debian package of each.
+TOOL_PACKAGES = {
+    "qemu-system-x86_64": "qemu-system-x86", "qemu-img": "qemu-utils",
+    "mmdebstrap": "mmdebstrap", "mke2fs": "e2fsprogs", "tune2fs": "e2fsprogs",
+    "e2fsck": "e2fsprogs", "genext2fs": "genext2fs", "newuidmap": "uidmap",
+    "newgidmap": "uidmap", "unshare": "util-linux",
+}
+#: Subordinate ids an unprivileged build needs: every uid and gid a Debian package may use.
+SUBORDINATE_IDS = 65536
+
 
 def qemu_binary() -> str:
     """The QEMU system emulator (``SANDBOX_QEMU`` overrides), or HostError naming the package."""
     override = os.environ.get("SANDBOX_QEMU")
-    found = shutil.which(override or "qemu-system-x86_64")
+    found = find_tool(override or "qemu-system-x86_64")
     if not found:
         raise HostError(f"QEMU not found ({override or 'qemu-system-x86_64'} is not on PATH); "
                         f"install it with: {_INSTALL_HINT}")
@@ -52,13 +64,16 @@ def qemu_binary() -> str:
 
 @functools.cache
 def tool_version(binary: str) -> str:
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
-                             check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    match = re.search(r"(\d+\.\d+(?:\.\d+)?)", out)
-    return match.group(1) if match else "unknown"
+    for flag in ("--version", "-V"):  # e2fsprogs answers -V only, on stderr
+        try:
+            result = subprocess.run([binary, flag], capture_output=True, text=True,
+                                    timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return "unknown"
+        match = re.search(r"(\d+\.\d+(?:\.\d+)?)", result.stdout + result.stderr)
+        if match:
+            return match.group(1)
+    return "present"
 
 
 def qemu_version() -> str:
@@ -85,8 +100,10 @@ class AccelVerdict:
 
 def accel_verdict(*, refresh: bool = False) -> AccelVerdict:
     """The cached verdict for this host, probing once when there is none."""
+    # Per account and per access: being added to the kvm group changes the verdict.
     key = {"host_kernel": platform.release(), "qemu_version": qemu_version(),
-           "kvm_device": os.path.exists("/dev/kvm")}
+           "kvm_device": os.path.exists("/dev/kvm"), "uid": os.getuid(),
+           "kvm_access": os.access("/dev/kvm", os.R_OK | os.W_OK)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     directory = cache_dir() / "host"
     directory.mkdir(exist_ok=True)
@@ -155,10 +172,150 @@ def _probe() -> AccelVerdict:
 def _kvm_device_problem() -> str | None:
     if not os.path.exists("/dev/kvm"):
         return "no /dev/kvm on this host (enable virtualisation, or load kvm_intel/kvm_amd)"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return ("/dev/kvm exists but this user cannot open it read-write: add the user to "
-                "the 'kvm' group (usermod -aG kvm $USER) and log in again")
+    return kvm_access_problem()
+
+
+def kvm_access_problem(device: str = "/dev/kvm") -> str | None:
+    """Why this account cannot open ``device`` read-write, with the fix; None if it can."""
+    if os.access(device, os.R_OK | os.W_OK):
+        return None
+    info = os.stat(device)
+    me = account_name(os.getuid())
+    try:
+        group: str | None = grp.getgrgid(info.st_gid).gr_name
+        members = set(grp.getgrgid(info.st_gid).gr_mem)
+    except KeyError:
+        group, members = None, set()
+    mode = f"{device} ({stat.S_IMODE(info.st_mode):04o}, group {group or info.st_gid})"
+    if group in (None, "root"):
+        return (f"{mode} opens for root only: give it a kvm group with a udev rule, "
+                f"{_KVM_UDEV_RULE}, then sudo usermod -aG kvm {me} and log in again "
+                f"(on a throwaway CI runner MODE=\"0666\" spares the group)")
+    if info.st_gid in os.getgroups():
+        return f"{mode} cannot be opened read-write by {me}, although {me} is in its group"
+    if me in members:
+        return (f"{me} is in the group {group} of {mode}, but this session started before "
+                f"that: log in again (or run 'newgrp {group}')")
+    return (f"{mode} and {me} is not in that group: sudo usermod -aG {group} {me}, then log "
+            f"in again; or, on a throwaway CI runner, open it to all with a udev rule: "
+            f"{_KVM_UDEV_RULE.replace('0660', '0666')}")
+
+
+_KVM_UDEV_RULE = ("echo 'KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\", "
+                  "OPTIONS+=\"static_node=kvm\"' | sudo tee /etc/udev/rules.d/99-kvm.rules && "
+                  "sudo groupadd -f --system kvm && sudo udevadm control --reload-rules && "
+                  "sudo udevadm trigger --name-match=kvm")
+
+
+def subordinate_range(kind: str, path: Path | None = None) -> tuple[int, int] | None:
+    """This account's first range of subordinate ``kind`` ids ("uid" or "gid") as
+    (start, count), from /etc/subuid or /etc/subgid; None when it has none."""
+    path = path or Path(f"/etc/sub{kind}")
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    names = {str(os.getuid()), account_name(os.getuid())}
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[0] in names and fields[1].isdigit() \
+                and fields[2].isdigit():
+            return int(fields[1]), int(fields[2])
     return None
+
+
+def unprivileged_build_problems() -> list[str]:
+    """What stops this account from building images in a user namespace (mmdebstrap
+    --mode=unshare), each with its fix; empty when nothing does."""
+    problems = []
+    me = account_name(os.getuid())
+    for tool in ("mmdebstrap", "genext2fs", "newuidmap", "newgidmap", "unshare"):
+        if find_tool(tool) is None:
+            problems.append(f"{tool} is missing: sudo apt-get install {TOOL_PACKAGES[tool]}")
+    for tool in ("newuidmap", "newgidmap"):
+        path = find_tool(tool)
+        if path and not os.stat(path).st_mode & stat.S_ISUID:
+            problems.append(f"{path} is not setuid root, so it cannot map subordinate ids: "
+                            f"sudo chmod u+s {path} (or reinstall the uidmap package)")
+    for kind in ("uid", "gid"):
+        found = subordinate_range(kind)
+        if found is None:
+            problems.append(f"{me} has no subordinate {kind} range in /etc/sub{kind}: "
+                            f"{_subid_fix(me)}")
+        elif found[1] < SUBORDINATE_IDS:
+            problems.append(f"{me} has only {found[1]} subordinate {kind}s in /etc/sub{kind} "
+                            f"(a Debian tree needs {SUBORDINATE_IDS}): {_subid_fix(me)}")
+    if _sysctl("kernel/unprivileged_userns_clone") == "0":
+        problems.append("unprivileged user namespaces are disabled: "
+                        "sudo sysctl -w kernel.unprivileged_userns_clone=1 (and add it to "
+                        "/etc/sysctl.d/ to keep it)")
+    if _sysctl("user/max_user_namespaces") == "0":
+        problems.append("user namespaces are disabled (user.max_user_namespaces is 0): "
+                        "sudo sysctl -w user.max_user_namespaces=15000")
+    if _sysctl("kernel/apparmor_restrict_unprivileged_userns") == "1":
+        problems.append(
+            "AppArmor restricts unprivileged user namespaces "
+            "(kernel.apparmor_restrict_unprivileged_userns=1, Ubuntu 23.10 and later), so "
+            "mmdebstrap gets no privileges inside its namespace. Allow it with a profile: "
+            "printf 'abi <abi/4.0>,\\ninclude <tunables/global>\\nprofile mmdebstrap "
+            "/usr/bin/mmdebstrap flags=(unconfined) {\\n  userns,\\n}\\n' | sudo tee "
+            "/etc/apparmor.d/mmdebstrap && sudo apparmor_parser -r /etc/apparmor.d/mmdebstrap "
+            "(or lift the restriction: sudo sysctl -w "
+            "kernel.apparmor_restrict_unprivileged_userns=0)")
+    if not problems:
+        failure = _userns_probe()
+        if failure:
+            problems.append(f"a user namespace with this account's subordinate ids could not "
+                            f"be made ({failure})")
+    return problems
+
+
+def _subid_fix(me: str) -> str:
+    start = _free_subid_start()
+    end = start + SUBORDINATE_IDS - 1
+    return f"sudo usermod --add-subuids {start}-{end} --add-subgids {start}-{end} {me}"
+
+
+def _free_subid_start() -> int:
+    """The first subordinate id after every range already given out (100000 at least)."""
+    end = 100000
+    for kind in ("uid", "gid"):
+        try:
+            lines = Path(f"/etc/sub{kind}").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.strip().split(":")
+            if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
+                end = max(end, int(fields[1]) + int(fields[2]))
+    return end
+
+
+def _sysctl(name: str) -> str | None:
+    try:
+        return Path("/proc/sys", name).read_text().strip()
+    except OSError:
+        return None
+
+
+def _userns_probe() -> str | None:
+    """Make the namespaces mmdebstrap makes (user with subordinate ids, mount, pid, uts,
+    ipc) and run ``true`` in them; None when that works, else what went wrong."""
+    unshare = find_tool("unshare")
+    if unshare is None:
+        return "unshare is missing"
+    try:
+        result = subprocess.run([unshare, "--map-auto", "--map-root-user", "--mount", "--pid",
+                                 "--fork", "--uts", "--ipc", "true"], capture_output=True,
+                                text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    if result.returncode == 0:
+        return None
+    error = result.stderr.strip().splitlines()
+    if error and "unrecognized option" in error[0]:
+        return None  # util-linux before 2.38: the static checks above are all there is
+    return error[-1] if error else f"unshare exited with status {result.returncode}"
 
 
 def _nested_hint() -> str:
@@ -266,32 +423,61 @@ def _fetch_probe_kernel(target: Path) -> None:
 
 
 def doctor_report(*, refresh: bool = False) -> dict[str, Any]:
-    """Everything ``sandbox doctor`` prints; ``ok`` is False when guests cannot run at all."""
-    report: dict[str, Any] = {"ok": True, "problems": [], "tools": {}}
-    for name, package, needed in (("qemu-system-x86_64", "qemu-system-x86", True),
-                                  ("qemu-img", "qemu-utils", True),
-                                  ("mmdebstrap", "mmdebstrap", False),
-                                  ("mke2fs", "e2fsprogs", False)):
+    """Everything ``sandbox doctor`` prints; ``ok`` is False when guests cannot run at all.
+
+    Each problem names its fix. Problems that only cost speed (no KVM access) or only stop
+    image builds are listed without making ``ok`` false.
+    """
+    report: dict[str, Any] = {"ok": True, "problems": [], "tools": {},
+                              "user": account_name(os.getuid()), "uid": os.getuid()}
+    unprivileged = os.geteuid() != 0
+    builders = (("genext2fs", "tune2fs", "e2fsck", "newuidmap", "newgidmap") if unprivileged
+                else ("mke2fs",))
+    for name, needed in (("qemu-system-x86_64", True), ("qemu-img", True),
+                         ("mmdebstrap", False), *((tool, False) for tool in builders)):
         binary = (os.environ.get("SANDBOX_QEMU") if name == "qemu-system-x86_64" else None)
-        path = shutil.which(binary or name)
+        path = find_tool(binary or name)
+        package = TOOL_PACKAGES[name]
         entry: dict[str, Any] = {"path": path, "package": package,
                                  "version": tool_version(path) if path else None,
                                  "needed_for": "running guests" if needed else "building images"}
         report["tools"][name] = entry
         if not path:
             report["problems"].append(f"{name} is missing ({entry['needed_for']}): "
-                                      f"apt-get install {package}")
+                                      f"sudo apt-get install {package}")
             if needed:
                 report["ok"] = False
-    cache = cache_dir()
-    usage = shutil.disk_usage(cache)
-    report["cache"] = {"path": str(cache), "free_bytes": usage.free,
-                       "free": format_size(usage.free)}
-    if usage.free < (3 << 30):
-        report["problems"].append(f"only {format_size(usage.free)} free in the cache {cache}: "
-                                  "an image build needs about 3G (set SANDBOX_CACHE_DIR)")
-    report["runtime_dir"] = str(runtime_dir())
-    if report["tools"]["qemu-system-x86_64"]["path"]:
+
+    report["builds"] = {"mode": "unshare" if unprivileged else "root", "problems": []}
+    if unprivileged:
+        problems = [p for p in unprivileged_build_problems() if "is missing" not in p]
+        report["builds"]["problems"] = problems
+        report["problems"] += [f"image builds as {report['user']}: {p}" for p in problems]
+    report["builds"]["ready"] = not report["builds"]["problems"] and all(
+        tool["path"] for tool in report["tools"].values())
+
+    for what, where in (("cache", cache_dir), ("runtime_dir", runtime_dir)):
+        try:
+            report[what] = {"path": str(where())}
+        except HostError as exc:
+            report[what] = {"path": None, "problem": str(exc)}
+            report["problems"].append(str(exc))
+            report["ok"] = False
+    if report["cache"]["path"]:
+        usage = shutil.disk_usage(report["cache"]["path"])
+        report["cache"].update(free_bytes=usage.free, free=format_size(usage.free))
+        if usage.free < (3 << 30):
+            report["problems"].append(f"only {format_size(usage.free)} free in the cache "
+                                      f"{report['cache']['path']}: an image build needs about "
+                                      "3G (set SANDBOX_CACHE_DIR)")
+
+    kvm_problem = kvm_access_problem() if os.path.exists("/dev/kvm") else None
+    report["kvm_access"] = {"device": os.path.exists("/dev/kvm"), "problem": kvm_problem}
+    if kvm_problem:
+        report["problems"].append(f"KVM cannot be used, guests run under TCG (10x slower or "
+                                  f"more): {kvm_problem}")
+    if report["tools"]["qemu-system-x86_64"]["path"] and report["cache"]["path"] \
+            and report["runtime_dir"]["path"]:
         verdict = accel_verdict(refresh=refresh)
         report["accel"] = verdict.to_json()
         if not (verdict.kvm_usable or verdict.tcg_usable):

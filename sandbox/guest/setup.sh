@@ -1,12 +1,19 @@
 #!/bin/sh
 # mmdebstrap customize hook: turn the fresh tree at $1 into a sandbox guest.
-# Inputs come through the environment (see sandbox/image.py):
+# It runs as root, or as the root of a user namespace (unshare mode) that may not read or
+# write the building account's files: everything it reads was copied into the tree's
+# /tmp/sandbox-build beside this script, and what it makes goes to /tmp/sandbox-build/out,
+# which mmdebstrap copies out (see sandbox/image.py). Inputs from the environment:
 #   SANDBOX_AUTHORIZED_KEY  the cache's public key, root's only way in
-#   SANDBOX_FILES           lines "INDEX MODE GUEST_PATH" of files staged in SANDBOX_FILES_DIR
+#   SANDBOX_FILES           lines "INDEX MODE GUEST_PATH" of files staged in files/INDEX
 #   SANDBOX_CUSTOMIZE       the recipe's customize commands, one a line, run in the chroot
-#   SANDBOX_OUT             where the kernel, initrd and sshd host key are copied out
 set -eu
 root="$1"
+stage="$root/tmp/sandbox-build"
+SANDBOX_FILES_DIR="$stage/files"
+SANDBOX_AGENT="$stage/sandbox-agent"
+SANDBOX_OUT="$stage/out"
+mkdir -p "$SANDBOX_OUT"
 
 echo sandbox > "$root/etc/hostname"
 cat > "$root/etc/hosts" <<HOSTS
