@@ -14,8 +14,18 @@ from typing import Any
 from .errors import RecipeError
 from .sizes import parse_size
 
-#: Where the recipes shipped with the project live (``images/`` next to the package).
-BUILTIN_RECIPES = Path(__file__).resolve().parent.parent / "images"
+
+def builtin_recipes() -> Path | None:
+    """The recipes shipped with the project: inside the installed package (a wheel carries
+    the checkout's ``images/`` as ``sandbox/images``), or, in a checkout (an editable
+    install), ``images/`` beside the package."""
+    packaged = Path(__file__).resolve().parent / "images"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "images").is_dir():
+        return checkout / "images"
+    return None
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(?:[=:][A-Za-z0-9.+~:-]+)?$")
@@ -179,7 +189,10 @@ def recipe_dirs() -> list[Path]:
     import os
 
     dirs = [Path(p) for p in os.environ.get("SANDBOX_IMAGES_PATH", "").split(":") if p]
-    dirs += [Path.cwd() / "images", BUILTIN_RECIPES]
+    dirs.append(Path.cwd() / "images")
+    builtin = builtin_recipes()
+    if builtin is not None:
+        dirs.append(builtin)
     seen: list[Path] = []
     for d in dirs:
         if d.is_dir() and d.resolve() not in seen:
