@@ -1,30 +1,58 @@
 #!/usr/bin/env bash
-# Install what pytest-qemu-sandbox needs on a Debian or Ubuntu host, idempotently:
-# host packages through apt (as root, or through sudo), then a virtualenv in .venv
-# with the package and its test tools. Safe to run again: it only adds what is missing.
+# Set up this checkout for working on pytest-qemu-sandbox, on a Debian or Ubuntu host,
+# idempotently, as an ordinary account or as root:
+#   1. host packages through apt            (needs root: sudo is used for this only)
+#   2. a subordinate id range for builds    (needs root: only if this account has none)
+#   3. a virtualenv in .venv with the package and its test tools (as you, no sudo)
+# Without sudo it says exactly what to ask an administrator for. Safe to run again: it only
+# adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-packages=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs openssh-client iproute2)
+packages=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs genext2fs uidmap debian-archive-keyring openssh-client
+          iproute2 python3-venv)
+me=$(id -un)
+root_steps=()   # what needs root, as commands
+
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
         || missing+=("$package")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
+    root_steps+=("apt-get update -qq"
+                 "env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ${missing[*]}")
+fi
+
+# An ordinary account builds images in a user namespace (mmdebstrap --mode=unshare), which
+# maps the tree's owners onto the account's subordinate ids: 65536 of them.
+if [ "$(id -u)" -ne 0 ]; then
+    has_range() { grep -Eq "^($me|$(id -u)):[0-9]+:[0-9]+$" "$1" 2>/dev/null; }
+    if ! has_range /etc/subuid || ! has_range /etc/subgid; then
+        start=$(cat /etc/subuid /etc/subgid 2>/dev/null \
+                | awk -F: 'BEGIN { end = 100000 } NF == 3 && $2 + $3 > end { end = $2 + $3 }
+                           END { print end }')
+        root_steps+=("usermod --add-subuids $start-$((start + 65535)) --add-subgids $start-$((start + 65535)) $me")
+    fi
+fi
+
+if [ "${#root_steps[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         as_root=()
-    elif command -v sudo >/dev/null; then
+    elif command -v sudo >/dev/null && { [ -t 0 ] || sudo -n true 2>/dev/null; }; then
         as_root=(sudo)
     else
-        echo "install.sh: missing host packages: ${missing[*]}; install them as root:" >&2
-        echo "  apt-get install ${missing[*]}" >&2
+        echo "install.sh: these steps need root, and sudo is not available to $me." >&2
+        echo "Ask an administrator to run:" >&2
+        for step in "${root_steps[@]}"; do echo "  $step" >&2; done
+        echo "then run ./install.sh again." >&2
         exit 1
     fi
-    echo "install.sh: installing host packages: ${missing[*]}"
-    "${as_root[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null
+    for step in "${root_steps[@]}"; do
+        echo "install.sh: ${as_root[*]:+${as_root[*]} }$step"
+        # shellcheck disable=SC2086  # each step is a command line of plain words
+        "${as_root[@]}" $step >/dev/null
+    done
 fi
 
 python=${PYTHON:-python3}
@@ -36,4 +64,4 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
-echo "install.sh: ready: .venv/bin/sandbox, .venv/bin/pytest"
+echo "install.sh: ready: .venv/bin/sandbox, .venv/bin/pytest (check the host: .venv/bin/sandbox doctor)"

@@ -1,11 +1,17 @@
 """Benchmark: cold boot vs golden-snapshot clones, side by side, on this machine.
 
     .venv/bin/python bench/bench.py [--clones 10] [--cold 3] [--cycles 50] [--idle 8] [--json]
+    .venv/bin/python bench/bench.py --accounts [--clones 10]      # as root
 
 Prints one table: cold boot to first command, clone to first command (p50/p95), restore
 only, golden snapshot build, proportional memory (PSS) of idle clones, and sequential and
 2-at-a-time clone/command/close cycles, with the cold/clone ratio. Figures, not assertions:
 this is where speed and memory targets are measured.
+
+``--accounts`` compares root with an ordinary account in one run: each builds the image
+from an empty cache of its own (root: mmdebstrap --mode=root and mke2fs -d; the account:
+--mode=unshare and genext2fs), makes the golden snapshot, then times clones to the first
+command. The account runs the package installed from a wheel (tests/ordinary.py).
 """
 
 from __future__ import annotations
@@ -59,6 +65,91 @@ def cycle() -> float:
     return time.monotonic() - started
 
 
+def build_and_clones(image: str, clones: int) -> dict[str, Any]:
+    """From an empty cache: image build, golden snapshot, then ``clones`` clones timed."""
+    from sandbox.image import get_image
+
+    started = time.monotonic()
+    built = get_image(image)
+    build_wall = time.monotonic() - started
+    started = time.monotonic()
+    first_command(image=image)
+    golden = time.monotonic() - started
+    times = [first_command(image=image)[0] for _ in range(clones)]
+    return {"uid": os.getuid(), "builder": built.manifest["builder"],
+            "build_s": built.manifest["build_seconds"], "build_wall_s": build_wall,
+            "golden_build_s": golden, "clone_p50_s": statistics.median(times),
+            "clone_p95_s": percentile(times, 95)}
+
+
+def compare_accounts(args: argparse.Namespace) -> None:
+    """Root and an ordinary account, each from an empty cache, one after the other."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from tests.ordinary import (
+        build_wheelhouse,
+        install_from_wheelhouse,
+        ordinary_account,
+        shared_tmp,
+    )
+
+    if os.geteuid() != 0:
+        sys.exit("--accounts compares root with an ordinary account: run it as root")
+    part = ["--part", "--image", args.image, "--clones", str(args.clones)]
+    account = ordinary_account()
+    wheelhouse = shared_tmp()
+    work = account.make_workdir()
+    root_cache = Path(tempfile.mkdtemp(prefix="bench-root-cache-"))
+    try:
+        build_wheelhouse(wheelhouse)
+        bin_dir = install_from_wheelhouse(account, wheelhouse, work / "venv")
+        script = work / "bench.py"
+        subprocess.run(["runuser", "-u", account.name, "--", "cp", "/dev/stdin", str(script)],
+                       input=Path(__file__).read_bytes(), check=True)
+        results: dict[str, dict[str, Any]] = {}
+        for who in ("root", account.name):
+            print(f"bench: {who}: image build, golden snapshot, {args.clones} clones...",
+                  file=sys.stderr, flush=True)
+            if who == "root":
+                env = dict(os.environ, SANDBOX_CACHE_DIR=str(root_cache))
+                done = subprocess.run([sys.executable, __file__, *part], env=env,
+                                      capture_output=True, text=True, check=False)
+            else:
+                done = account.run([str(bin_dir / "python"), str(script), *part],
+                                   env=account.env(PATH=str(bin_dir),
+                                                   SANDBOX_CACHE_DIR=str(work / "cache")),
+                                   cwd=work, timeout=3600)
+            if done.returncode != 0:
+                sys.exit(f"bench: {who} failed:\n{done.stderr[-3000:]}")
+            results[who] = json.loads(done.stdout)
+    finally:
+        account.remove(work)
+        shutil.rmtree(wheelhouse, ignore_errors=True)
+        subprocess.run(["rm", "-rf", str(root_cache)], check=False)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    root, user = results["root"], results[account.name]
+    rows = [("", "root", account.name, "ratio"),
+            ("image build (builder's own figure)", f"{root['build_s']:.1f} s",
+             f"{user['build_s']:.1f} s", f"{user['build_s'] / root['build_s']:.2f}x"),
+            ("golden snapshot build", f"{root['golden_build_s']:.1f} s",
+             f"{user['golden_build_s']:.1f} s",
+             f"{user['golden_build_s'] / root['golden_build_s']:.2f}x"),
+            (f"clone -> first command, p50 of {args.clones}", f"{root['clone_p50_s']:.3f} s",
+             f"{user['clone_p50_s']:.3f} s",
+             f"{user['clone_p50_s'] / root['clone_p50_s']:.2f}x"),
+            (f"clone -> first command, p95 of {args.clones}", f"{root['clone_p95_s']:.3f} s",
+             f"{user['clone_p95_s']:.3f} s",
+             f"{user['clone_p95_s'] / root['clone_p95_s']:.2f}x")]
+    print(f"\nroot: {root['builder']}\n{account.name} (uid {user['uid']}): {user['builder']}\n")
+    width = max(len(r[0]) for r in rows)
+    for name, a, b, ratio in rows:
+        print(f"{name:<{width}}  {a:>10}  {b:>12}  {ratio:>6}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", default="debian-12")
@@ -69,8 +160,17 @@ def main() -> None:
     parser.add_argument("--keep-golden", action="store_true",
                         help="reuse a cached golden snapshot instead of timing a fresh build")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--accounts", action="store_true",
+                        help="compare root with an ordinary account (build and clones)")
+    parser.add_argument("--part", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    if args.accounts:
+        compare_accounts(args)
+        return
+    if args.part:  # one side of --accounts: JSON on stdout
+        print(json.dumps(build_and_clones(args.image, args.clones)))
+        return
     note = Reporter()
     results: dict[str, Any] = {
         "machine": f"{platform.node()}: {os.cpu_count()} cores, "
