@@ -106,8 +106,7 @@ def compare_accounts(args: argparse.Namespace) -> None:
         build_wheelhouse(wheelhouse)
         bin_dir = install_from_wheelhouse(account, wheelhouse, work / "venv")
         script = work / "bench.py"
-        subprocess.run(["runuser", "-u", account.name, "--", "cp", "/dev/stdin", str(script)],
-                       input=Path(__file__).read_bytes(), check=True)
+        account.write(script, Path(__file__).read_text())
         results: dict[str, dict[str, Any]] = {}
         for who in ("root", account.name):
             print(f"bench: {who}: image build, golden snapshot, {args.clones} clones...",

@@ -63,6 +63,14 @@ class Account:
                                  f"{result.stdout}\n{result.stderr}")
         return result
 
+    def write(self, path: Path, text: str) -> None:
+        """Write a file owned by this account (the caller may be root)."""
+        if self.is_me:
+            path.write_text(text)
+        else:
+            subprocess.run(["runuser", "-u", self.name, "--", "sh", "-c", 'cat > "$1"', "sh",
+                            str(path)], input=text, text=True, check=True)
+
     def make_workdir(self) -> Path:
         """A fresh directory of this account's own, in its home."""
         made = self.run(["mktemp", "-d", f"{self.home}/sandbox-tests.XXXXXX"], check=True)

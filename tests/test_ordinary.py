@@ -97,15 +97,6 @@ def open_tmp() -> Iterator[Path]:
         subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
-def write_as(account: Account, path: Path, text: str) -> None:
-    """Write a file owned by ``account`` (the test may run as root)."""
-    if account.is_me:
-        path.write_text(text)
-    else:
-        subprocess.run(["runuser", "-u", account.name, "--", "sh", "-c", 'cat > "$1"', "sh",
-                        str(path)], input=text, text=True, check=True)
-
-
 def qemu_of(uid: int, marker: str = "") -> list[str]:
     """Command lines of running QEMU processes of ``uid`` (holding ``marker``)."""
     found = []
@@ -179,7 +170,7 @@ def test_an_ordinary_account_builds_clones_tests_and_keeps_named_machines(
         golden_before = golden_digests(cache)
         assert golden_before, "no golden snapshot was made"
 
-        write_as(account, project / "test_three.py", THREE_TESTS)
+        account.write(project / "test_three.py", THREE_TESTS)
         suite = account.run([str(bin_dir / "pytest"), "-n", "2", "-p", "no:cacheprovider",
                              "test_three.py"], env=env, cwd=project)
         assert "3 passed" in suite.stdout, suite.stdout + suite.stderr
@@ -189,7 +180,7 @@ def test_an_ordinary_account_builds_clones_tests_and_keeps_named_machines(
         # run by the account against its golden snapshot.
         account.run(["mkdir", str(project / "tests")], check=True)
         for name in ("__init__.py", "conftest.py", "test_golden.py"):
-            write_as(account, project / "tests" / name, (ROOT / "tests" / name).read_text())
+            account.write(project / "tests" / name, (ROOT / "tests" / name).read_text())
         golden_check = account.run(
             [str(bin_dir / "pytest"), "-p", "no:cacheprovider",
              "tests/test_golden.py::test_golden_files_unchanged_after_50_clones_wrote_disk_and_"
@@ -338,8 +329,8 @@ def test_install_sh_without_sudo_says_what_to_ask_an_administrator_for(
     checkout = account_home / "install-check"
     fake = checkout / "fake-bin"
     account.run(["mkdir", "-p", str(fake)], check=True)
-    write_as(account, checkout / "install.sh", (ROOT / "install.sh").read_text())
-    write_as(account, fake / "dpkg-query", '#!/bin/sh\n'
+    account.write(checkout / "install.sh", (ROOT / "install.sh").read_text())
+    account.write(fake / "dpkg-query", '#!/bin/sh\n'
              'for last; do :; done\n'
              '[ "$last" = genext2fs ] && exit 1\n'
              'echo "install ok installed"\n')
@@ -359,9 +350,9 @@ def test_unprivileged_build_errors_name_the_cause_and_leave_nothing(
     genext2fs sees a cut stream) and a disk too small for the tree (genext2fs runs out)."""
     cache, recipes = account_home / "errors-cache", account_home / "errors-recipes"
     account.run(["mkdir", "-p", str(cache), str(recipes)], check=True)
-    write_as(account, recipes / "bad-package.toml",
+    account.write(recipes / "bad-package.toml",
              'packages = ["linux-image-cloud-amd64", "no-such-package-zz9"]\n')
-    write_as(account, recipes / "tiny-disk.toml",
+    account.write(recipes / "tiny-disk.toml",
              'packages = ["linux-image-cloud-amd64"]\ndisk_size = "100M"\n')
     env = account.env(PATH=str(account_bin), SANDBOX_CACHE_DIR=str(cache))
     bad = account.run([str(account_bin / "sandbox"), "image", "build",
