@@ -68,7 +68,8 @@ def doctor(as_json: bool, refresh: bool) -> None:
             click.echo(f"{'runtime':<20} {'private':<10} {runtime['path']}")
         kvm = report["kvm_access"]
         if kvm["device"]:
-            state = click.style(f"{'no':<10}", fg="red") if kvm["problem"] else f"{'yes':<10}"
+            state = (click.style(f"{'no':<10}", fg="red") if kvm["problem"] else
+                     f"{'yes':<10}")
             click.echo(f"{'kvm access':<20} {state} {kvm['problem'] or '/dev/kvm opens'}")
         builds = report["builds"]
         how = ("as root (mmdebstrap --mode=root)" if builds["mode"] == "root" else
@@ -80,8 +81,9 @@ def doctor(as_json: bool, refresh: bool) -> None:
         if accel:
             colour = "green" if accel["accel"] == "kvm" else "yellow"
             label = click.style(f"{accel['accel']:<10}", fg=colour)
-            reason = ("this account cannot open /dev/kvm (see kvm access)"
-                      if kvm["problem"] and not accel["kvm_usable"] else accel["reason"])
+            reason = ("this account cannot open /dev/kvm, so guests run under TCG (10x slower "
+                      "or more): see kvm access" if kvm["problem"] and not accel["kvm_usable"]
+                      else accel["reason"])
             click.echo(f"{'accelerator':<20} {label} {reason}")
         for problem in report["problems"]:
             click.echo(click.style(f"problem: {problem}", fg="red"), err=True)

@@ -250,7 +250,7 @@ def _build_into(recipe: Recipe, key: str, work: Path, tools: dict[str, str],
         else:
             _run(command, work / "mmdebstrap.log", env=env, cwd=work, what="mmdebstrap")
             tree_bytes = _tree_bytes(work / "tree")
-    _check_fits(recipe, tree_bytes)
+            _check_fits(recipe, tree_bytes)
     kernel = work / "out" / "vmlinuz"
     if not kernel.exists():
         raise ImageError(f"recipe {recipe.name!r} installs no kernel: add a kernel package "
@@ -326,10 +326,16 @@ def _bootstrap_to_ext2(recipe: Recipe, command: list[str], tools: dict[str, str]
                         genext2fs.stdin.write(chunk)
                     except BrokenPipeError:  # it gave up (no space): keep counting
                         writing = False
-            with contextlib.suppress(BrokenPipeError):
-                genext2fs.stdin.close()
+        except BaseException:
+            # SIGTERM, not SIGKILL: mmdebstrap then removes its temporary tree, whose files
+            # belong to subordinate ids that this account cannot delete itself.
+            mmdebstrap.terminate()
+            genext2fs.kill()
+            raise
         finally:
-            mmdebstrap.stdout.close()
+            for stream in (mmdebstrap.stdout, genext2fs.stdin):
+                with contextlib.suppress(OSError):
+                    stream.close()
             mm_status = mmdebstrap.wait()
             gen_status = genext2fs.wait()
     _check_status(mm_status, work / "mmdebstrap.log", what="mmdebstrap")

@@ -5,7 +5,7 @@ Two places belong to the account that runs the sandbox and to no one else:
 - the **cache** (images, golden snapshots, keys, host probe results): persistent, under the
   XDG cache directory, or ``SANDBOX_CACHE_DIR``;
 - the **runtime directory** (QMP sockets, console logs, disk overlays, pid files):
-  ``$XDG_RUNTIME_DIR/pytest-qemu-sandbox`` when the session has a private runtime
+  ``$XDG_RUNTIME_DIR/sandbox`` when the session has a private runtime
   directory, else ``<tmp>/sandbox-<uid>``, or ``SANDBOX_RUNTIME_DIR``.
 
 Both are checked before use, as ssh-agent and tmux check their socket directories: a real
@@ -29,6 +29,9 @@ import platformdirs
 from .errors import HostError
 
 APP = "pytest-qemu-sandbox"
+#: The runtime directory's name inside $XDG_RUNTIME_DIR: short, since a unix socket path
+#: (``machines/<63-character name>/agent.sock`` below it) may not exceed 107 bytes.
+RUNTIME_LEAF = "sandbox"
 
 #: Debian puts mke2fs, tune2fs, resize2fs, debugfs and chroot here, and an ordinary
 #: account's PATH does not include them.
@@ -90,7 +93,7 @@ def runtime_dir() -> Path:
     else:
         session = os.environ.get("XDG_RUNTIME_DIR")
         if session and _private(Path(session)):
-            path = Path(session) / APP
+            path = Path(session) / RUNTIME_LEAF
         else:  # no session runtime directory (cron, CI, su): a private one under tmp
             path = Path(tempfile.gettempdir()) / f"sandbox-{os.getuid()}"
     fix = ("set SANDBOX_RUNTIME_DIR to a private directory of yours (it is created with "

@@ -151,7 +151,11 @@ def test_an_ordinary_account_builds_clones_tests_and_keeps_named_machines(
 
         doctor = sandbox("doctor")
         assert doctor.returncode == 0, doctor.stdout + doctor.stderr
-        assert re.search(r"image builds\s+ready", doctor.stdout), doctor.stdout
+        assert re.search(r"image builds\s+ready\s+as .* in a user namespace", doctor.stdout), \
+            doctor.stdout
+        assert re.search(r"runtime\s+private", doctor.stdout), doctor.stdout
+        if Path("/dev/kvm").exists():
+            assert re.search(r"kvm access\s+(yes|no)", doctor.stdout), doctor.stdout
 
         built = sandbox("image", "build", IMAGE)
         assert built.returncode == 0, built.stderr

@@ -11,7 +11,7 @@ import pytest
 
 from sandbox.errors import HostError
 from sandbox.host import kvm_access_problem, subordinate_range, unprivileged_build_problems
-from sandbox.paths import APP, cache_dir, find_tool, runtime_dir, tool_env
+from sandbox.paths import RUNTIME_LEAF, cache_dir, find_tool, runtime_dir, tool_env
 from sandbox.recipe import builtin_recipes, known_recipes
 
 
@@ -42,7 +42,7 @@ def test_runtime_dir_prefers_a_private_session_directory(
     session = tmp_path / "run-user"
     session.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(session))
-    assert runtime_dir() == session / APP
+    assert runtime_dir() == session / RUNTIME_LEAF
     # One that is not private to this account (su keeps another user's) is passed over.
     session.chmod(0o755)
     assert runtime_dir() == clean_env / f"sandbox-{os.getuid()}"
