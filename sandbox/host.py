@@ -182,8 +182,9 @@ def kvm_access_problem(device: str = "/dev/kvm") -> str | None:
     info = os.stat(device)
     me = account_name(os.getuid())
     try:
-        group: str | None = grp.getgrgid(info.st_gid).gr_name
-        members = set(grp.getgrgid(info.st_gid).gr_mem)
+        entry = grp.getgrgid(info.st_gid)
+        group: str | None = entry.gr_name
+        members = set(entry.gr_mem)
     except KeyError:
         group, members = None, set()
     mode = f"{device} ({stat.S_IMODE(info.st_mode):04o}, group {group or info.st_gid})"
@@ -271,12 +272,12 @@ def unprivileged_build_problems() -> list[str]:
 
 
 def _subid_fix(me: str) -> str:
-    start = _free_subid_start()
+    start = free_subordinate_start()
     end = start + SUBORDINATE_IDS - 1
     return f"sudo usermod --add-subuids {start}-{end} --add-subgids {start}-{end} {me}"
 
 
-def _free_subid_start() -> int:
+def free_subordinate_start() -> int:
     """The first subordinate id after every range already given out (100000 at least)."""
     end = 100000
     for kind in ("uid", "gid"):

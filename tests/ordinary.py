@@ -104,15 +104,17 @@ def ordinary_account() -> Account:
 
 def _ensure_subordinate_ids(account: Account) -> None:
     """Give the test account a subordinate id range if it has none (it is ours)."""
+    from sandbox.host import SUBORDINATE_IDS, free_subordinate_start
+
     for kind in ("uid", "gid"):
         path = Path(f"/etc/sub{kind}")
         lines = path.read_text().splitlines() if path.exists() else []
         if any(line.split(":")[0] in (account.name, str(account.uid)) for line in lines):
             continue
-        end = max([100000] + [int(f[1]) + int(f[2]) for f in
-                              (line.split(":") for line in lines) if len(f) == 3])
+        start = free_subordinate_start()
         flag = "--add-subuids" if kind == "uid" else "--add-subgids"
-        subprocess.run(["usermod", flag, f"{end}-{end + 65535}", account.name], check=True)
+        subprocess.run(["usermod", flag, f"{start}-{start + SUBORDINATE_IDS - 1}",
+                        account.name], check=True)
 
 
 def build_wheelhouse(directory: Path) -> Path:
