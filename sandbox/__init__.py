@@ -17,19 +17,20 @@ from .errors import (
     HostError,
     ImageError,
     SandboxError,
+    SandboxWarning,
     SnapshotError,
     WaitTimeout,
 )
 
 if TYPE_CHECKING:
     from .channel import CommandResult
-    from .machine import Machine, SandboxWarning, launch
+    from .machine import Machine, launch
     from .spec import MachineSpec
 
 __version__ = "0.1.0"
 
-_LAZY = {"launch": "machine", "Machine": "machine", "SandboxWarning": "machine",
-         "CommandResult": "channel", "MachineSpec": "spec"}
+_LAZY = {"launch": "machine", "Machine": "machine", "CommandResult": "channel",
+         "MachineSpec": "spec"}
 
 __all__ = [
     "BootError", "ChannelError", "CommandFailed", "CommandResult", "CommandTimeout",

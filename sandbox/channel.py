@@ -356,3 +356,35 @@ def _collect(chan: paramiko.Channel, deadline: float | None, out_tee: BinaryIO |
         elif chan.closed:
             break
     return out.getvalue(), err.getvalue(), (pid if pid and pid > 0 else None)
+
+
+def connect(opener: Callable[[float], Any], key: paramiko.PKey, host_key: str | None, *,
+            timeout: float, alive: Callable[[], None] | None = None,
+            attempts: int | None = None) -> Channel:
+    """A connected :class:`Channel`, retrying failed attempts (refused, reset, a server not
+    yet up) for up to ``timeout`` seconds or ``attempts`` tries; ``alive()`` is called before
+    each attempt and may raise to stop early. ChannelError names the deadline and the last
+    error."""
+    import tenacity
+
+    deadline = time.monotonic() + timeout
+
+    def attempt() -> Channel:
+        if alive is not None:
+            alive()
+        channel = Channel(opener, key, host_key)
+        channel.connect(timeout=max(1.0, min(20.0, deadline - time.monotonic())))
+        return channel
+
+    stop: tenacity.stop.stop_base = tenacity.stop_after_delay(timeout)
+    if attempts is not None:
+        stop = stop | tenacity.stop_after_attempt(attempts)
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type((OSError, paramiko.SSHException, EOFError)),
+        wait=tenacity.wait_fixed(0.25), stop=stop, reraise=True)
+    try:
+        return retrying(attempt)
+    except (OSError, paramiko.SSHException, EOFError) as exc:
+        tries = f"{attempts} attempt(s) within " if attempts is not None else ""
+        raise ChannelError(f"the guest did not answer on SSH ({tries}{timeout:g} s; last "
+                           f"error: {exc!r})") from exc

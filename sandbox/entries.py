@@ -16,6 +16,8 @@ from typing import TypeVar
 
 import filelock
 
+from .errors import SandboxError
+
 T = TypeVar("T")
 
 #: How long a builder waits for a concurrent builder of the same entry.
@@ -23,8 +25,10 @@ LOCK_TIMEOUT = 1800
 
 
 @contextmanager
-def entry_lock(final: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """Hold the lock of entry ``final``; ``on_wait`` is called if another holder makes us wait."""
+def entry_lock(final: Path, on_wait: Callable[[], None] | None = None,
+               timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the lock of entry ``final``; ``on_wait`` is called if another holder makes us wait
+    (up to ``timeout`` seconds)."""
     locks = final.parent / ".locks"
     locks.mkdir(exist_ok=True)
     lock = filelock.FileLock(str(locks / f"{final.name}.lock"))
@@ -33,7 +37,12 @@ def entry_lock(final: Path, on_wait: Callable[[], None] | None = None) -> Iterat
     except filelock.Timeout:
         if on_wait is not None:
             on_wait()
-        lock.acquire(timeout=LOCK_TIMEOUT)
+        try:
+            lock.acquire(timeout=timeout)
+        except filelock.Timeout:
+            raise SandboxError(f"another process held the lock of {final.name} for "
+                               f"{timeout:g} s (making it?); if none is, remove "
+                               f"{locks / (final.name + '.lock')}") from None
     try:
         yield
     finally:

@@ -81,6 +81,10 @@ class SnapshotError(SandboxError):
     """A snapshot could not be saved, found or restored."""
 
 
+class SandboxWarning(UserWarning):
+    """Something was worked around (a golden snapshot rebuilt, a cold boot instead)."""
+
+
 def _tail(text: str, lines: int = 30) -> str:
     parts = text.rstrip("\n").splitlines()
     if len(parts) <= lines:

@@ -5,10 +5,16 @@ backend, and the save uses the migration capability ``x-ignore-shared``, so the 
 holds only devices (under 1 MB) while RAM stays in the file. A clone maps that file
 copy-on-write (``share=off``), loads the small device state and resumes in about 0.1 s.
 
-Layout: ``<cache>/golden/<image>-<key>/{ram,state,disk.qcow2,manifest.json}``, read-only once
-made, except ``ram``: QEMU 7.2 opens a memory backend's file read-write even for a private
-(``share=off``) mapping, so its owner keeps write permission on it (0644; the directory is
-0555). Clones never write to it: their guest RAM is a copy-on-write private mapping.
+This module owns the format end to end: :func:`make` writes it, :class:`Golden` reads it,
+:meth:`Golden.start_clone` turns it into a running machine.
+
+Layout: ``<cache>/golden/<image>-<key>/``: ``ram``, ``state``, ``disk.qcow2`` (an overlay on
+the image's disk, frozen at save time), ``ssh-prelude`` (what the SSH server waiting in the
+snapshot sent before its client spoke), ``console.log`` (the boot's console) and
+``manifest.json``. Read-only once made, except ``ram``: QEMU 7.2 opens a memory backend's
+file read-write even for a private (``share=off``) mapping, so its owner keeps write
+permission on it (0644; the directory is 0555). Clones never write to it: their guest RAM is
+a copy-on-write private mapping.
 
 The key covers the image digest, the machine's shape (the QEMU command line without
 per-machine paths: memory, cpus, devices, accelerator), the QEMU version and this module's
@@ -19,20 +25,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import socket
+import threading
 import time
-from collections.abc import Callable
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .agent import Agent
+from .channel import PreludeSocket, connect, tcp
 from .entries import entry_lock, publish, remove_entry
+from .errors import ChannelError, SandboxError, SandboxWarning, SnapshotError
 from .host import qemu_version
-from .image import Image
+from .image import Image, find_images, remove_image
+from .keys import cache_key
 from .paths import cache_dir
+from .plan import MachineFiles, QemuPlan, create_overlay, plan_for, run_tag
 from .progress import QUIET, Reporter
-from .spec import QemuPlan
+from .qemu import QemuProcess
+from .runs import current_run
+from .spec import MachineSpec
 
 GOLDEN_VERSION = "4"
+
+#: How long the golden boot may take to settle (systemd's boot jobs) before the save.
+SETTLE_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,75 @@ class Golden:
     def load(cls, path: Path) -> Golden:
         return cls(path, json.loads((path / "manifest.json").read_text()))
 
+    def start_clone(self, plan: QemuPlan, *, die_with_parent: bool) -> Clone:
+        """A running clone: QEMU started on ``plan`` (its disk a fresh overlay on this
+        snapshot's, its RAM this snapshot's file mapped copy-on-write), the device state
+        loaded, a new identity sent to the guest agent, resumed. SSH is the caller's."""
+        files = plan.files
+        if self.console.exists():
+            with files.console_log.open("wb") as log:
+                log.write(self.console.read_bytes())
+                log.write(f"\n[sandbox: cloned from golden snapshot {self.path.name}]\n"
+                          .encode())
+        process = QemuProcess(plan, files)
+        started = time.monotonic()
+        process.launch(die_with_parent=die_with_parent)
+        clone = Clone(process, restore_seconds=0.0)
+        try:
+            prelude = self.ssh_prelude
+            if prelude is not None:
+                # Connect before the state loads: the port must count as open when the
+                # guest resumes, or the waiting server would read end-of-file.
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(str(files.ssh_socket))
+                clone.port_socket = sock
+                process.wait_chardev_open("ssh0")
+                clone.prelude = prelude
+            process.load_state(self.state, "loading the golden snapshot")
+            clone.agent = Agent(files.agent_socket)
+            clone.agent.send_identity()
+            process.qmp("cont")
+        except BaseException:
+            clone.close()
+            process.stop()
+            raise
+        clone.restore_seconds = time.monotonic() - started
+        clone.identity = threading.Thread(target=clone.agent.finish, daemon=True)
+        clone.identity.start()
+        return clone
+
+
+@dataclass
+class Clone:
+    """A clone just resumed: its QEMU, and what its first SSH connection needs."""
+
+    process: QemuProcess
+    restore_seconds: float
+    #: The host end of the virtio-serial port where an SSH server waits, and what that
+    #: server already sent; None when the snapshot has no such server (connect over TCP).
+    port_socket: socket.socket | None = None
+    prelude: bytes | None = None
+    agent: Agent | None = None
+    identity: threading.Thread | None = None
+
+    def opener(self) -> Any:
+        """The byte stream opener for the first SSH connection, or None for TCP."""
+        if self.port_socket is None or self.prelude is None:
+            return None
+        sock, prelude = self.port_socket, self.prelude
+        return lambda timeout: PreludeSocket(sock, prelude)
+
+    def identity_error(self) -> str | None:
+        """Wait for the agent's answer; why the clock and randomness were not refreshed."""
+        if self.identity is not None:
+            self.identity.join(timeout=15)
+        return self.agent.error if self.agent is not None else None
+
+    def close(self) -> None:
+        if self.port_socket is not None:
+            self.port_socket.close()
+            self.port_socket = None
+
 
 def golden_root() -> Path:
     path = cache_dir() / "golden"
@@ -74,22 +162,32 @@ def golden_root() -> Path:
     return path
 
 
+def shape_plan(image: Image, spec: MachineSpec, accel: str) -> QemuPlan:
+    """The plan whose shape a golden snapshot of ``spec`` is made for (paths generic)."""
+    return plan_for(spec, image, accel, files=MachineFiles(Path("M")), tag="T",
+                    disk=Path("overlay.qcow2"), ram_file=Path("ram"))
+
+
 def golden_key(image: Image, plan: QemuPlan) -> str:
     payload = json.dumps([GOLDEN_VERSION, image.digest, qemu_version(), plan.shape()])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def find_golden(image: Image, plan: QemuPlan) -> Golden | None:
-    path = golden_root() / f"{image.name}-{golden_key(image, plan)[:16]}"
+def locate(image: Image, spec: MachineSpec, accel: str) -> Path:
+    """Where the golden snapshot that machines of ``spec`` clone from is (or will be)."""
+    return golden_root() / f"{image.name}-{golden_key(image, shape_plan(image, spec, accel))[:16]}"
+
+
+def find_golden(image: Image, spec: MachineSpec, accel: str) -> Golden | None:
+    path = locate(image, spec, accel)
     return Golden.load(path) if (path / "manifest.json").exists() else None
 
 
-def ensure_golden(image: Image, plan: QemuPlan, make: Callable[[Path], dict[str, Any]], *,
+def ensure_golden(image: Image, spec: MachineSpec, accel: str, *,
                   reporter: Reporter = QUIET) -> Golden:
-    """The golden snapshot for ``plan``'s shape; ``make(directory)`` boots and saves one
-    there when the cache has none (once, under a lock, whatever the number of callers)."""
-    key = golden_key(image, plan)
-    final = golden_root() / f"{image.name}-{key[:16]}"
+    """The golden snapshot for ``spec``: made once (under a lock, whatever the number of
+    callers) when the cache has none."""
+    final = locate(image, spec, accel)
     if (final / "manifest.json").exists():
         return Golden.load(final)
     with entry_lock(final):
@@ -99,18 +197,97 @@ def ensure_golden(image: Image, plan: QemuPlan, make: Callable[[Path], dict[str,
         def build(work: Path) -> None:
             started = time.monotonic()
             with reporter.stage(f"{image.name}: golden snapshot (boot once, save booted state)"):
-                timings = make(work)
+                timings = make(image, spec, accel, work)
+            plan = shape_plan(image, spec, accel)
             manifest = {
-                "image": image.name, "image_digest": image.digest, "key": key,
-                "golden_version": GOLDEN_VERSION, "qemu_version": qemu_version(),
-                "shape": plan.shape(), "memory_mib": plan.memory_mib, "cpus": plan.cpus,
-                "accel": plan.accel, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "image": image.name, "image_digest": image.digest,
+                "key": golden_key(image, plan), "golden_version": GOLDEN_VERSION,
+                "qemu_version": qemu_version(), "shape": plan.shape(),
+                "memory_mib": plan.memory_mib, "cpus": plan.cpus, "accel": plan.accel,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "build_seconds": round(time.monotonic() - started, 2), **timings,
             }
             (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
         publish(final, build, owner_writable=("ram",))
     return Golden.load(final)
+
+
+def make(image: Image, spec: MachineSpec, accel: str, target: Path) -> dict[str, Any]:
+    """Write a golden snapshot into ``target``: boot with RAM in a shared file, wait for
+    SSH, let the boot settle, arm the SSH port, quiesce, save the device state."""
+    started = time.monotonic()
+    run = current_run()
+    files = MachineFiles(run.machine_dir(f"golden-{target.name[-24:]}"))
+    disk = create_overlay(image.disk, target / "disk.qcow2")
+    plan = plan_for(spec, image, accel, files=files, tag=run_tag(run.id, files.dir.name),
+                    disk=disk, ram_file=target / "ram", ram_shared=True)
+    process = QemuProcess(plan, files)
+    port: socket.socket | None = None
+    try:
+        process.launch(die_with_parent=True)
+        ssh_port = process.hostfwd_ports()[22]
+        try:
+            channel = connect(tcp(("127.0.0.1", ssh_port)), cache_key().load(), image.host_key,
+                              timeout=spec.boot_timeout - (time.monotonic() - started),
+                              alive=lambda: process.check_alive(
+                                  "QEMU exited while the guest was booting"))
+        except ChannelError as exc:
+            raise SnapshotError(f"the golden boot of {image.name} failed: {exc}"
+                                f"{process.stderr_tail()}") from exc
+        booted = time.monotonic()
+        # Settle: let boot-time jobs finish so clones do not all redo them.
+        channel.run("systemctl is-system-running --wait >/dev/null 2>&1; sync",
+                    timeout=SETTLE_TIMEOUT)
+        port = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        port.connect(str(files.ssh_socket))
+        prelude = _arm_ssh_port(process, files, port)
+        channel.close()  # quiesce: no TCP connection inside the saved state
+        time.sleep(0.2)
+        process.qmp("stop")
+        saving = time.monotonic()
+        process.save_state(target / "state", "saving the golden snapshot")
+        saved = time.monotonic()
+        if prelude is not None:
+            (target / "ssh-prelude").write_bytes(prelude)
+        shutil.copyfile(files.console_log, target / "console.log")
+    finally:
+        process.stop()
+        if port is not None:  # closed only now: the save needs it open
+            port.close()
+        shutil.rmtree(files.dir, ignore_errors=True)
+    return {"boot_seconds": round(booted - started, 2),
+            "save_seconds": round(saved - saving, 3),
+            "state_bytes": (target / "state").stat().st_size}
+
+
+def _arm_ssh_port(process: QemuProcess, files: MachineFiles,
+                  sock: socket.socket) -> bytes | None:
+    """Start an SSH server on the guest's virtio-serial SSH port (``sock`` is its host end)
+    and record what it sends before the client speaks (banner, key exchange offer). The
+    host end stays connected through the save, so every clone resumes with that server
+    waiting for its client."""
+    process.wait_chardev_open("ssh0")
+    try:
+        Agent(files.agent_socket).request("arm-ssh")
+    except SandboxError as exc:
+        warnings.warn(f"clones will connect over TCP instead of a waiting SSH server ({exc})",
+                      SandboxWarning, stacklevel=4)
+        return None
+    prelude = b""
+    sock.settimeout(2.0)
+    while True:  # read until the server falls silent: it now waits for the client
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            raise SnapshotError("the waiting SSH server closed its port")
+        prelude += chunk
+        sock.settimeout(1.0)
+    if not prelude.startswith(b"SSH-"):
+        raise SnapshotError(f"the waiting SSH server sent no banner ({prelude[:40]!r})")
+    return prelude
 
 
 def discard_golden(golden: Golden) -> None:
@@ -121,3 +298,18 @@ def discard_golden(golden: Golden) -> None:
 def list_goldens() -> list[Golden]:
     return [Golden.load(p) for p in sorted(golden_root().iterdir())
             if not p.name.startswith(".") and (p / "manifest.json").exists()]
+
+
+def remove_images(name: str) -> list[str]:
+    """Remove every built version of image ``name`` and the golden snapshots made from it
+    (they could not be cloned without it); what was removed, one line each."""
+    removed = []
+    for image in find_images(name):
+        remove_image(image)
+        removed.append(f"removed {image.name} {image.digest[:16]}")
+    for golden in list_goldens():
+        if golden.manifest["image"] == name:
+            discard_golden(golden)
+            removed.append(f"removed golden snapshot {golden.path.name}")
+    return removed
+

@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .access import TOOL_PACKAGES, unprivileged_build_problems
 from .entries import entry_lock, publish, remove_entry
 from .errors import HostError, ImageError
-from .host import TOOL_PACKAGES, unprivileged_build_problems
 from .keys import cache_key
 from .paths import SYSTEM_TOOL_DIRS, cache_dir, find_tool, tool_env
 from .progress import QUIET, Reporter
 from .recipe import Recipe, find_recipe
-from .sizes import format_size
+from .sizes import format_size, parse_size
 
 #: Bumped whenever the build pipeline changes what ends up in an image.
 BUILDER_VERSION = "2"
@@ -99,6 +99,10 @@ class Image:
         return str(self.manifest["memory"])
 
     @property
+    def memory_mib(self) -> int:
+        return parse_size(self.memory, default_unit="M") >> 20
+
+    @property
     def cpus(self) -> int:
         return int(self.manifest["cpus"])
 
@@ -123,8 +127,13 @@ def image_key(recipe: Recipe) -> str:
     return recipe.digest(BUILDER_VERSION, setup, cache_key().public_line)
 
 
+def image_path(recipe: Recipe, key: str | None = None) -> Path:
+    """Where the image of ``recipe`` (content address ``key``) is, or will be, cached."""
+    return images_dir() / f"{recipe.name}-{(key or image_key(recipe))[:16]}"
+
+
 def cached_image(recipe: Recipe) -> Image | None:
-    path = images_dir() / f"{recipe.name}-{image_key(recipe)[:16]}"
+    path = image_path(recipe)
     return Image.load(path) if (path / "manifest.json").exists() else None
 
 
@@ -159,7 +168,7 @@ def remove_image(image: Image) -> None:
 def build_image(recipe: Recipe, *, reporter: Reporter = QUIET, force: bool = False) -> Image:
     """Build ``recipe`` into the cache, or return the copy a concurrent builder made."""
     key = image_key(recipe)
-    final = images_dir() / f"{recipe.name}-{key[:16]}"
+    final = image_path(recipe, key)
     with entry_lock(final, lambda: reporter.note(f"waiting for a concurrent build of "
                                                  f"{recipe.name}...")):
         if (final / "manifest.json").exists():

@@ -2,12 +2,14 @@
 failed tests kept with ``--sandbox-keep-on-failure``).
 
 Each lives in ``<runtime>/machines/<name>/`` beside its QMP socket, console log and overlay,
-with a ``state.json`` saying how to reach it. A machine whose QEMU has died shows as dead
-and ``sandbox prune`` (or ``sandbox down``) clears it.
+with a ``state.json`` saying how to reach it (:func:`write_state` is its one writer,
+:class:`NamedMachine` its reader). A machine whose QEMU has died shows as dead, and
+``sandbox prune`` (or ``sandbox down``) clears it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,13 +18,22 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import SandboxError
 from .paths import runtime_dir
-from .runs import kill_tagged, process_alive
+from .pids import kill_tagged, process_alive, process_start_ticks
+from .plan import MachineFiles, named_tag, named_tag_marker
+from .progress import QUIET, Reporter
+from .spec import MachineSpec
+from .waits import wait_until
+
+if TYPE_CHECKING:
+    from .machine import Machine
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: How long an `up` that died while starting may leave its directory before prune clears it.
+UNFINISHED_GRACE = 300.0
 
 
 def machines_dir() -> Path:
@@ -55,11 +66,98 @@ class NamedMachine:
     def status(self) -> str:
         return "running" if self.alive else "dead"
 
+    @property
+    def spec(self) -> MachineSpec:
+        return MachineSpec.from_kwargs(**self.state["spec"])
+
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "image": self.state["image"],
                 "pid": self.pid, "ssh_port": self.state["ssh_port"],
                 "memory_mib": self.state.get("memory_mib"), "cpus": self.state.get("cpus"),
                 "created": self.state.get("created"), "path": str(self.path)}
+
+
+def write_state(machine: Machine) -> None:
+    """Record how to reach ``machine`` (a started one) in its directory."""
+    assert machine.dir is not None and machine.image is not None and machine.qemu is not None
+    plan = machine.qemu.plan
+    state = {
+        "name": machine.name, "image": machine.spec.image, "image_path": str(machine.image.path),
+        "pid": machine.pid, "start_ticks": process_start_ticks(machine.pid or 0),
+        "ssh_port": machine.ssh_port, "memory_mib": plan.memory_mib if plan else None,
+        "cpus": plan.cpus if plan else None, "spec": machine.spec.to_kwargs(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp = machine.dir / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.rename(machine.dir / "state.json")
+
+
+def up(spec: MachineSpec, name: str, *, reporter: Reporter = QUIET) -> Machine:
+    """Start named machine ``name``; it keeps running after this process exits. The
+    returned handle is connected; ``disconnect()`` it when done."""
+    from .machine import Machine
+
+    home = machines_dir() / check_name(name)
+    try:
+        home.mkdir(mode=0o700)
+    except FileExistsError:
+        raise SandboxError(f"a machine named {name!r} exists already; pick another name or "
+                           f"remove it with: sandbox down {name}") from None
+    machine = Machine(spec, name=name, reporter=reporter, die_with_parent=False, home=home,
+                      tag=named_tag(name))
+    machine.start()  # on failure, close() removed the directory
+    write_state(machine)
+    return machine
+
+
+def unique_name(stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``...: the first name no named machine has."""
+    name, suffix = stem, 1
+    while (machines_dir() / name).exists():
+        suffix += 1
+        name = f"{stem}-{suffix}"
+    return name
+
+
+def keep(machine: Machine, name: str) -> None:
+    """Hand a running machine over to the named machines instead of closing it: it keeps
+    running after this process exits (``sandbox ssh NAME``, ``sandbox down NAME``). Only for
+    machines started with ``die_with_parent=False``."""
+    if machine.die_with_parent:
+        raise SandboxError(f"{machine.name} dies with this process and cannot be kept; start "
+                           "it with die_with_parent=False (--sandbox-keep-on-failure)")
+    assert machine.dir is not None
+    target = machines_dir() / check_name(name)
+    machine.dir.rename(target)
+    machine.moved(target, name)
+    write_state(machine)
+    machine.disconnect()
+
+
+def attach(name: str, *, connect_ssh: bool = True) -> Machine:
+    """A handle on the running named machine ``name`` (QMP, and SSH over TCP)."""
+    from .image import Image
+    from .machine import Machine
+
+    named = find_named(name)
+    if not named.alive:
+        raise SandboxError(f"machine {name!r} is dead (its QEMU exited); remove it with: "
+                           f"sandbox down {name}")
+    machine = Machine(named.spec, name=name, die_with_parent=False, home=named.path)
+    machine.adopt(Image.load(Path(named.state["image_path"])), named.pid,
+                  named.state.get("start_ticks"), int(named.state["ssh_port"]),
+                  connect_ssh=connect_ssh)
+    return machine
+
+
+def down(name: str) -> None:
+    """Stop named machine ``name`` (gracefully when its monitor answers) and delete it."""
+    named = find_named(name)
+    if named.alive:
+        with contextlib.suppress(SandboxError):  # its monitor is gone: killed below
+            attach(name, connect_ssh=False).close()
+    remove_named(named)
 
 
 def list_named() -> list[NamedMachine]:
@@ -82,19 +180,13 @@ def find_named(name: str) -> NamedMachine:
                        f"Start one with: sandbox up {name}")
 
 
-def write_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path / "state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.rename(path / "state.json")
-
-
 def remove_named(machine: NamedMachine, *, timeout: float = 5.0) -> None:
     """Kill the machine's QEMU (if it still runs as recorded) and delete its directory."""
     if machine.alive:
         os.kill(machine.pid, signal.SIGKILL)
-        deadline = time.monotonic() + timeout
-        while machine.alive and time.monotonic() < deadline:
-            time.sleep(0.02)
+        with contextlib.suppress(SandboxError):  # its directory goes all the same
+            wait_until(lambda: not machine.alive, timeout=timeout, interval=0.02,
+                       what=f"QEMU of {machine.name} (pid {machine.pid}) did not exit")
     shutil.rmtree(machine.path, ignore_errors=True)
 
 
@@ -108,8 +200,9 @@ def prune_named() -> list[str]:
     # Directories without a state file belong to an `up` that died while starting (or one
     # starting right now: leave young ones alone).
     for path in machines_dir().iterdir():
-        if not (path / "state.json").exists() and time.time() - path.stat().st_mtime > 300:
-            kill_tagged(path / "qemu.pid", f"sandbox-named-{path.name},")
+        if not (path / "state.json").exists() and \
+                time.time() - path.stat().st_mtime > UNFINISHED_GRACE:
+            kill_tagged(MachineFiles(path).pidfile, named_tag_marker(path.name))
             shutil.rmtree(path, ignore_errors=True)
             removed.append(f"removed unfinished machine {path.name}")
     return removed

@@ -17,13 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from .spec import ACCELS
+
 if TYPE_CHECKING:
     from .machine import Machine
 
 # name, help, kind ("value" or "flag"), MachineSpec field it sets (None: plugin behaviour)
 _OPTIONS = (
     ("image", "image (recipe name or .toml path) of the test VMs", "value", "image"),
-    ("accel", "accelerator: auto (KVM where it works, else TCG), kvm or tcg", "value", "accel"),
+    ("accel", f"accelerator: {', '.join(ACCELS)} (auto: KVM where it works, else TCG)",
+     "value", "accel"),
     ("memory", "guest memory, e.g. 2G", "value", "memory"),
     ("cpus", "guest vCPUs", "value", "cpus"),
     ("cold-boot", "boot every VM from scratch instead of cloning a golden snapshot", "flag",
@@ -176,15 +179,11 @@ def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Machine
 
 
 def _keep(config: pytest.Config, node: pytest.Item, machine: Machine, index: int) -> None:
-    from .named import machines_dir
+    from .named import keep, unique_name
 
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", node.name).strip("-.")[:40] or "test"
-    name = f"{stem}-{index}" if index else stem
-    suffix = 1
-    while (machines_dir() / name).exists():
-        suffix += 1
-        name = f"{stem}-{index}-{suffix}"
-    machine.keep(name)
+    name = unique_name(f"{stem}-{index}" if index else stem)
+    keep(machine, name)
     lines = [f"sandbox: kept VM {name} of failed test {node.nodeid}",
              f"  sandbox ssh {name}",
              f"  {machine.ssh_command()}",

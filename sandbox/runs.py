@@ -17,27 +17,14 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .paths import runtime_dir
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (tells a reused pid apart), or None."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def process_alive(pid: int, start_ticks: int | None) -> bool:
-    ticks = process_start_ticks(pid)
-    return ticks is not None and (start_ticks is None or ticks == start_ticks)
+from .pids import kill_tagged, process_alive, process_start_ticks
+from .plan import MachineFiles, run_tag_prefix
 
 
 @dataclass(frozen=True)
@@ -76,8 +63,8 @@ def _remove_run(run: Run, owner: int) -> None:
     """At exit: machines still open die with this process; their files go with the run."""
     if os.getpid() != owner:  # a forked child exiting: the run is its parent's
         return
-    for pidfile in run.path.glob("*/qemu.pid"):
-        kill_tagged(pidfile, f"sandbox-{run.id}-")
+    for machine in _machine_dirs(run.path):
+        kill_tagged(MachineFiles(machine).pidfile, run_tag_prefix(run.id))
     shutil.rmtree(run.path, ignore_errors=True)
 
 
@@ -104,32 +91,18 @@ def orphaned_runs() -> list[Path]:
     return found
 
 
-def kill_tagged(pidfile: Path, tag: str) -> bool:
-    """SIGKILL the process named in ``pidfile`` if it is this account's and its command line
-    still carries ``tag`` (a pid file alone is never trusted)."""
-    try:
-        pid = int(pidfile.read_text().strip())
-        owner = os.stat(f"/proc/{pid}").st_uid
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return False
-    if owner != os.getuid() or tag.encode() not in cmdline:
-        return False
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def reap_orphans() -> list[str]:
     """Kill the QEMU processes of dead runs and delete their files; returns what was reaped."""
     reaped = []
     for path in orphaned_runs():
         run_id = path.name.removeprefix("run-")
-        for pidfile in path.glob("*/qemu.pid"):
-            if kill_tagged(pidfile, f"sandbox-{run_id}-"):
-                reaped.append(f"killed QEMU of {pidfile.parent.name} (run {run_id})")
+        for machine in _machine_dirs(path):
+            if kill_tagged(MachineFiles(machine).pidfile, run_tag_prefix(run_id)):
+                reaped.append(f"killed QEMU of {machine.name} (run {run_id})")
         shutil.rmtree(path, ignore_errors=True)
         reaped.append(f"removed {path}")
     return reaped
+
+
+def _machine_dirs(run: Path) -> list[Path]:
+    return [entry for entry in run.iterdir() if entry.is_dir()] if run.is_dir() else []

@@ -11,25 +11,23 @@ from typing import Any
 import pytest
 
 import sandbox
-from sandbox.golden import Golden, find_golden, golden_key, golden_root
+from sandbox.errors import SandboxWarning
+from sandbox.golden import Golden, find_golden, golden_root, locate
 from sandbox.host import resolve_accel
-from sandbox.image import Image, get_image
-from sandbox.machine import SandboxWarning
-from sandbox.spec import QemuPlan
+from sandbox.image import get_image
 
 from .conftest import IMAGE
 
 
-def template(**shape: Any) -> tuple[Image, QemuPlan]:
-    """The image and the plan shape that launch(**shape) clones from."""
-    image = get_image(IMAGE)
-    vm = sandbox.Machine(sandbox.MachineSpec(image=IMAGE, **shape))
-    vm.image, vm.accel, vm.dir = image, resolve_accel("auto"), Path("/tmp/run-x/vm")
-    return image, vm._make_plan(Path("overlay.qcow2"), ram_file=Path("ram"))
+def located(**shape: Any) -> Path:
+    """Where the golden snapshot that launch(**shape) clones from is."""
+    return locate(get_image(IMAGE), sandbox.MachineSpec(image=IMAGE, **shape),
+                  resolve_accel("auto"))
 
 
 def golden_for(**shape: Any) -> Golden:
-    golden = find_golden(*template(**shape))
+    golden = find_golden(get_image(IMAGE), sandbox.MachineSpec(image=IMAGE, **shape),
+                         resolve_accel("auto"))
     assert golden is not None, "no golden snapshot was made"
     return golden
 
@@ -98,8 +96,8 @@ def test_cold_boot_path_stays(built_image: dict[str, Any]) -> None:
 
 
 def test_golden_key_follows_the_machine_shape(built_image: dict[str, Any]) -> None:
-    base = golden_key(*template())
-    assert golden_key(*template(network="user")) == base
-    assert golden_key(*template(memory="2G")) != base
-    assert golden_key(*template(cpus=1)) != base
-    assert golden_key(*template(qemu_args=["-device", "virtio-balloon-pci"])) != base
+    base = located()
+    assert located(network="user") == base
+    assert located(memory="2G") != base
+    assert located(cpus=1) != base
+    assert located(qemu_args=["-device", "virtio-balloon-pci"]) != base

@@ -281,7 +281,7 @@ def test_a_runtime_directory_that_is_a_symlink_is_refused(
 @needs_root
 def test_the_reaper_never_kills_another_accounts_process(
         account: Account, tmp_path: Path) -> None:
-    from sandbox.runs import kill_tagged
+    from sandbox.pids import kill_tagged
 
     stranger = subprocess.Popen(["runuser", "-u", account.name, "--", "sleep", "60"])
     pid = None

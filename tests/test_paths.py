@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.access import kvm_access_problem, subordinate_range, unprivileged_build_problems
 from sandbox.errors import HostError
-from sandbox.host import kvm_access_problem, subordinate_range, unprivileged_build_problems
 from sandbox.paths import RUNTIME_LEAF, cache_dir, find_tool, runtime_dir, tool_env
 from sandbox.recipe import builtin_recipes, known_recipes
 
@@ -123,7 +123,7 @@ def test_subordinate_ranges_are_read_by_name_or_uid(tmp_path: Path) -> None:
 
 
 def test_unprivileged_build_problems_name_their_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sandbox.host as host
+    import sandbox.access as host
 
     monkeypatch.setattr(host, "subordinate_range", lambda kind, path=None: None)
     problems = unprivileged_build_problems()
@@ -139,7 +139,7 @@ def test_unprivileged_build_problems_name_their_fix(monkeypatch: pytest.MonkeyPa
 
 
 def test_apparmor_restriction_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sandbox.host as host
+    import sandbox.access as host
 
     real = host._sysctl
     monkeypatch.setattr(host, "_sysctl", lambda name: "1" if "apparmor" in name else real(name))

@@ -13,9 +13,11 @@ import pytest
 
 from sandbox.channel import CommandResult, command_string, wrap
 from sandbox.errors import SandboxError
-from sandbox.runs import kill_tagged, orphaned_runs, process_alive, process_start_ticks
+from sandbox.pids import kill_tagged, process_alive, process_start_ticks
+from sandbox.plan import MachineFiles, QemuPlan
+from sandbox.runs import orphaned_runs
 from sandbox.sizes import format_size, parse_size
-from sandbox.spec import MachineSpec, QemuPlan
+from sandbox.spec import MachineSpec
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -52,9 +54,8 @@ def plan(**kwargs: object) -> QemuPlan:
     base: dict[str, object] = dict(
         binary="qemu-system-x86_64", tag="sandbox-abc-vm1", accel="tcg", kvm_cpu="",
         memory_mib=1024, cpus=2, kernel=Path("/i/vmlinuz"), initrd=Path("/i/initrd.img"),
-        cmdline="root=/dev/vda", disk=Path("/r/overlay.qcow2"), qmp_socket=Path("/r/qmp.sock"),
-        console_log=Path("/r/console.log"), pidfile=Path("/r/qemu.pid"), network="restricted",
-        agent_socket=Path("/r/agent.sock"), ssh_socket=Path("/r/ssh.sock"))
+        cmdline="root=/dev/vda", disk=Path("/r/overlay.qcow2"), files=MachineFiles(Path("/r")),
+        network="restricted")
     base.update(kwargs)
     return QemuPlan(**base)  # type: ignore[arg-type]
 
@@ -74,6 +75,26 @@ def test_command_line_user_network_and_kvm() -> None:
     assert "restrict=on" not in command[command.index("-netdev") + 1]
     assert command[command.index("-accel") + 1] == "kvm"
     assert command[command.index("-cpu") + 1] == "host"
+
+
+def test_command_line_places_machine_files_in_its_directory() -> None:
+    command = " ".join(plan().command())
+    for name in ("qmp.sock", "agent.sock", "ssh.sock", "console.log", "qemu.pid"):
+        assert f"/r/{name}" in command
+
+
+def test_shape_ignores_per_machine_paths_and_tag() -> None:
+    one = plan(tag="sandbox-a-vm1", files=MachineFiles(Path("/a")), disk=Path("/a/o.qcow2"))
+    two = plan(tag="sandbox-b-vm7", files=MachineFiles(Path("/b")), disk=Path("/b/o.qcow2"))
+    assert one.shape() == two.shape()
+    assert plan(memory_mib=2048).shape() != one.shape()
+
+
+def test_spec_normalises_memory_once() -> None:
+    assert MachineSpec(memory="2G").memory_mib == 2048
+    assert MachineSpec().memory_mib is None
+    spec = MachineSpec(memory="1536M", qemu_args=("-device", "x"))
+    assert MachineSpec.from_kwargs(**spec.to_kwargs()) == spec
 
 
 def test_command_line_appends_extra_args() -> None:

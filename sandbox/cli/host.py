@@ -1,0 +1,69 @@
+"""``sandbox doctor`` and ``sandbox prune``: the host, and what killed runs left."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import friendly, main
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--refresh", is_flag=True, help="Probe the accelerator again, ignoring the cache.")
+@friendly
+def doctor(as_json: bool, refresh: bool) -> None:
+    """What this host can do: QEMU, tools, cache space, and KVM or TCG (with the reason)."""
+    from ..host import doctor_report
+
+    report = doctor_report(refresh=refresh)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for name, tool in report["tools"].items():
+            state = tool["version"] or click.style("missing", fg="red")
+            where = tool["path"] or f"apt-get install {tool['package']}"
+            click.echo(f"{name:<20} {state:<10} {where}")
+        cache, runtime = report["cache"], report["runtime_dir"]
+        if cache["path"]:
+            click.echo(f"{'cache':<20} {cache['free']:<10} free in {cache['path']}")
+        if runtime["path"]:
+            click.echo(f"{'runtime':<20} {'private':<10} {runtime['path']}")
+        kvm = report["kvm_access"]
+        if kvm["device"]:
+            state = (click.style(f"{'no':<10}", fg="red") if kvm["problem"] else
+                     f"{'yes':<10}")
+            click.echo(f"{'kvm access':<20} {state} {kvm['problem'] or '/dev/kvm opens'}")
+        builds = report["builds"]
+        how = ("as root (mmdebstrap --mode=root)" if builds["mode"] == "root" else
+               f"as {report['user']} in a user namespace (mmdebstrap --mode=unshare)")
+        state = f"{'ready':<10}" if builds["ready"] else click.style(f"{'not ready':<10}",
+                                                                      fg="red")
+        click.echo(f"{'image builds':<20} {state} {how}")
+        accel = report["accel"]
+        if accel:
+            colour = "green" if accel["accel"] == "kvm" else "yellow"
+            label = click.style(f"{accel['accel']:<10}", fg=colour)
+            reason = ("this account cannot open /dev/kvm, so guests run under TCG (10x slower "
+                      "or more): see kvm access" if kvm["problem"] and not accel["kvm_usable"]
+                      else accel["reason"])
+            click.echo(f"{'accelerator':<20} {label} {reason}")
+        for problem in report["problems"]:
+            click.echo(click.style(f"problem: {problem}", fg="red"), err=True)
+    sys.exit(0 if report["ok"] else 1)
+
+
+@main.command()
+@friendly
+def prune() -> None:
+    """Reap VMs and files of killed runs, and named VMs whose QEMU died."""
+    from ..named import prune_named
+    from ..runs import reap_orphans
+
+    reaped = reap_orphans() + prune_named()
+    for line in reaped:
+        click.echo(line)
+    if not reaped:
+        click.echo("nothing to prune")

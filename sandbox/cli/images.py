@@ -1,0 +1,96 @@
+"""``sandbox image ...``: build, list, inspect and remove guest images."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..sizes import format_size
+from . import emit, format_option, friendly, main
+
+
+@main.group()
+def image() -> None:
+    """Build, list, inspect and remove guest images."""
+
+
+@image.command("build")
+@click.argument("recipe")
+@click.option("--force", is_flag=True, help="Rebuild even when the cache has this image.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image path.")
+@friendly
+def image_build(recipe: str, force: bool, quiet: bool) -> None:
+    """Build RECIPE (a name from images/ or a path to a .toml file), cached by content."""
+    from ..image import build_image, cached_image
+    from ..progress import Reporter
+    from ..recipe import find_recipe
+
+    parsed = find_recipe(recipe)
+    reporter = Reporter(quiet=quiet)
+    hit = None if force else cached_image(parsed)
+    if hit is not None:
+        if not quiet:
+            click.echo(f"{hit.name}: cached ({hit.digest[:16]})", err=True)
+        click.echo(str(hit.path))
+        return
+    built = build_image(parsed, reporter=reporter, force=force)
+    if not quiet:
+        if built.built_now:
+            click.echo(f"{built.name}: built in {built.manifest['build_seconds']} s "
+                       f"({built.digest[:16]})", err=True)
+        else:
+            click.echo(f"{built.name}: cached, built meanwhile by a concurrent build "
+                       f"({built.digest[:16]})", err=True)
+    click.echo(str(built.path))
+
+
+@image.command("list")
+@format_option
+@friendly
+def image_list(fmt: str) -> None:
+    """The known recipes (built-in, ./images, SANDBOX_IMAGES_PATH) and the images built."""
+    from ..image import list_images
+    from ..recipe import known_recipes
+
+    recipes = known_recipes()
+    images = list_images()
+    rows = [{"name": i.name, "digest": i.digest, "path": str(i.path), "size": i.size,
+             "built_at": i.manifest["built_at"],
+             "recipe": str(recipes.get(i.name) or i.manifest.get("recipe_path"))}
+            for i in images]
+    rows += [{"name": name, "digest": None, "path": None, "size": None, "built_at": None,
+              "recipe": str(path)}
+             for name, path in recipes.items() if not any(i.name == name for i in images)]
+    rows.sort(key=lambda row: (row["name"], row["built_at"] or ""))
+    emit(rows, fmt, [
+        ("NAME", 20, lambda r: r["name"]),
+        ("DIGEST", 16, lambda r: r["digest"][:16] if r["digest"] else "-"),
+        ("SIZE", -7, lambda r: format_size(r["size"]) if r["size"] is not None else "-"),
+        ("BUILT", 24, lambda r: r["built_at"] or "not built"),
+        ("RECIPE", 0, lambda r: r["recipe"]),
+    ], empty="no recipes and no images: add images/NAME.toml (see images/README.md)")
+
+
+@image.command("inspect")
+@click.argument("name")
+@friendly
+def image_inspect(name: str) -> None:
+    """The manifest of a built image, as JSON."""
+    from ..image import find_images
+
+    found = find_images(name)
+    click.echo(json.dumps([dict(i.manifest, path=str(i.path)) for i in found]
+                          if len(found) > 1 else dict(found[0].manifest, path=str(found[0].path)),
+                          indent=2))
+
+
+@image.command("rm")
+@click.argument("name")
+@friendly
+def image_rm(name: str) -> None:
+    """Remove every built version of image NAME, and its golden snapshots, from the cache."""
+    from ..golden import remove_images
+
+    for line in remove_images(name):
+        click.echo(line)

@@ -1,0 +1,171 @@
+"""Named machines from the command line: ``up``, ``list``, ``exec``, ``ssh``, ``cp``,
+``snapshot``, ``logs`` and ``down`` (the core is :mod:`sandbox.named`)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ..errors import SandboxError
+from . import emit, format_option, friendly, machine_options, main
+from .machines import command_line, exit_with, interactive_ssh
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+
+@contextmanager
+def _attached(name: str, *, connect_ssh: bool = True) -> Iterator[Machine]:
+    """A handle on named machine NAME, dropped (the VM keeps running) afterwards."""
+    from ..named import attach
+
+    vm = attach(name, connect_ssh=connect_ssh)
+    try:
+        yield vm
+    finally:
+        vm.disconnect()
+
+
+@main.command()
+@click.argument("name")
+@machine_options()
+@friendly
+def up(name: str, **shape: Any) -> None:
+    """Start a named VM that keeps running after this command (see list, exec, down)."""
+    from ..named import up as start_named
+    from ..progress import Reporter
+    from ..spec import MachineSpec
+
+    machine = start_named(MachineSpec.from_kwargs(**shape), name, reporter=Reporter())
+    click.echo(f"{name}: running (image {machine.spec.image}, ssh port {machine.ssh_port}, "
+               f"ready in {machine.boot_seconds:.2f} s)")
+    machine.disconnect()
+
+
+@main.command("list")
+@format_option
+@friendly
+def list_machines(fmt: str) -> None:
+    """The named VMs, running or dead."""
+    from ..named import list_named
+
+    emit([m.summary() for m in list_named()], fmt, [
+        ("NAME", 24, lambda m: m["name"]), ("STATUS", 8, lambda m: m["status"]),
+        ("IMAGE", 14, lambda m: m["image"]), ("SSH", -6, lambda m: m["ssh_port"]),
+        ("CREATED", 0, lambda m: m["created"]),
+    ], empty="no machines: sandbox up NAME")
+
+
+main.add_command(list_machines, "ls")
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@friendly
+def exec_(name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in the named VM NAME; exit with its status."""
+    with _attached(name) as vm:
+        result = vm.run(command_line(command), stdout=sys.stdout.buffer,
+                        stderr=sys.stderr.buffer)
+    exit_with(result.exit_status)
+
+
+@main.command()
+@click.argument("name")
+@friendly
+def ssh(name: str) -> None:
+    """An interactive shell in the named VM NAME."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise SandboxError("sandbox ssh needs a terminal; use 'sandbox exec NAME -- CMD'")
+    with _attached(name, connect_ssh=False) as vm:
+        status = interactive_ssh(vm)
+    sys.exit(status)
+
+
+@main.command()
+@click.argument("source")
+@click.argument("target")
+@friendly
+def cp(source: str, target: str) -> None:
+    """Copy files in or out of a named VM: NAME:/path on one side (directories too)."""
+    from pathlib import Path
+
+    def split(spec: str) -> tuple[str | None, str]:
+        head, sep, tail = spec.partition(":")
+        return (head, tail) if sep and "/" not in head and head else (None, spec)
+
+    (src_vm, src), (dst_vm, dst) = split(source), split(target)
+    if (src_vm is None) == (dst_vm is None):
+        raise SandboxError("give exactly one side as NAME:/path, e.g. "
+                           "sandbox cp ./app dev:/opt/app")
+    with _attached(src_vm or dst_vm or "") as vm:
+        if dst_vm is not None:
+            local = Path(src)
+            if not local.exists():
+                raise SandboxError(f"no such local path: {local}")
+            (vm.push if local.is_dir() else vm.put)(local, dst)
+        else:
+            vm.get(src, Path(dst))
+
+
+@main.group()
+def snapshot() -> None:
+    """Save, restore and list snapshots (disk and RAM) of a named VM."""
+
+
+def _snapshot_command(verb: str, doc: str) -> None:
+    @snapshot.command(verb, help=doc)
+    @click.argument("name")
+    @click.argument("tag")
+    @friendly
+    def command(name: str, tag: str) -> None:
+        with _attached(name, connect_ssh=False) as vm:
+            (vm.snapshot if verb == "save" else vm.restore)(tag)
+        click.echo(f"{name}: {verb}d snapshot {tag}")
+
+
+_snapshot_command("save", "Save VM NAME's disk and RAM as TAG.")
+_snapshot_command("restore", "Roll VM NAME back to snapshot TAG.")
+
+
+@snapshot.command("list")
+@click.argument("name")
+@friendly
+def snapshot_list(name: str) -> None:
+    """The snapshots of VM NAME."""
+    with _attached(name, connect_ssh=False) as vm:
+        tags = vm.snapshots()
+    click.echo("\n".join(tags) if tags else f"{name}: no snapshots")
+
+
+@main.command()
+@click.argument("name")
+@click.option("-n", "--lines", type=int, default=None, help="Only the last N lines.")
+@friendly
+def logs(name: str, lines: int | None) -> None:
+    """The serial console of VM NAME."""
+    from ..named import find_named
+    from ..plan import MachineFiles
+
+    named = find_named(name)
+    text = MachineFiles(named.path).console_log.read_text(errors="replace")
+    if lines is not None:
+        text = "\n".join(text.splitlines()[-lines:]) + "\n"
+    click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+@friendly
+def down(names: tuple[str, ...]) -> None:
+    """Stop the named VMs and delete everything they had."""
+    from ..named import down as remove
+
+    for name in names:
+        remove(name)
+        click.echo(f"{name}: down")

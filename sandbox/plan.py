@@ -1,0 +1,209 @@
+"""What one QEMU process runs: its command line (:class:`QemuPlan`), the per-machine file
+layout (:class:`MachineFiles`) and the tag rule that marks this project's processes.
+
+Pure logic apart from :func:`create_overlay` and reading a console log; unit tested.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .host import accel_verdict, qemu_binary
+from .paths import find_tool
+
+if TYPE_CHECKING:
+    from .image import Image
+    from .spec import MachineSpec
+
+# -- the tag rule ---------------------------------------------------------------------------
+# QEMU carries a tag in -name, so that the reaper can tell this project's processes (and
+# whose run they belong to) apart from any other process named by a stale pid file.
+
+
+def run_tag_prefix(run_id: str) -> str:
+    """What every QEMU of run ``run_id`` carries in its command line."""
+    return f"sandbox-{run_id}-"
+
+
+def run_tag(run_id: str, name: str) -> str:
+    return run_tag_prefix(run_id) + name
+
+
+def named_tag(name: str) -> str:
+    """The tag of named machine ``name`` (``sandbox up``, kept machines)."""
+    return f"sandbox-named-{name}"
+
+
+def named_tag_marker(name: str) -> str:
+    """What a named machine's command line holds exactly (the tag ends at the comma)."""
+    return named_tag(name) + ","
+
+
+# -- the per-machine file layout ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MachineFiles:
+    """Where one machine's files live (its directory in a run, or a named machine's)."""
+
+    dir: Path
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.dir / "qmp.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.dir / "agent.sock"
+
+    @property
+    def ssh_socket(self) -> Path:
+        return self.dir / "ssh.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "qemu.pid"
+
+    @property
+    def console_log(self) -> Path:
+        return self.dir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.dir / "qemu.log"
+
+    @property
+    def overlay(self) -> Path:
+        return self.dir / "overlay.qcow2"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.dir / "known_hosts"
+
+    def remove_runtime_files(self) -> None:
+        """What a stopped QEMU leaves that means nothing once it is gone."""
+        for path in (self.qmp_socket, self.agent_socket, self.ssh_socket, self.pidfile):
+            path.unlink(missing_ok=True)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def console_tail(console_log: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a console log, without colour codes or blank lines."""
+    try:
+        text = console_log.read_text(errors="replace")
+    except OSError:
+        return ""
+    text = _ANSI.sub("", text).replace("\r", "")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
+def create_overlay(backing: Path, overlay: Path) -> Path:
+    """A fresh copy-on-write qcow2 disk at ``overlay`` on the read-only ``backing`` disk."""
+    overlay.unlink(missing_ok=True)
+    subprocess.run([find_tool("qemu-img") or "qemu-img", "create", "-q", "-f", "qcow2", "-F",
+                    "qcow2", "-b", str(backing), str(overlay)],
+                   check=True, capture_output=True, timeout=60)
+    return overlay
+
+
+# -- the plan -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QemuPlan:
+    """Everything needed to start one QEMU process for one machine."""
+
+    binary: str
+    tag: str                  # carried in -name, so the reaper can tell its processes apart
+    accel: str
+    kvm_cpu: str
+    memory_mib: int
+    cpus: int
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    disk: Path
+    files: MachineFiles
+    network: str
+    extra: tuple[str, ...] = field(default=())
+    #: Guest RAM in this file (golden snapshots): shared while a golden is made, a private
+    #: copy-on-write mapping in a clone.
+    ram_file: Path | None = None
+    ram_shared: bool = False
+    #: Wait for the machine state on the monitor (-incoming defer) instead of booting.
+    incoming: bool = False
+
+    def command(self) -> list[str]:
+        cpu = (self.kvm_cpu or "host") if self.accel == "kvm" else "max"
+        accel = "kvm" if self.accel == "kvm" else "tcg,thread=multi"
+        restrict = ",restrict=on" if self.network == "restricted" else ""
+        machine = "q35,vmport=off,hpet=off"
+        memory: list[str] = []
+        if self.ram_file is not None:
+            share = "on" if self.ram_shared else "off"
+            memory = ["-object", f"memory-backend-file,id=ram0,size={self.memory_mib}M,"
+                                 f"mem-path={self.ram_file},share={share}"]
+            machine += ",memory-backend=ram0"
+        files = self.files
+        return [
+            self.binary,
+            "-name", f"{self.tag},debug-threads=on",
+            "-machine", machine,
+            *memory,
+            "-accel", accel,
+            "-cpu", cpu,
+            "-m", str(self.memory_mib),
+            "-smp", str(self.cpus),
+            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+            "-kernel", str(self.kernel),
+            "-initrd", str(self.initrd),
+            "-append", self.cmdline,
+            "-drive", f"file={self.disk},if=none,id=disk0,format=qcow2,discard=unmap",
+            "-device", "virtio-blk-pci,drive=disk0",
+            # Port 0: the host kernel picks a free port, so parallel machines never race
+            # for one; the chosen port is read back with "info usernet".
+            "-netdev", f"user,id=net0{restrict},hostfwd=tcp:127.0.0.1:0-:22",
+            "-device", "virtio-net-pci,netdev=net0",
+            "-device", "virtio-rng-pci",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-chardev", f"socket,id=agent0,path={files.agent_socket},server=on,wait=off",
+            "-device", "virtserialport,bus=vser0.0,chardev=agent0,name=org.sandbox.agent",
+            "-chardev", f"socket,id=ssh0,path={files.ssh_socket},server=on,wait=off",
+            "-device", "virtserialport,bus=vser0.0,chardev=ssh0,name=org.sandbox.ssh",
+            # append: a clone's log starts with the golden boot's console, copied in first.
+            "-chardev", f"file,id=console0,path={files.console_log},append=on",
+            "-serial", "chardev:console0",
+            "-qmp", f"unix:{files.qmp_socket},server=on,wait=off",
+            "-pidfile", str(files.pidfile),
+            *(["-incoming", "defer"] if self.incoming else []),
+            *self.extra,
+        ]
+
+    def shape(self) -> list[str]:
+        """The command line without per-machine paths and ports: what a saved machine state
+        depends on. Two plans with equal shapes can restore each other's snapshots."""
+        generic = replace(self, tag="T", disk=Path("D"), files=MachineFiles(Path("M")),
+                          ram_file=Path("R") if self.ram_file else None, ram_shared=False,
+                          incoming=False, network="restricted", binary="qemu")
+        return generic.command()
+
+
+def plan_for(spec: MachineSpec, image: Image, accel: str, *, files: MachineFiles, tag: str,
+             disk: Path, ram_file: Path | None = None, ram_shared: bool = False,
+             incoming: bool = False) -> QemuPlan:
+    """The plan of a machine of ``spec`` on ``image``: the spec's shape, else the recipe's."""
+    return QemuPlan(
+        binary=qemu_binary(), tag=tag, accel=accel,
+        kvm_cpu=accel_verdict().kvm_cpu if accel == "kvm" else "",
+        memory_mib=spec.memory_mib or image.memory_mib, cpus=spec.cpus or image.cpus,
+        kernel=image.kernel, initrd=image.initrd, cmdline=image.kernel_cmdline, disk=disk,
+        files=files, network=spec.network, extra=spec.qemu_args, ram_file=ram_file,
+        ram_shared=ram_shared, incoming=incoming)
+
+

@@ -1,0 +1,278 @@
+"""The QEMU process of one machine: spawning with a parent-death signal, the QMP monitor,
+liveness, saving and loading state, and a graceful then hard stop. What it runs is a
+:class:`sandbox.plan.QemuPlan`.
+
+Everything here is about QEMU, nothing about the guest: the guest API sits on top
+(sandbox.machine), and so does the golden snapshot procedure (sandbox.golden).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qemu.qmp import QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from .errors import BootError, SandboxError, SnapshotError
+from .pids import process_alive
+from .plan import MachineFiles, QemuPlan, console_tail
+from .waits import wait_until
+
+if TYPE_CHECKING:
+    pass
+
+# -- the process ----------------------------------------------------------------------------
+
+
+class Pid:
+    """The part of Popen's interface a QemuProcess uses, for a QEMU this process did not
+    start (a named machine attached to from another command)."""
+
+    def __init__(self, pid: int, start_ticks: int | None) -> None:
+        self.pid = pid
+        self.start_ticks = start_ticks
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not process_alive(self.pid, self.start_ticks):
+            self.returncode = -1
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        try:
+            wait_until(lambda: self.poll() is not None, timeout=timeout or 1e9, interval=0.02,
+                       what=f"pid {self.pid} did not exit")
+        except SandboxError:
+            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0) from None
+        return self.returncode or -1
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+# QEMU is spawned from one long-lived thread: a parent-death signal fires when the *thread*
+# that forked the child exits, so spawning from a short-lived worker thread would kill it.
+_spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
+
+#: How long QEMU may take to open its monitor socket.
+MONITOR_TIMEOUT = 30.0
+#: How long a monitor command may take.
+QMP_TIMEOUT = 30.0
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    def setup() -> None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+    return setup
+
+
+def _refused(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, ConnectionRefusedError):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+class QemuProcess:
+    """One QEMU process and its QMP monitor: launched here, or adopted by pid."""
+
+    def __init__(self, plan: QemuPlan | None, files: MachineFiles) -> None:
+        self.plan = plan
+        self.files = files
+        self.process: subprocess.Popen[bytes] | Pid | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._qmp_lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def launch(self, *, die_with_parent: bool) -> None:
+        """Start QEMU from the plan and connect to its monitor."""
+        assert self.plan is not None
+        command = self.plan.command()
+        with self.files.qemu_log.open("wb") as log:
+            self.process = _spawner.submit(
+                subprocess.Popen, command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(os.getpid()) if die_with_parent else None).result()
+        deadline = time.monotonic() + MONITOR_TIMEOUT
+
+        def socket_there() -> bool:
+            self.check_alive("QEMU exited before its QMP socket appeared")
+            return self.files.qmp_socket.exists()
+
+        wait_until(socket_there, timeout=MONITOR_TIMEOUT, interval=0.01, error=BootError,
+                   what="QEMU did not open its QMP socket")
+        while True:
+            qmp = QEMUMonitorProtocol(str(self.files.qmp_socket))
+            try:
+                qmp.connect(negotiate=True)
+                break
+            except (QMPError, OSError) as exc:
+                # The socket file appears when QEMU binds it, a moment before it listens:
+                # refused connections are retried. Anything else is usually QEMU failing on
+                # its own command line right after opening the socket.
+                if time.monotonic() < deadline and self.running and _refused(exc):
+                    time.sleep(0.01)
+                    continue
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(timeout=5)
+                self.check_alive("QEMU exited during start-up")
+                raise BootError(f"could not talk to QEMU's monitor: {exc}",
+                                command_line=command) from exc
+        qmp.settimeout(QMP_TIMEOUT)
+        self._qmp = qmp
+
+    def adopt(self, pid: int, start_ticks: int | None) -> None:
+        """Take over a running QEMU this process did not start, through its monitor."""
+        self.process = Pid(pid, start_ticks)
+        qmp = QEMUMonitorProtocol(str(self.files.qmp_socket))
+        qmp.connect(negotiate=True)
+        qmp.settimeout(QMP_TIMEOUT)
+        self._qmp = qmp
+
+    # -- the monitor ----------------------------------------------------------------------
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """Run a QMP command and return its result."""
+        if self._qmp is None:
+            raise SandboxError("QEMU is not running")
+        with self._qmp_lock:
+            try:
+                return self._qmp.cmd(command, **arguments)
+            except QMPError as exc:
+                raise SandboxError(f"QMP {command} failed: {exc}") from exc
+
+    def hmp(self, command_line: str) -> str:
+        return str(self.qmp("human-monitor-command", **{"command-line": command_line}))
+
+    def hostfwd_ports(self) -> dict[int, int]:
+        """guest port -> host port of every TCP forward, read back from QEMU."""
+        ports = {}
+        for line in self.hmp("info usernet").splitlines():
+            fields = line.split()
+            if fields and fields[0] == "TCP[HOST_FORWARD]":
+                ports[int(fields[5])] = int(fields[3])
+        return ports
+
+    def close_monitor(self) -> None:
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                self._qmp.close()
+            self._qmp = None
+
+    # -- liveness -------------------------------------------------------------------------
+
+    def check_alive(self, what: str) -> None:
+        """BootError (exit status, console tail, QEMU's own words) if QEMU has exited."""
+        if self.process is not None and self.process.poll() is not None:
+            raise BootError(what, exit_status=self.process.returncode,
+                            console_tail=console_tail(self.files.console_log) +
+                            self.stderr_tail(),
+                            command_line=self.plan.command() if self.plan else None)
+
+    def stderr_tail(self) -> str:
+        try:
+            text = self.files.qemu_log.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+        return f"\nQEMU said:\n{text[-2000:]}" if text else ""
+
+    # -- state ----------------------------------------------------------------------------
+
+    def wait_chardev_open(self, label: str, timeout: float = 10) -> None:
+        """Wait until QEMU has accepted the host's connection to chardev ``label``."""
+        def connected() -> bool:
+            return any(c["label"] == label and not c["filename"].startswith("disconn")
+                       for c in self.qmp("query-chardev"))
+
+        wait_until(connected, timeout=timeout, interval=0.005, error=SnapshotError,
+                   what=f"QEMU did not accept the connection to its {label} port")
+
+    def save_state(self, path: Path, what: str) -> None:
+        """Save the device state (RAM stays in its shared file: ``x-ignore-shared``) of the
+        stopped machine into ``path``."""
+        self.qmp("migrate-set-capabilities",
+                 capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        self.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")
+        self._wait_migration(what)
+
+    def load_state(self, path: Path, what: str) -> None:
+        """Load a state saved by :meth:`save_state` into a QEMU started with -incoming."""
+        self.qmp("migrate-set-capabilities",
+                 capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        self.qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(str(path))}")
+        self._wait_migration(what)
+
+    def _wait_migration(self, what: str, timeout: float = 120) -> None:
+        last: list[str] = ["none"]
+
+        def finished() -> bool:
+            try:
+                info = self.qmp("query-migrate")
+            except SandboxError as exc:
+                if self.process is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.process.wait(timeout=2)
+                raise SnapshotError(f"{what} failed: QEMU stopped answering ({exc})"
+                                    f"{self.stderr_tail()}") from exc
+            status = str(info.get("status"))
+            last[0] = status
+            if status in ("failed", "cancelled"):
+                raise SnapshotError(f"{what} failed: {info.get('error-desc', status)}"
+                                    f"{self.stderr_tail()}")
+            try:
+                self.check_alive(f"QEMU exited while {what}")
+            except BootError as exc:
+                raise SnapshotError(str(exc)) from exc
+            return status == "completed"
+
+        wait_until(finished, timeout=timeout, interval=0.005, error=SnapshotError,
+                   what=f"{what} did not finish",
+                   seen=lambda: f"migration status {last[0]!r}")
+
+    # -- stopping -------------------------------------------------------------------------
+
+    def stop(self, grace: float = 3.0) -> None:
+        """QMP quit, then SIGTERM, then SIGKILL, ``grace`` seconds apart; the monitor is
+        closed and the runtime files removed."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(Exception):
+                if self._qmp is not None:
+                    self._qmp.settimeout(grace)
+                    self._qmp.cmd("quit")
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.send_signal(sig)
+                try:
+                    process.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self.close_monitor()
+        self.process = None
+        self.files.remove_runtime_files()
