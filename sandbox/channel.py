@@ -59,8 +59,14 @@ class CommandResult:
 
 
 def command_string(cmd: str | Sequence[str]) -> str:
-    """A shell command line: strings pass through, sequences are quoted word by word."""
-    return cmd if isinstance(cmd, str) else shlex.join(cmd)
+    """A shell command line: strings pass through, sequences are quoted word by word.
+    ValueError for a NUL byte, which no command line can carry (the shell would silently
+    run the part before it)."""
+    line = cmd if isinstance(cmd, str) else shlex.join(cmd)
+    if "\0" in line:
+        raise ValueError(f"the command {line!r} holds a NUL byte (\\0), which no command line "
+                         "can carry; pass binary data through input= or a file instead")
+    return line
 
 
 def wrap(command: str, env: Mapping[str, str] | None) -> str:
@@ -74,6 +80,8 @@ def wrap(command: str, env: Mapping[str, str] | None) -> str:
     for name, value in (env or {}).items():
         if not _ENV_NAME.match(name):
             raise ValueError(f"not an environment variable name: {name!r}")
+        if "\0" in str(value):
+            raise ValueError(f"the value of environment variable {name} holds a NUL byte")
         lines.append(f"export {name}={shlex.quote(str(value))}")
     return "\n".join([*lines, command])
 
@@ -215,7 +223,16 @@ class Channel:
             raise ChannelError(f"SSH failed while running {command!r}: {exc}") from exc
         finally:
             chan.close()
-        status = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        # paramiko leaves exit_status at -1 unless the server sent one (a real one is
+        # unsigned). Without one, a session the server ended cleanly (EOF first) means the
+        # command's shell died of a signal (sent as exit-signal, which paramiko drops); a
+        # session that just closed means the connection itself went away.
+        status = chan.exit_status
+        if status == -1 and not (chan.eof_received and self._transport is not None
+                                 and self._transport.is_active()):
+            raise ChannelError(f"the connection to the guest was lost while {command!r} ran "
+                               "(QEMU exited, the guest rebooted or its SSH server died); "
+                               f"output so far: {_tail_text(out + err)}")
         return CommandResult(command, status, out, err, time.monotonic() - started)
 
     @staticmethod
@@ -388,3 +405,8 @@ def connect(opener: Callable[[float], Any], key: paramiko.PKey, host_key: str | 
         tries = f"{attempts} attempt(s) within " if attempts is not None else ""
         raise ChannelError(f"the guest did not answer on SSH ({tries}{timeout:g} s; last "
                            f"error: {exc!r})") from exc
+
+
+def _tail_text(data: bytes, limit: int = 500) -> str:
+    text = data.decode(errors="replace").strip()
+    return repr(text[-limit:]) if text else "(none)"

@@ -169,7 +169,10 @@ def shape_plan(image: Image, spec: MachineSpec, accel: str) -> QemuPlan:
 
 
 def golden_key(image: Image, plan: QemuPlan) -> str:
-    payload = json.dumps([GOLDEN_VERSION, image.digest, qemu_version(), plan.shape()])
+    """The snapshot's key. It names the image's build, not only its digest: a forced
+    rebuild of the same recipe (a new disk, a new host key) must not meet old snapshots."""
+    payload = json.dumps([GOLDEN_VERSION, image.digest, image.manifest.get("built_at"),
+                          qemu_version(), plan.shape()])
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -201,6 +204,7 @@ def ensure_golden(image: Image, spec: MachineSpec, accel: str, *,
             plan = shape_plan(image, spec, accel)
             manifest = {
                 "image": image.name, "image_digest": image.digest,
+                "image_built_at": image.manifest.get("built_at"),
                 "key": golden_key(image, plan), "golden_version": GOLDEN_VERSION,
                 "qemu_version": qemu_version(), "shape": plan.shape(),
                 "memory_mib": plan.memory_mib, "cpus": plan.cpus, "accel": plan.accel,
@@ -298,6 +302,19 @@ def discard_golden(golden: Golden) -> None:
 def list_goldens() -> list[Golden]:
     return [Golden.load(p) for p in sorted(golden_root().iterdir())
             if not p.name.startswith(".") and (p / "manifest.json").exists()]
+
+
+def remove_stale(image: Image) -> list[str]:
+    """Remove the golden snapshots made from an earlier build of ``image``'s name (after a
+    forced rebuild nothing can clone them); what was removed, one line each."""
+    removed = []
+    for golden in list_goldens():
+        if golden.manifest.get("image_digest") == image.digest and \
+                golden.manifest.get("image_built_at") != image.manifest.get("built_at"):
+            with entry_lock(golden.path):
+                discard_golden(golden)
+            removed.append(f"removed golden snapshot {golden.path.name} (of an earlier build)")
+    return removed
 
 
 def remove_images(name: str) -> list[str]:

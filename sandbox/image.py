@@ -229,12 +229,14 @@ def _build_into(recipe: Recipe, key: str, work: Path, tools: dict[str, str],
     base = recipe.path.parent if recipe.path else Path.cwd()
     for index, entry in enumerate(recipe.files):
         (stage / "files" / str(index)).write_bytes(entry.data(base))
+    (stage / "customize").mkdir()
+    for index, script in enumerate(recipe.customize):  # a file each: may span lines
+        (stage / "customize" / f"{index:04d}").write_text(script + "\n")
     env = tool_env()
     env.update(LC_ALL="C.UTF-8",
                SANDBOX_AUTHORIZED_KEY=cache_key().public_line,
                SANDBOX_FILES="\n".join(f"{i} {oct(f.mode)[2:]} {f.path}"
-                                       for i, f in enumerate(recipe.files)),
-               SANDBOX_CUSTOMIZE="\n".join(recipe.customize))
+                                       for i, f in enumerate(recipe.files)))
     packages = list(dict.fromkeys([*BASE_PACKAGES, *recipe.packages]))
     unprivileged = "genext2fs" in tools
     # Paths outside the tree are relative to the working directory: mmdebstrap splits

@@ -152,13 +152,16 @@ def parse_recipe(path: Path) -> Recipe:
         for key in entry:
             if key not in _FILE_FIELDS:
                 raise _unknown(here, key, _FILE_FIELDS)
-        if not str(entry.get("path", "")).startswith("/"):
+        guest_path = str(entry.get("path", ""))
+        if not guest_path.startswith("/"):
             raise RecipeError(f"{here}: field 'path' must be an absolute guest path")
+        if ".." in guest_path.split("/") or "\0" in guest_path or guest_path.endswith("/"):
+            raise RecipeError(f"{here}: field 'path' {guest_path!r} must name a file inside the "
+                              "image, without '..' parts")
         if ("content" in entry) == ("source" in entry):
             raise RecipeError(f"{here}: give exactly one of 'content' or 'source'")
-        if "source" in entry and not (path.parent / entry["source"]).is_file():
-            raise RecipeError(f"{here}: field 'source': no file {entry['source']!r} next to "
-                              "the recipe")
+        if "source" in entry:
+            _check_source(here, path.parent, str(entry["source"]))
         mode = entry.get("mode", "0644")
         try:
             mode_int = int(mode, 8) if isinstance(mode, str) else int(mode)
@@ -182,6 +185,17 @@ def parse_recipe(path: Path) -> Recipe:
         disk_size=str(raw.get("disk_size", "2G")),
         path=path.resolve(),
     )
+
+
+def _check_source(here: str, base: Path, source: str) -> None:
+    """A ``source`` must be a file inside the recipe's directory: a recipe cannot copy the
+    host's other files (``/etc/shadow``, ``../../secret``) into an image."""
+    resolved = (base / source).resolve()
+    if not resolved.is_relative_to(base.resolve()):
+        raise RecipeError(f"{here}: field 'source' {source!r} is outside the recipe's "
+                          f"directory {base}; copy the file next to the recipe")
+    if not resolved.is_file():
+        raise RecipeError(f"{here}: field 'source': no file {source!r} next to the recipe")
 
 
 def recipe_dirs() -> list[Path]:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from sandbox.errors import ImageError
 from sandbox.host import accel_verdict
 from sandbox.image import build_image, images_dir, list_images
+from sandbox.paths import find_tool
 from sandbox.recipe import find_recipe, parse_recipe
 
 from .conftest import IMAGE, env_with, sandbox_cli
@@ -160,3 +162,36 @@ def test_kvm_request_fails_fast_where_kvm_does_not_work(built_image: dict[str, A
     assert "KVM was requested but does not work" in result.stderr
     assert time.monotonic() - started < 30
 
+
+def test_recipe_files_and_multi_line_customize_land_inside_the_tree(tmp_path: Path) -> None:
+    """A recipe's files are written in the chroot with their modes, and a customize entry
+    may be a script of several lines."""
+    recipe = tmp_path / "custom-check.toml"
+    recipe.write_text(textwrap.dedent('''
+        packages = ["linux-image-cloud-amd64"]
+        customize = ["""
+        set -e
+        echo one > /etc/multi-line
+        echo two >> /etc/multi-line
+        """]
+
+        [[files]]
+        path = "/etc/placed"
+        content = "placed\\n"
+        mode = "0600"
+        '''))
+    built = build_image(parse_recipe(recipe))
+    try:
+        raw = tmp_path / "disk.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(built.disk), str(raw)],
+                       check=True)
+
+        def debugfs(request: str) -> str:
+            return subprocess.run([find_tool("debugfs") or "debugfs", "-R", request, str(raw)],
+                                  capture_output=True, text=True, check=True).stdout
+
+        assert debugfs("cat /etc/multi-line") == "one\ntwo\n"
+        assert debugfs("cat /etc/placed") == "placed\n"
+        assert "Mode:  0600" in debugfs("stat /etc/placed")
+    finally:
+        sandbox_cli("image", "rm", "custom-check")

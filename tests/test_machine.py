@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import sandbox
-from sandbox.errors import BootError, CommandFailed, CommandTimeout, WaitTimeout
+from sandbox.errors import BootError, ChannelError, CommandFailed, CommandTimeout, WaitTimeout
 from sandbox.image import cached_image
 from sandbox.paths import runtime_dir
 from sandbox.recipe import find_recipe
@@ -222,6 +222,27 @@ def test_machines_are_isolated_and_the_image_never_changes(shared_vm: sandbox.Ma
     assert machine_dir is not None and not machine_dir.exists()
     assert hashlib.sha256(image.disk.read_bytes()).hexdigest() == before
     assert shared_vm.succeed("cat /root/mine") == "from-shared\n"
+
+
+def test_a_lost_connection_raises_instead_of_returning_a_status(
+        built_image: dict[str, Any]) -> None:
+    with sandbox.launch(IMAGE) as vm:
+        # A command whose shell dies of a signal is a result (status -1), not a lost link.
+        assert vm.run("kill -9 $$").exit_status == -1
+        assert vm.succeed("echo still") == "still\n"
+        assert vm.pid is not None
+        threading.Timer(1.0, os.kill, (vm.pid, signal.SIGKILL)).start()  # QEMU dies mid-command
+        started = time.monotonic()
+        with pytest.raises(ChannelError, match="connection to the guest was lost"):
+            vm.run("sleep 30", timeout=20)
+        assert time.monotonic() - started < 15
+        with pytest.raises(ChannelError):  # fail() cannot pass on a dead machine
+            vm.fail("false")
+
+
+def test_a_nul_byte_is_refused_before_it_reaches_the_guest(shared_vm: sandbox.Machine) -> None:
+    with pytest.raises(ValueError, match="NUL byte"):
+        shared_vm.run("echo a\0b")
 
 
 def test_bad_qemu_argument_is_a_boot_error(built_image: dict[str, Any]) -> None:

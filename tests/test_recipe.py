@@ -54,6 +54,11 @@ def test_misspelled_file_field_is_named(tmp_path: Path) -> None:
     ('[[files]]\npath = "/a"\n', "exactly one of 'content' or 'source'"),
     ('[[files]]\npath = "/a"\nsource = "missing.txt"\n', "no file 'missing.txt'"),
     ('[[files]]\npath = "/a"\ncontent = "x"\nmode = "9z"\n', "octal"),
+    ('[[files]]\npath = "/../../etc/x"\ncontent = "x"\n', "without '..' parts"),
+    ('[[files]]\npath = "/etc/../../x"\ncontent = "x"\n', "without '..' parts"),
+    ('[[files]]\npath = "/a"\nsource = "/etc/shadow"\n', "outside the recipe's directory"),
+    ('[[files]]\npath = "/a"\nsource = "../../../../etc/passwd"\n',
+     "outside the recipe's directory"),
     ("suite = \n", "not valid TOML"),
 ])
 def test_bad_values_name_the_field(tmp_path: Path, text: str, message: str) -> None:

@@ -115,6 +115,15 @@ def test_wrapper_rejects_bad_env_names() -> None:
         wrap("true", {"A B": "x"})
 
 
+def test_nul_bytes_in_commands_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="NUL byte"):
+        command_string("echo a\0b")
+    with pytest.raises(ValueError, match="NUL byte"):
+        command_string(["printf", "a\0b"])
+    with pytest.raises(ValueError, match="variable A holds a NUL byte"):
+        wrap("true", {"A": "x\0y"})
+
+
 def test_command_string_quotes_sequences() -> None:
     assert command_string(["sh", "-c", "exit 3"]) == "sh -c 'exit 3'"
     assert shlex.split(command_string(["a b", "c"])) == ["a b", "c"]
@@ -160,3 +169,15 @@ def test_kill_tagged_spares_a_process_without_the_tag(tmp_path: Path) -> None:
         assert sleeper.wait(timeout=5) != 0
     finally:
         sleeper.kill()
+
+
+def test_a_rebuilt_image_meets_no_old_golden_snapshot(tmp_path: Path) -> None:
+    from sandbox.golden import golden_key
+    from sandbox.image import Image
+
+    manifest = {"name": "x", "digest": "d" * 64, "built_at": "2026-01-01T00:00:00+0000"}
+    first = Image(tmp_path, manifest)
+    rebuilt = Image(tmp_path, dict(manifest, built_at="2026-01-02T00:00:00+0000"))
+    shape = plan()
+    assert golden_key(first, shape) == golden_key(Image(tmp_path, dict(manifest)), shape)
+    assert golden_key(first, shape) != golden_key(rebuilt, shape)

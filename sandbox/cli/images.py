@@ -34,7 +34,11 @@ def image_build(recipe: str, force: bool, quiet: bool) -> None:
             click.echo(f"{hit.name}: cached ({hit.digest[:16]})", err=True)
         click.echo(str(hit.path))
         return
+    from ..golden import remove_stale
+
     built = build_image(parsed, reporter=reporter, force=force)
+    for line in remove_stale(built) if force else []:
+        reporter.note(line)
     if not quiet:
         if built.built_now:
             click.echo(f"{built.name}: built in {built.manifest['build_seconds']} s "

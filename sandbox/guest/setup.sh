@@ -6,11 +6,11 @@
 # which mmdebstrap copies out (see sandbox/image.py). Inputs from the environment:
 #   SANDBOX_AUTHORIZED_KEY  the cache's public key, root's only way in
 #   SANDBOX_FILES           lines "INDEX MODE GUEST_PATH" of files staged in files/INDEX
-#   SANDBOX_CUSTOMIZE       the recipe's customize commands, one a line, run in the chroot
+# and in the stage: files/INDEX (the recipe's files) and customize/NNNN (its customize
+# commands, a file each, run in order by /bin/sh in the chroot).
 set -eu
 root="$1"
 stage="$root/tmp/sandbox-build"
-SANDBOX_FILES_DIR="$stage/files"
 SANDBOX_AGENT="$stage/sandbox-agent"
 SANDBOX_OUT="$stage/out"
 mkdir -p "$SANDBOX_OUT"
@@ -108,15 +108,15 @@ chroot "$root" systemctl enable sandbox-agent.service
 # The recipe's own files, then its customize commands.
 if [ -n "${SANDBOX_FILES:-}" ]; then
     printf '%s\n' "$SANDBOX_FILES" | while read -r index mode path; do
-        install -D -m "$mode" "$SANDBOX_FILES_DIR/$index" "$root$path"
+        # In the chroot: links in the tree resolve inside it, never to the host's files.
+        chroot "$root" install -D -m "$mode" "/tmp/sandbox-build/files/$index" "$path"
     done
 fi
-if [ -n "${SANDBOX_CUSTOMIZE:-}" ]; then
-    printf '%s\n' "$SANDBOX_CUSTOMIZE" | while IFS= read -r command; do
-        echo "customize: $command"
-        chroot "$root" /bin/sh -c "$command" </dev/null
-    done
-fi
+for script in "$stage"/customize/*; do
+    [ -f "$script" ] || continue
+    echo "customize: $(head -n 1 "$script")"
+    chroot "$root" /bin/sh "/tmp/sandbox-build/customize/${script##*/}" </dev/null
+done
 
 # Kernel, initrd and the host key travel out beside the disk (direct kernel boot; the
 # client pins the host key).
