@@ -37,7 +37,7 @@ from typing import Any
 from .agent import Agent
 from .channel import PreludeSocket, connect, tcp
 from .entries import entry_lock, publish, remove_entry
-from .errors import ChannelError, SandboxError, SandboxWarning, SnapshotError
+from .errors import BootError, ChannelError, SandboxError, SandboxWarning, SnapshotError
 from .host import qemu_version
 from .image import Image, find_images, remove_image
 from .keys import cache_key
@@ -230,15 +230,18 @@ def make(image: Image, spec: MachineSpec, accel: str, target: Path) -> dict[str,
     port: socket.socket | None = None
     try:
         process.launch(die_with_parent=True)
-        ssh_port = process.hostfwd_ports()[22]
+        ssh_port = process.hostfwd_ports().get(22)
+        if ssh_port is None:
+            raise BootError("QEMU started without the SSH port forward",
+                            console_tail=files.console_tail())
         try:
             channel = connect(tcp(("127.0.0.1", ssh_port)), cache_key().load(), image.host_key,
                               timeout=spec.boot_timeout - (time.monotonic() - started),
                               alive=lambda: process.check_alive(
                                   "QEMU exited while the guest was booting"))
         except ChannelError as exc:
-            raise SnapshotError(f"the golden boot of {image.name} failed: {exc}"
-                                f"{process.stderr_tail()}") from exc
+            raise BootError(f"the golden boot of {image.name}: {exc}",
+                            console_tail=files.console_tail()) from exc
         booted = time.monotonic()
         # Settle: let boot-time jobs finish so clones do not all redo them.
         channel.run("systemctl is-system-running --wait >/dev/null 2>&1; sync",

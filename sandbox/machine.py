@@ -36,7 +36,7 @@ from .golden import Golden, discard_golden, ensure_golden
 from .host import resolve_accel
 from .image import Image, get_image
 from .keys import cache_key
-from .plan import MachineFiles, QemuPlan, console_tail, create_overlay, plan_for, run_tag
+from .plan import MachineFiles, QemuPlan, create_overlay, plan_for, run_tag
 from .progress import QUIET, Reporter
 from .qemu import QemuProcess
 from .runs import current_run
@@ -400,7 +400,7 @@ class Machine(GuestWaits):
 
     def console_tail(self, lines: int = 40) -> str:
         """The last ``lines`` console lines, without colour codes or blank lines."""
-        return console_tail(self.files.console_log, lines) if self.files else ""
+        return self.files.console_tail(lines) if self.files else ""
 
     def snapshot(self, tag: str) -> None:
         """Save this machine's disk and RAM under ``tag`` (inside its own overlay)."""

@@ -84,6 +84,9 @@ class MachineFiles:
     def known_hosts(self) -> Path:
         return self.dir / "known_hosts"
 
+    def console_tail(self, lines: int = 40) -> str:
+        return console_tail(self.console_log, lines)
+
     def remove_runtime_files(self) -> None:
         """What a stopped QEMU leaves that means nothing once it is gone."""
         for path in (self.qmp_socket, self.agent_socket, self.ssh_socket, self.pidfile):

@@ -26,7 +26,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .errors import BootError, SandboxError, SnapshotError
 from .pids import process_alive
-from .plan import MachineFiles, QemuPlan, console_tail
+from .plan import MachineFiles, QemuPlan
 from .waits import wait_until
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ class QemuProcess:
         """BootError (exit status, console tail, QEMU's own words) if QEMU has exited."""
         if self.process is not None and self.process.poll() is not None:
             raise BootError(what, exit_status=self.process.returncode,
-                            console_tail=console_tail(self.files.console_log) +
+                            console_tail=self.files.console_tail() +
                             self.stderr_tail(),
                             command_line=self.plan.command() if self.plan else None)
 
