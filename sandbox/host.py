@@ -82,6 +82,10 @@ class AccelVerdict:
     qemu_version: str
     probed_at: str
     probe_seconds: float
+    #: False when the probe itself failed (no kernel to boot, the control run under TCG
+    #: missed its banner): such a verdict is used once and not cached, so the next run
+    #: probes again instead of keeping a transient failure for good.
+    conclusive: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,9 +105,12 @@ def accel_verdict(*, refresh: bool = False) -> AccelVerdict:
         if path.exists() and not refresh:
             return AccelVerdict(**json.loads(path.read_text()))
         verdict = _probe()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(verdict.to_json(), indent=2))
-        tmp.rename(path)
+        if verdict.conclusive:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(verdict.to_json(), indent=2))
+            tmp.rename(path)
+        else:
+            path.unlink(missing_ok=True)
         return verdict
 
 
@@ -133,8 +140,10 @@ def _probe() -> AccelVerdict:
         kernel = probe_kernel()
     except HostError as exc:
         return AccelVerdict(accel="tcg", kvm_usable=False, kvm_cpu="", tcg_usable=True,
-                            reason=f"could not probe KVM: {exc}",
-                            probe_seconds=round(time.monotonic() - started, 2), **common)
+                            reason=kvm_problem or f"could not probe KVM (asked again next "
+                                                  f"time): {exc}",
+                            probe_seconds=round(time.monotonic() - started, 2),
+                            conclusive=kvm_problem is not None, **common)
     with ThreadPoolExecutor(2) as pool:
         tcg_run = pool.submit(_boot_banner, qemu, kernel, "tcg", "max", TCG_PROBE_SECONDS)
         kvm_run = pool.submit(_probe_kvm, qemu, kernel) if kvm_problem is None else None
@@ -155,7 +164,8 @@ def _probe() -> AccelVerdict:
     return AccelVerdict(accel=accel, kvm_usable=kvm_seconds is not None, kvm_cpu=kvm_cpu,
                         tcg_usable=tcg_ok,
                         reason=reason if tcg_ok or accel == "kvm" else f"{reason}; {tcg_note}",
-                        probe_seconds=round(time.monotonic() - started, 2), **common)
+                        probe_seconds=round(time.monotonic() - started, 2),
+                        conclusive=tcg_ok or accel == "kvm", **common)
 
 
 def _kvm_device_problem() -> str | None:

@@ -212,12 +212,13 @@ class Machine(GuestWaits):
             raise BootError(str(exc), console_tail=self.console_tail()) from exc
 
     def adopt(self, image: Image, pid: int, start_ticks: int | None, ssh_port: int, *,
-              connect_ssh: bool = True) -> None:
-        """Take over this (named) machine's running QEMU, started by another process."""
+              connect_ssh: bool = True, monitor: bool = True) -> None:
+        """Take over this (named) machine's running QEMU, started by another process: its
+        monitor (unless ``monitor`` is False) and SSH (unless ``connect_ssh`` is False)."""
         assert self.home is not None
         self.image, self.dir, self.files = image, self.home, MachineFiles(self.home)
         self.qemu = QemuProcess(None, self.files)
-        self.qemu.adopt(pid, start_ticks)
+        self.qemu.adopt(pid, start_ticks, monitor=monitor)
         self._ssh_port = ssh_port
         if connect_ssh:
             self._connect_ssh(CLONE_SSH_TIMEOUT)

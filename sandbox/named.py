@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .machine import Machine
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: How long `down` waits for a busy monitor before it stops the machine by signal.
+DOWN_GRACE = 3.0
 #: How long an `up` that died while starting may leave its directory before prune clears it.
 UNFINISHED_GRACE = 300.0
 
@@ -135,8 +137,10 @@ def keep(machine: Machine, name: str) -> None:
     machine.disconnect()
 
 
-def attach(name: str, *, connect_ssh: bool = True) -> Machine:
-    """A handle on the running named machine ``name`` (QMP, and SSH over TCP)."""
+def attach(name: str, *, connect_ssh: bool = True, monitor: bool = True) -> Machine:
+    """A handle on the running named machine ``name``: SSH over TCP unless ``connect_ssh``
+    is False, its QMP monitor unless ``monitor`` is False (the monitor serves one client,
+    so take it only to use it)."""
     from .image import Image
     from .machine import Machine
 
@@ -147,16 +151,24 @@ def attach(name: str, *, connect_ssh: bool = True) -> Machine:
     machine = Machine(named.spec, name=name, die_with_parent=False, home=named.path)
     machine.adopt(Image.load(Path(named.state["image_path"])), named.pid,
                   named.state.get("start_ticks"), int(named.state["ssh_port"]),
-                  connect_ssh=connect_ssh)
+                  connect_ssh=connect_ssh, monitor=monitor)
     return machine
 
 
 def down(name: str) -> None:
-    """Stop named machine ``name`` (gracefully when its monitor answers) and delete it."""
+    """Stop named machine ``name`` and delete it: gracefully through its monitor when that
+    answers within a few seconds, else by signal (its recorded pid and start time); whether
+    or not its image, monitor socket or SSH server are still there."""
+    from .qemu import Pid, QemuProcess
+
     named = find_named(name)
     if named.alive:
-        with contextlib.suppress(SandboxError):  # its monitor is gone: killed below
-            attach(name, connect_ssh=False).close()
+        qemu = QemuProcess(None, MachineFiles(named.path))
+        with contextlib.suppress(SandboxError):  # no monitor: stop() signals by pid
+            qemu.adopt(named.pid, named.state.get("start_ticks"), monitor_timeout=DOWN_GRACE)
+        if qemu.process is None:
+            qemu.process = Pid(named.pid, named.state.get("start_ticks"))
+        qemu.stop()
     remove_named(named)
 
 

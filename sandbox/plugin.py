@@ -168,14 +168,22 @@ def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Machine
 
     yield factory
     failed = node.stash.get(_CALL_FAILED, False)
+    errors: list[BaseException] = []
     for index, machine in enumerate(reversed(mine)):
+        # Every machine is kept or closed, whatever a hook or another machine raised.
         try:
             config.hook.pytest_sandbox_teardown(machine=machine, node=node, failed=failed)
-        finally:
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others
+            errors.append(exc)
+        try:
             if failed and keep:
                 _keep(config, node, machine, len(mine) - 1 - index)
             else:
                 machine.close()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def _keep(config: pytest.Config, node: pytest.Item, machine: Machine, index: int) -> None:

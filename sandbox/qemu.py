@@ -68,6 +68,16 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # that forked the child exits, so spawning from a short-lived worker thread would kill it.
 _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
 
+
+def _new_spawner_in_child() -> None:
+    """A forked child has no spawner thread (only the forking thread survives a fork), and
+    its copy of the executor would wait for that thread for ever: it gets its own."""
+    global _spawner
+    _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
+
+
+os.register_at_fork(after_in_child=_new_spawner_in_child)
+
 #: How long QEMU may take to open its monitor socket.
 MONITOR_TIMEOUT = 30.0
 #: How long a monitor command may take.
@@ -88,6 +98,16 @@ def _refused(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return False
+
+
+class _Monitor(QEMUMonitorProtocol):
+    """The legacy QMP client, with a bounded connect (its own connect waits for ever for a
+    greeting, which a monitor busy with another client never sends)."""
+
+    def connect_within(self, timeout: float) -> None:
+        self._qmp.await_greeting = True
+        self._qmp.negotiate = True
+        self._sync(self._qmp.connect(self._address), timeout=timeout)
 
 
 class QemuProcess:
@@ -145,11 +165,24 @@ class QemuProcess:
         qmp.settimeout(QMP_TIMEOUT)
         self._qmp = qmp
 
-    def adopt(self, pid: int, start_ticks: int | None) -> None:
-        """Take over a running QEMU this process did not start, through its monitor."""
+    def adopt(self, pid: int, start_ticks: int | None, *, monitor: bool = True,
+              monitor_timeout: float = MONITOR_TIMEOUT) -> None:
+        """Take over a running QEMU this process did not start (by pid and start time),
+        and its monitor unless ``monitor`` is False. QEMU's monitor serves one client at a
+        time: SandboxError when another holds it for ``monitor_timeout`` seconds."""
         self.process = Pid(pid, start_ticks)
-        qmp = QEMUMonitorProtocol(str(self.files.qmp_socket))
-        qmp.connect(negotiate=True)
+        if not monitor:
+            return
+        qmp = _Monitor(str(self.files.qmp_socket))
+        try:
+            qmp.connect_within(monitor_timeout)
+        except TimeoutError:
+            qmp.close()
+            raise SandboxError(f"QEMU's monitor ({self.files.qmp_socket}) did not answer "
+                               f"within {monitor_timeout:g} s: another sandbox command holds "
+                               "it") from None
+        except (QMPError, OSError) as exc:
+            raise SandboxError(f"could not reach QEMU's monitor ({exc})") from exc
         qmp.settimeout(QMP_TIMEOUT)
         self._qmp = qmp
 

@@ -70,6 +70,37 @@ def test_named_machine_lifecycle_with_snapshots(built_image: dict[str, Any]) -> 
     assert qemu_processes(f"sandbox-named-{name},") == []
 
 
+def test_down_stops_a_machine_whose_monitor_is_held_and_image_is_gone(
+        built_image: dict[str, Any]) -> None:
+    """QEMU's monitor serves one client: while something holds it (an open `sandbox ssh`,
+    a script), exec still works and down still stops the VM, even with its image gone."""
+    import socket
+
+    from sandbox.named import find_named
+
+    name = "down-check"
+    assert sandbox_cli("up", name).returncode == 0
+    named = find_named(name)
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        holder.connect(str(named.path / "qmp.sock"))
+        assert b"QMP" in holder.recv(4096)  # the greeting: the monitor is this client's now
+        executed = sandbox_cli("exec", name, "--", "echo", "hi", timeout=120)
+        assert (executed.returncode, executed.stdout) == (0, "hi\n"), executed.stderr
+        state = json.loads((named.path / "state.json").read_text())
+        state["image_path"] = "/nonexistent/removed-image"
+        (named.path / "state.json").write_text(json.dumps(state))
+        started = time.monotonic()
+        down = sandbox_cli("down", name, timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert time.monotonic() - started < 60
+        assert qemu_processes(f"sandbox-named-{name},") == []
+        assert not named.path.exists()
+    finally:
+        holder.close()
+        sandbox_cli("down", name)
+
+
 def test_dead_machine_shows_as_dead_and_prune_clears_it(built_image: dict[str, Any]) -> None:
     assert sandbox_cli("up", "cli-dead").returncode == 0
     listed = json.loads(sandbox_cli("list", "--format", "json").stdout)

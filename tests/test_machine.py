@@ -245,6 +245,36 @@ def test_a_nul_byte_is_refused_before_it_reaches_the_guest(shared_vm: sandbox.Ma
         shared_vm.run("echo a\0b")
 
 
+def test_a_forked_child_starts_machines(built_image: dict[str, Any]) -> None:
+    with sandbox.launch(IMAGE):  # this process has started QEMU before it forks
+        pass
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's status is the result
+        import shutil
+
+        from sandbox.runs import current_run
+
+        code = 3
+        try:
+            with sandbox.launch(IMAGE) as vm:
+                code = 0 if vm.succeed("echo child") == "child\n" else 1
+        except BaseException:  # noqa: BLE001
+            code = 2
+        finally:
+            shutil.rmtree(current_run().path, ignore_errors=True)
+            os._exit(code)
+    deadline = time.monotonic() + 180
+    status = None
+    while status is None and time.monotonic() < deadline:
+        pid, raw = os.waitpid(child, os.WNOHANG)
+        status = os.waitstatus_to_exitcode(raw) if pid else None
+        time.sleep(0.1)
+    if status is None:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    assert status == 0, "the forked child could not start a machine (hung or failed)"
+
+
 def test_bad_qemu_argument_is_a_boot_error(built_image: dict[str, Any]) -> None:
     with pytest.raises(BootError) as info:
         sandbox.launch(IMAGE, qemu_args=["-device", "no-such-device-zz"])

@@ -167,3 +167,25 @@ def test_builtin_recipes_are_found_from_any_directory(
     builtin = builtin_recipes()
     assert builtin is not None and (builtin / "debian-12.toml").is_file()
     assert known_recipes()["debian-12"].parent == builtin
+
+
+def test_a_failed_probe_is_reported_but_not_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sandbox.host as host
+    from sandbox.errors import HostError as Failed
+
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def no_kernel() -> Path:
+        calls.append(1)
+        raise Failed("the download failed")
+
+    monkeypatch.setattr(host, "probe_kernel", no_kernel)
+    monkeypatch.setattr(host, "_kvm_device_problem", lambda: None)  # KVM looks usable
+    first = host.accel_verdict()
+    assert first.accel == "tcg" and not first.conclusive
+    assert "could not probe KVM (asked again next time): the download failed" in first.reason
+    assert not list((tmp_path / "cache" / "host").glob("accel-*.json"))
+    host.accel_verdict()
+    assert len(calls) == 2  # probed again, not answered from a cache

@@ -164,3 +164,28 @@ def test_xdist_two_workers_share_the_golden_snapshot(pytester: pytest.Pytester,
     """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
     result.assert_outcomes(passed=6)
+
+
+def test_every_machine_is_closed_even_when_a_teardown_hook_raises(
+        pytester: pytest.Pytester, built_image: dict[str, Any]) -> None:
+    pytester.makeconftest("""
+        def pytest_sandbox_teardown(machine, node, failed):
+            raise RuntimeError("a teardown hook broke")
+    """)
+    pytester.makepyfile("""
+        from pathlib import Path
+
+        def test_two(vm_factory):
+            a, b = vm_factory(), vm_factory()
+            Path("pids").write_text(f"{a.pid} {b.pid}")
+
+        def test_then_both_are_gone():  # in the same process, before it exits
+            import os, time
+            pids = [int(p) for p in Path("pids").read_text().split()]
+            time.sleep(1)
+            assert len(pids) == 2
+            assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    assert "a teardown hook broke" in result.stdout.str()

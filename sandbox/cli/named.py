@@ -19,11 +19,13 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def _attached(name: str, *, connect_ssh: bool = True) -> Iterator[Machine]:
-    """A handle on named machine NAME, dropped (the VM keeps running) afterwards."""
+def _attached(name: str, *, connect_ssh: bool = True,
+              monitor: bool = False) -> Iterator[Machine]:
+    """A handle on named machine NAME, dropped (the VM keeps running) afterwards. Only the
+    snapshot commands take the QMP monitor, which serves one client at a time."""
     from ..named import attach
 
-    vm = attach(name, connect_ssh=connect_ssh)
+    vm = attach(name, connect_ssh=connect_ssh, monitor=monitor)
     try:
         yield vm
     finally:
@@ -124,7 +126,7 @@ def _snapshot_command(verb: str, doc: str) -> None:
     @click.argument("tag")
     @friendly
     def command(name: str, tag: str) -> None:
-        with _attached(name, connect_ssh=False) as vm:
+        with _attached(name, connect_ssh=False, monitor=True) as vm:
             (vm.snapshot if verb == "save" else vm.restore)(tag)
         click.echo(f"{name}: {verb}d snapshot {tag}")
 
@@ -138,7 +140,7 @@ _snapshot_command("restore", "Roll VM NAME back to snapshot TAG.")
 @friendly
 def snapshot_list(name: str) -> None:
     """The snapshots of VM NAME."""
-    with _attached(name, connect_ssh=False) as vm:
+    with _attached(name, connect_ssh=False, monitor=True) as vm:
         tags = vm.snapshots()
     click.echo("\n".join(tags) if tags else f"{name}: no snapshots")
 
