@@ -27,6 +27,14 @@ def test_run_propagates_the_exit_status(built_image: dict[str, Any]) -> None:
     assert result.stderr.endswith("to-stderr\n")
 
 
+def test_run_timeout_kills_the_command_and_says_so(built_image: dict[str, Any]) -> None:
+    started = time.monotonic()
+    result = sandbox_cli("run", "--timeout", "3", "--", "sleep 60; echo never", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "did not finish within 3 s and was killed" in result.stderr
+    assert "never" not in result.stdout and time.monotonic() - started < 60
+
+
 def test_run_prints_a_linux_banner_and_copies_files(built_image: dict[str, Any],
                                                     tmp_path: Path) -> None:
     result = sandbox_cli("run", "--", "uname", "-a")

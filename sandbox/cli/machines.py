@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,11 @@ def exit_with(status: int) -> None:
     sys.exit(status if 0 <= status < 256 else 255)
 
 
+timeout_option = click.option(
+    "--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+    help="Kill the command (and exit 2) after this long; default: no limit.")
+
+
 def command_line(command: tuple[str, ...]) -> str | list[str]:
     """One argument is a shell line (``sandbox run -- 'a | b'``); several are an argv."""
     argv = list(command)
@@ -30,9 +36,11 @@ def command_line(command: tuple[str, ...]) -> str | list[str]:
 @machine_options()
 @click.option("--copy", "copies", multiple=True, metavar="LOCAL:REMOTE",
               help="Copy a file or directory into the guest first (repeatable).")
+@timeout_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @friendly
-def run(copies: tuple[str, ...], command: tuple[str, ...], **shape: Any) -> None:
+def run(copies: tuple[str, ...], command: tuple[str, ...], timeout: float | None,
+        **shape: Any) -> None:
     """Run COMMAND in a throwaway VM, stream its output, exit with its status."""
     from ..machine import launch
 
@@ -48,7 +56,7 @@ def run(copies: tuple[str, ...], command: tuple[str, ...], **shape: Any) -> None
         for source, target in transfers:
             (vm.push if source.is_dir() else vm.put)(source, target)
         result = vm.run(command_line(command), stdout=sys.stdout.buffer,
-                        stderr=sys.stderr.buffer, timeout=None)
+                        stderr=sys.stderr.buffer, timeout=timeout or math.inf)
     exit_with(result.exit_status)
 
 

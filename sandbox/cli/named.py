@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ import click
 
 from ..errors import SandboxError
 from . import emit, format_option, friendly, machine_options, main
-from .machines import command_line, exit_with, interactive_ssh
+from .machines import command_line, exit_with, interactive_ssh, timeout_option
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -67,13 +68,14 @@ main.add_command(list_machines, "ls")
 
 @main.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
+@timeout_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @friendly
-def exec_(name: str, command: tuple[str, ...]) -> None:
+def exec_(name: str, command: tuple[str, ...], timeout: float | None) -> None:
     """Run COMMAND in the named VM NAME; exit with its status."""
     with _attached(name) as vm:
         result = vm.run(command_line(command), stdout=sys.stdout.buffer,
-                        stderr=sys.stderr.buffer)
+                        stderr=sys.stderr.buffer, timeout=timeout or math.inf)
     exit_with(result.exit_status)
 
 
