@@ -14,6 +14,7 @@ from .errors import (
     ChannelError,
     CommandFailed,
     CommandTimeout,
+    GuestPanic,
     HostError,
     ImageError,
     SandboxError,
@@ -33,7 +34,7 @@ _LAZY = {"launch": "machine", "Machine": "machine", "CommandResult": "channel",
          "MachineSpec": "spec"}
 
 __all__ = [
-    "BootError", "ChannelError", "CommandFailed", "CommandResult", "CommandTimeout",
+    "BootError", "ChannelError", "CommandFailed", "CommandResult", "CommandTimeout", "GuestPanic",
     "HostError", "ImageError", "Machine", "MachineSpec", "SandboxError", "SandboxWarning",
     "SnapshotError", "WaitTimeout", "errors", "launch",
 ]

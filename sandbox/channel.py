@@ -24,6 +24,13 @@ from .errors import ChannelError, CommandTimeout
 #: After a command's exit status arrives, wait this long for its output to finish; a
 #: background process that keeps stdout open would otherwise hold the call forever.
 OUTPUT_LINGER = 1.0
+#: A command silent this long makes the client ask the server whether it is still there...
+PING_AFTER = 5.0
+#: ...and a server that has not answered within this long is gone (over the virtio-serial
+#: port a dead server never shows as end-of-file).
+PING_TIMEOUT = 10.0
+#: How often a running command's ``watch`` is called.
+WATCH_INTERVAL = 1.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -151,6 +158,8 @@ class Channel:
         self._transport: paramiko.Transport | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
+        self._ping_lock = threading.Lock()
+        self._pinged = 0.0
 
     # -- connection -------------------------------------------------------------------------
 
@@ -193,26 +202,49 @@ class Channel:
             self._transport.close()
             self._transport = None
 
-    def _session(self) -> paramiko.Channel:
+    def _session(self, timeout: float = 30.0) -> paramiko.Channel:
         try:
-            return self.transport.open_session(timeout=30)
+            return self.transport.open_session(timeout=max(0.1, min(30.0, timeout)))
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise ChannelError(f"could not open an SSH session to the guest: {exc}") from exc
+            raise ChannelError(f"could not open an SSH session to the guest within "
+                               f"{min(30.0, timeout):g} s: {exc}") from exc
+
+    def answers(self, timeout: float = PING_TIMEOUT) -> bool:
+        """Whether the SSH server still answers a request (a keepalive that it must reply
+        to, if only with a refusal) within ``timeout`` seconds. One at a time: paramiko
+        tracks one global request per transport (a second asker says yes at once)."""
+        transport = self.transport
+        if not self._ping_lock.acquire(blocking=False):
+            return True
+        try:
+            asker = threading.Thread(target=transport.global_request,
+                                     args=("keepalive@openssh.com",), kwargs={"wait": True},
+                                     daemon=True, name="sandbox-ping")
+            asker.start()
+            asker.join(timeout)  # an unanswered request ends when the transport is closed
+            return not asker.is_alive() and transport.is_active()
+        finally:
+            self._ping_lock.release()
 
     # -- commands ---------------------------------------------------------------------------
 
     def run(self, cmd: str | Sequence[str], *, timeout: float | None,
             env: Mapping[str, str] | None = None, input: bytes | str | None = None,
-            stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> CommandResult:
-        """Run one command; ``stdout``/``stderr`` streams, when given, get output as it comes."""
+            stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
+            watch: Callable[[], None] | None = None) -> CommandResult:
+        """Run one command; ``stdout``/``stderr`` streams, when given, get output as it comes.
+        ``watch`` is called about every second while it runs and may raise to end the wait
+        (the machine checks that QEMU lives and that the guest has not panicked); a server
+        that stops answering while the command is silent is a ChannelError."""
         command = command_string(cmd)
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
-        chan = self._session()
+        chan = self._session(timeout if timeout is not None else 30.0)
         try:
             chan.exec_command(wrap(command, env))
             feeder = self._feed(chan, input)
-            out, err, pid = _collect(chan, deadline, stdout, stderr)
+            out, err, pid = _collect(chan, deadline, stdout, stderr,
+                                     lambda: self._check(watch, command))
             if feeder is not None:
                 feeder.join(timeout=5)
         except _Deadline as late:
@@ -234,6 +266,18 @@ class Channel:
                                "(QEMU exited, the guest rebooted or its SSH server died); "
                                f"output so far: {_tail_text(out + err)}")
         return CommandResult(command, status, out, err, time.monotonic() - started)
+
+    def _check(self, watch: Callable[[], None] | None, command: str) -> None:
+        """While a command is silent: the caller's watch; every PING_AFTER seconds, whether
+        the server answers."""
+        if watch is not None:
+            watch()
+        if time.monotonic() - self._pinged < PING_AFTER:
+            return
+        self._pinged = time.monotonic()
+        if not self.answers():
+            raise ChannelError(f"the guest's SSH server stopped answering while {command!r} "
+                               f"ran (no reply within {PING_TIMEOUT:g} s)")
 
     @staticmethod
     def _feed(chan: paramiko.Channel, data: bytes | str | None) -> threading.Thread | None:
@@ -333,23 +377,36 @@ class _Deadline(Exception):
 
 
 def _collect(chan: paramiko.Channel, deadline: float | None, out_tee: BinaryIO | None,
-             err_tee: BinaryIO | None) -> tuple[bytes, bytes, int | None]:
-    """Read stdout and stderr until the command is done; strip the wrapper's pid line."""
+             err_tee: BinaryIO | None,
+             silent: Callable[[], None] | None = None) -> tuple[bytes, bytes, int | None]:
+    """Read stdout and stderr until the command is done; strip the wrapper's pid line.
+    ``silent`` is called when nothing arrived for PING_AFTER seconds (then every
+    WATCH_INTERVAL) and may raise."""
     out, err = _Tee(out_tee), _Tee(err_tee)
     pid: int | None = None
     header = b""
     exited_at: float | None = None
+    heard = checked = time.monotonic()
     while True:
         now = time.monotonic()
         if deadline is not None and now >= deadline:
             raise _Deadline(pid, out.getvalue(), err.getvalue())
+        if silent is not None and now - heard >= PING_AFTER and now - checked >= WATCH_INTERVAL:
+            try:
+                silent()
+            except BaseException as exc:
+                exc.add_note(f"output so far: {_tail_text(out.getvalue() + err.getvalue())}")
+                raise
+            checked = time.monotonic()
         wait = 0.2 if deadline is None else min(0.2, deadline - now)
         select.select([chan], [], [], wait)
         got = False
         while chan.recv_ready():
+            heard = time.monotonic()
             out.write(chan.recv(1 << 20))
             got = True
         while chan.recv_stderr_ready():
+            heard = time.monotonic()
             data = chan.recv_stderr(1 << 20)
             got = True
             if pid is None:

@@ -42,6 +42,16 @@ class ChannelError(SandboxError):
     """The SSH channel to the guest failed."""
 
 
+class GuestPanic(ChannelError):
+    """The guest kernel panicked (reported by QEMU's pvpanic device); the console tail shows
+    why. The machine is stopped where it panicked and can only be closed."""
+
+    def __init__(self, message: str, *, console_tail: str = "") -> None:
+        self.console_tail = console_tail
+        super().__init__(f"{message}\nconsole tail:\n{console_tail}" if console_tail
+                         else message)
+
+
 class CommandFailed(SandboxError):
     """A guest command exited with a status other than the one expected."""
 

@@ -28,6 +28,7 @@ from .errors import (
     ChannelError,
     CommandFailed,
     CommandTimeout,
+    GuestPanic,
     SandboxError,
     SandboxWarning,
     SnapshotError,
@@ -53,6 +54,8 @@ CLONE_SSH_TIMEOUT = 30.0
 CLONE_TCP_SSH_TIMEOUT = 60.0
 #: Reconnecting after a snapshot restore (the guest's TCP state was rolled back).
 RESTORE_SSH_TIMEOUT = 60.0
+#: Reconnecting after a channel was lost (a killed SSH server restarts within a second).
+RECONNECT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -311,9 +314,34 @@ class Machine(GuestWaits):
 
     @property
     def channel(self) -> Channel:
-        if self._channel is None or self._closed:
+        """The SSH channel; after one was lost, a new one over TCP (the guest's SSH server
+        on port 22 restarts when killed), if QEMU still runs and the guest did not panic."""
+        if self._closed or self.qemu is None:
             raise ChannelError(f"{self.name} is not running")
+        if self._channel is None:
+            self._watch()
+            self._connect_ssh(RECONNECT_TIMEOUT)
+        assert self._channel is not None
         return self._channel
+
+    def _watch(self) -> None:
+        """Raise when the guest can no longer answer: QEMU exited, or the kernel panicked
+        (QEMU's pvpanic device stops the guest, see sandbox.plan)."""
+        assert self.qemu is not None
+        self.qemu.check_alive(f"QEMU of {self.name} exited")
+        try:
+            status = self.qemu.qmp("query-status").get("status")
+        except SandboxError:
+            return  # the monitor is busy or gone: liveness above is what can be told
+        if status == "guest-panicked":
+            raise GuestPanic(f"the guest kernel of {self.name} panicked",
+                             console_tail=self.console_tail())
+
+    def _drop_channel(self) -> None:
+        """Drop a channel that failed, so that the next command reconnects."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     def run(self, cmd: str | Sequence[str], *, timeout: float | None = None,
             env: Mapping[str, str] | None = None,
@@ -328,10 +356,13 @@ class Machine(GuestWaits):
         limit = self.spec.command_timeout if timeout is None else timeout
         try:
             result = self.channel.run(cmd, timeout=limit, env=env, input=input, stdout=stdout,
-                                      stderr=stderr)
+                                      stderr=stderr, watch=self._watch)
         except CommandTimeout as exc:
             self.transcript.append(TranscriptEntry(exc.command, None, limit,
                                                    trim(exc.stdout + exc.stderr)))
+            raise
+        except ChannelError:
+            self._drop_channel()
             raise
         self.transcript.append(TranscriptEntry(result.command, result.exit_status,
                                                result.duration,

@@ -174,6 +174,9 @@ class QemuPlan:
             "-netdev", f"user,id=net0{restrict},hostfwd=tcp:127.0.0.1:0-:22",
             "-device", "virtio-net-pci,netdev=net0",
             "-device", "virtio-rng-pci",
+            # A kernel panic stops the guest where it is (panic=-1 would reboot it quietly)
+            # and shows as the run state guest-panicked (Debian's kernels load pvpanic-mmio).
+            "-device", "pvpanic", "-action", "panic=pause",
             "-device", "virtio-serial-pci,id=vser0",
             "-chardev", f"socket,id=agent0,path={files.agent_socket},server=on,wait=off",
             "-device", "virtserialport,bus=vser0.0,chardev=agent0,name=org.sandbox.agent",
