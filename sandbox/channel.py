@@ -332,7 +332,14 @@ class Channel:
         self.sftp.chmod(remote, mode)
 
     def get(self, remote: str, local: Path) -> None:
-        self.sftp.get(remote, str(local))
+        try:
+            if stat.S_ISDIR(self.sftp.stat(remote).st_mode or 0):
+                raise ChannelError(f"{remote} is a directory in the guest; get copies one "
+                                   "file (use a tar stream: vm.run('tar -C DIR -c .'))")
+            self.sftp.get(remote, str(local))
+        except OSError as exc:
+            raise ChannelError(f"could not copy {remote} from the guest to {local}: "
+                               f"{exc.strerror or exc}") from exc
 
     def push(self, local_dir: Path, remote_dir: str, timeout: float | None) -> None:
         """The contents of ``local_dir`` into ``remote_dir`` as one tar stream (modes kept)."""

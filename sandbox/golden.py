@@ -86,6 +86,25 @@ class Golden:
     def load(cls, path: Path) -> Golden:
         return cls(path, json.loads((path / "manifest.json").read_text()))
 
+    def check(self) -> None:
+        """SnapshotError unless the files are what the manifest says (a cheap look, made
+        before every clone: sizes and the disk's header, not checksums)."""
+        try:
+            ram = self.ram.stat().st_size
+            state = self.state.stat().st_size
+            with self.disk.open("rb") as disk:
+                header = disk.read(4)
+            memory, state_bytes = int(self.manifest["memory_mib"]) << 20, \
+                int(self.manifest["state_bytes"])
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"its files are incomplete ({exc})") from exc
+        if ram != memory:
+            raise SnapshotError(f"its ram file has {ram} bytes, not {memory}")
+        if state != state_bytes:
+            raise SnapshotError(f"its state file has {state} bytes, not {state_bytes}")
+        if header != b"QFI\xfb":
+            raise SnapshotError("its disk is not a qcow2 image")
+
     def start_clone(self, plan: QemuPlan, *, die_with_parent: bool) -> Clone:
         """A running clone: QEMU started on ``plan`` (its disk a fresh overlay on this
         snapshot's, its RAM this snapshot's file mapped copy-on-write), the device state
@@ -98,7 +117,11 @@ class Golden:
                           .encode())
         process = QemuProcess(plan, files)
         started = time.monotonic()
-        process.launch(die_with_parent=die_with_parent)
+        try:
+            process.launch(die_with_parent=die_with_parent)
+        except BootError as exc:  # QEMU refused its files (a ram file of the wrong size...)
+            process.stop()
+            raise SnapshotError(f"QEMU could not start on it: {exc}") from exc
         clone = Clone(process, restore_seconds=0.0)
         try:
             prelude = self.ssh_prelude
@@ -182,20 +205,33 @@ def locate(image: Image, spec: MachineSpec, accel: str) -> Path:
 
 
 def find_golden(image: Image, spec: MachineSpec, accel: str) -> Golden | None:
-    path = locate(image, spec, accel)
-    return Golden.load(path) if (path / "manifest.json").exists() else None
+    return _readable(locate(image, spec, accel))
+
+
+def _readable(path: Path) -> Golden | None:
+    """The snapshot at ``path``, or None when there is none or its manifest is unreadable."""
+    try:
+        return Golden.load(path)
+    except (OSError, ValueError):
+        return None
 
 
 def ensure_golden(image: Image, spec: MachineSpec, accel: str, *,
                   reporter: Reporter = QUIET) -> Golden:
     """The golden snapshot for ``spec``: made once (under a lock, whatever the number of
-    callers) when the cache has none."""
+    callers) when the cache has none, or remade when its manifest was damaged."""
     final = locate(image, spec, accel)
-    if (final / "manifest.json").exists():
-        return Golden.load(final)
+    found = _readable(final)
+    if found is not None:
+        return found
     with entry_lock(final):
-        if (final / "manifest.json").exists():
-            return Golden.load(final)
+        found = _readable(final)
+        if found is not None:
+            return found
+        if final.exists():
+            warnings.warn(f"golden snapshot {final.name} has no readable manifest; rebuilding "
+                          "it", SandboxWarning, stacklevel=3)
+            remove_entry(final)
 
         def build(work: Path) -> None:
             started = time.monotonic()
@@ -298,13 +334,19 @@ def _arm_ssh_port(process: QemuProcess, files: MachineFiles,
 
 
 def discard_golden(golden: Golden) -> None:
-    """Remove a golden snapshot that failed to load, so that the next clone rebuilds it."""
-    remove_entry(golden.path)
+    """Remove a golden snapshot that failed to load, so that the next clone rebuilds it:
+    under its lock, and only if it is still the same snapshot (another process may have
+    rebuilt it meanwhile, and clones of the new one must not lose it)."""
+    with entry_lock(golden.path):
+        current = _readable(golden.path)
+        if current is None or current.manifest.get("created_at") == \
+                golden.manifest.get("created_at"):
+            remove_entry(golden.path)
 
 
 def list_goldens() -> list[Golden]:
-    return [Golden.load(p) for p in sorted(golden_root().iterdir())
-            if not p.name.startswith(".") and (p / "manifest.json").exists()]
+    found = (_readable(p) for p in sorted(golden_root().iterdir()) if not p.name.startswith("."))
+    return [golden for golden in found if golden is not None]
 
 
 def remove_stale(image: Image) -> list[str]:
@@ -314,8 +356,7 @@ def remove_stale(image: Image) -> list[str]:
     for golden in list_goldens():
         if golden.manifest.get("image_digest") == image.digest and \
                 golden.manifest.get("image_built_at") != image.manifest.get("built_at"):
-            with entry_lock(golden.path):
-                discard_golden(golden)
+            discard_golden(golden)
             removed.append(f"removed golden snapshot {golden.path.name} (of an earlier build)")
     return removed
 

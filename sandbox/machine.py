@@ -33,7 +33,7 @@ from .errors import (
     SandboxWarning,
     SnapshotError,
 )
-from .golden import Golden, discard_golden, ensure_golden
+from .golden import Clone, Golden, discard_golden, ensure_golden
 from .host import resolve_accel
 from .image import Image, get_image
 from .keys import cache_key
@@ -161,34 +161,40 @@ class Machine(GuestWaits):
         for attempt in (1, 2):
             golden = ensure_golden(self.image, self.spec, self.accel, reporter=self.reporter)
             try:
-                self._restore_golden(golden)
-                return
-            except SnapshotError as exc:
+                clone = self._start_clone(golden)
+            except SnapshotError as exc:  # damaged: its files are off, or its state won't load
                 what = "rebuilding it" if attempt == 1 else "booting from scratch instead"
                 warnings.warn(f"golden snapshot {golden.path.name} did not load ({exc}); "
                               f"{what}", SandboxWarning, stacklevel=4)
                 self._stop()
                 discard_golden(golden)
+                continue
+            self._connect_clone(clone)
+            return
         self._boot(started)
 
-    def _restore_golden(self, golden: Golden) -> None:
-        """Clone: see :meth:`sandbox.golden.Golden.start_clone`; then SSH, to the server that
-        waits on the virtio-serial port when the snapshot has one (else over TCP)."""
+    def _start_clone(self, golden: Golden) -> Clone:
+        """See :meth:`sandbox.golden.Golden.start_clone`; SnapshotError when it is damaged."""
         assert self.files is not None
+        golden.check()
         plan = self._plan(create_overlay(golden.disk, self.files.overlay), ram_file=golden.ram,
                           incoming=True)
         clone = golden.start_clone(plan, die_with_parent=self.die_with_parent)
         self.qemu, self._port_socket = clone.process, clone.port_socket
         self.restore_seconds = clone.restore_seconds
+        return clone
+
+    def _connect_clone(self, clone: Clone) -> None:
+        """SSH to a resumed clone: to the server waiting on its virtio-serial port when the
+        snapshot has one, else (or when that one does not answer) over TCP."""
         self._find_ssh_port()
         opener = clone.opener()
         try:
-            if opener is not None:
-                self._connect_ssh(CLONE_SSH_TIMEOUT, opener, attempts=1)
-            else:
-                self._connect_ssh(CLONE_TCP_SSH_TIMEOUT)
-        except BootError as exc:  # the state loaded, yet the clone does not answer
-            raise SnapshotError(f"the restored clone did not answer on SSH: {exc}") from exc
+            if opener is None:
+                raise BootError("no SSH server waits on the port")
+            self._connect_ssh(CLONE_SSH_TIMEOUT, opener, attempts=1)
+        except BootError:
+            self._connect_ssh(CLONE_TCP_SSH_TIMEOUT)
         error = clone.identity_error()
         if error:
             warnings.warn(f"{self.name}: the guest agent did not refresh the clone's clock and "

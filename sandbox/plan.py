@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import SnapshotError
 from .host import accel_verdict, qemu_binary
 from .paths import find_tool
 
@@ -93,25 +94,37 @@ class MachineFiles:
             path.unlink(missing_ok=True)
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+#: Terminal control sequences (CSI, OSC ended by BEL or ST, other escapes) and the other
+#: control characters a guest could print to change a reader's terminal.
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?"
+                      r"|[\x00-\x08\x0b-\x1f\x7f\x9b\x9d]")
+
+
+def printable(text: str) -> str:
+    """Guest-controlled ``text`` made safe for a terminal or a report: control sequences
+    and characters removed, line breaks and tabs kept."""
+    return _CONTROL.sub("", text.replace("\r\n", "\n"))
 
 
 def console_tail(console_log: Path, lines: int = 40) -> str:
-    """The last ``lines`` lines of a console log, without colour codes or blank lines."""
+    """The last ``lines`` lines of a console log, without control sequences or blank
+    lines."""
     try:
         text = console_log.read_text(errors="replace")
     except OSError:
         return ""
-    text = _ANSI.sub("", text).replace("\r", "")
-    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+    return "\n".join([line for line in printable(text).splitlines() if line.strip()][-lines:])
 
 
 def create_overlay(backing: Path, overlay: Path) -> Path:
     """A fresh copy-on-write qcow2 disk at ``overlay`` on the read-only ``backing`` disk."""
     overlay.unlink(missing_ok=True)
-    subprocess.run([find_tool("qemu-img") or "qemu-img", "create", "-q", "-f", "qcow2", "-F",
-                    "qcow2", "-b", str(backing), str(overlay)],
-                   check=True, capture_output=True, timeout=60)
+    result = subprocess.run([find_tool("qemu-img") or "qemu-img", "create", "-q", "-f", "qcow2",
+                             "-F", "qcow2", "-b", str(backing), str(overlay)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0:
+        raise SnapshotError(f"could not make a disk overlay on {backing}: "
+                            f"{result.stderr.strip() or f'qemu-img exited {result.returncode}'}")
     return overlay
 
 

@@ -44,8 +44,11 @@ def wait_until(check: Callable[[], T | None], *, timeout: float, what: str,
 
 
 def trim(data: str, limit: int = 2000) -> str:
-    """``data`` cut to about ``limit`` characters: its head and its (longer) tail."""
-    data = data.rstrip("\n")
+    """Guest output for a report: control sequences removed, cut to about ``limit``
+    characters (its head and its longer tail)."""
+    from .plan import printable
+
+    data = printable(data).rstrip("\n")
     if len(data) <= limit:
         return data
     return data[: limit // 4] + f"\n[... {len(data) - limit} characters cut ...]\n" + \

@@ -70,21 +70,36 @@ def test_golden_files_unchanged_after_50_clones_wrote_disk_and_memory(
     assert golden.path.stat().st_mode & 0o222 == 0
 
 
+def _damage(golden: Golden, part: str) -> None:
+    golden.path.chmod(0o755)
+    target = golden.path / part
+    target.chmod(0o644)
+    if part == "state":  # the same size, so that only loading it can tell
+        target.write_bytes(b"x" * target.stat().st_size)
+    elif part == "ram":  # a partial copy
+        with target.open("r+b") as handle:
+            handle.truncate(4096)
+    else:
+        target.write_text("{not json")
+
+
+@pytest.mark.parametrize(("part", "memory", "warning"), [
+    ("state", "768M", "did not load .*loading the golden snapshot failed"),
+    ("ram", "704M", "did not load .*ram file has 4096 bytes"),
+    ("manifest.json", "640M", "no readable manifest"),
+])
 def test_a_damaged_golden_snapshot_is_rebuilt_with_a_warning(
-        built_image: dict[str, Any]) -> None:
+        built_image: dict[str, Any], part: str, memory: str, warning: str) -> None:
     # A shape of its own, so that machines of other tests (xdist workers) are not disturbed.
-    shape = {"memory": "768M"}
+    shape = {"memory": memory}
     sandbox.launch(IMAGE, **shape).close()
     golden = golden_for(**shape)
-    golden.path.chmod(0o755)
-    state = golden.path / "state"
-    state.chmod(0o644)
-    state.write_bytes(b"not a migration stream")
-    with pytest.warns(SandboxWarning, match="did not load"), \
-            sandbox.launch(IMAGE, **shape) as vm:
+    _damage(golden, part)
+    with pytest.warns(SandboxWarning, match=warning), sandbox.launch(IMAGE, **shape) as vm:
         assert vm.succeed("echo alive") == "alive\n"
     rebuilt = golden_for(**shape)
-    assert rebuilt.state.read_bytes() != b"not a migration stream"
+    rebuilt.check()
+    assert rebuilt.manifest["created_at"] != golden.manifest["created_at"]
     assert not [p for p in golden_root().glob(".tmp-*") if str(os.getpid()) in p.name]
 
 
