@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 import select
 import shlex
@@ -31,6 +30,14 @@ PING_AFTER = 5.0
 PING_TIMEOUT = 10.0
 #: How often a running command's ``watch`` is called.
 WATCH_INTERVAL = 1.0
+#: Output kept in memory per stream (stdout, stderr) of one command; past it, the head and
+#: the last TAIL_BYTES are kept with a marker. When the output also goes to a live stream
+#: (the CLI), only LIVE_KEEP bytes are kept: the stream has it all.
+OUTPUT_LIMIT = 64 << 20
+TAIL_BYTES = 1 << 20
+LIVE_KEEP = 64 << 10
+#: How long an SFTP transfer may wait for the guest without any progress.
+SFTP_IDLE_TIMEOUT = 60.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -324,12 +331,19 @@ class Channel:
                 self._sftp = paramiko.SFTPClient.from_transport(self.transport)
                 if self._sftp is None:
                     raise ChannelError("the guest refused an SFTP session")
+                sftp_channel = self._sftp.get_channel()
+                if sftp_channel is not None:
+                    sftp_channel.settimeout(SFTP_IDLE_TIMEOUT)
             return self._sftp
 
     def put(self, local: Path, remote: str) -> None:
         mode = stat.S_IMODE(local.stat().st_mode)
-        self.sftp.put(str(local), remote)
-        self.sftp.chmod(remote, mode)
+        try:
+            self.sftp.put(str(local), remote)
+            self.sftp.chmod(remote, mode)
+        except OSError as exc:  # a guest stalled for SFTP_IDLE_TIMEOUT ends here too
+            raise ChannelError(f"could not copy {local} into the guest as {remote}: "
+                               f"{exc.strerror or exc!r}") from exc
 
     def get(self, remote: str, local: Path) -> None:
         try:
@@ -339,9 +353,9 @@ class Channel:
             self.sftp.get(remote, str(local))
         except OSError as exc:
             raise ChannelError(f"could not copy {remote} from the guest to {local}: "
-                               f"{exc.strerror or exc}") from exc
+                               f"{exc.strerror or exc!r}") from exc
 
-    def push(self, local_dir: Path, remote_dir: str, timeout: float | None) -> None:
+    def push(self, local_dir: Path, remote_dir: str, timeout: float) -> None:
         """The contents of ``local_dir`` into ``remote_dir`` as one tar stream (modes kept)."""
         chan = self._session()
         try:
@@ -354,6 +368,8 @@ class Channel:
                     tar.add(str(entry), arcname=entry.name)
             chan.shutdown_write()
             errors = chan.makefile_stderr("rb").read().decode(errors="replace")
+            if not chan.status_event.wait(timeout):
+                raise TimeoutError(f"tar in the guest did not finish within {timeout:g} s")
             status = chan.recv_exit_status()
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise ChannelError(f"push of {local_dir} to {remote_dir} failed: {exc}") from exc
@@ -364,18 +380,38 @@ class Channel:
                                f"(tar status {status}): {errors.strip()}")
 
 
-class _Tee(io.BytesIO):
-    """Keeps everything written, and passes it on to an optional live stream."""
+class _Tee:
+    """What is kept of one output stream, bounded: all of it up to ``limit`` bytes; past
+    that its head and its last TAIL_BYTES with a marker between. Everything is also passed
+    on to an optional live stream (which then has the whole output)."""
 
-    def __init__(self, live: BinaryIO | None) -> None:
-        super().__init__()
+    def __init__(self, live: BinaryIO | None, limit: int) -> None:
         self.live = live
+        self.limit = limit
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.cut = 0
 
-    def write(self, data: bytes) -> int:  # type: ignore[override]
+    def write(self, data: bytes) -> None:
         if self.live is not None:
             self.live.write(data)
             self.live.flush()
-        return super().write(data)
+        room = self.limit - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            excess = len(self.tail) - TAIL_BYTES
+            if excess > 0:
+                self.cut += excess
+                del self.tail[:excess]
+
+    def getvalue(self) -> bytes:
+        if not self.cut:
+            return bytes(self.head + self.tail)
+        marker = f"\n[... {self.cut} bytes of output cut ...]\n".encode()
+        return bytes(self.head) + marker + bytes(self.tail)
 
 
 class _Deadline(Exception):
@@ -389,7 +425,8 @@ def _collect(chan: paramiko.Channel, deadline: float | None, out_tee: BinaryIO |
     """Read stdout and stderr until the command is done; strip the wrapper's pid line.
     ``silent`` is called when nothing arrived for PING_AFTER seconds (then every
     WATCH_INTERVAL) and may raise."""
-    out, err = _Tee(out_tee), _Tee(err_tee)
+    out = _Tee(out_tee, LIVE_KEEP if out_tee is not None else OUTPUT_LIMIT)
+    err = _Tee(err_tee, LIVE_KEEP if err_tee is not None else OUTPUT_LIMIT)
     pid: int | None = None
     header = b""
     exited_at: float | None = None

@@ -37,3 +37,21 @@ def test_a_dead_ssh_server_raises_and_the_next_call_reconnects(
             vm.run("pkill -9 dropbear; sleep 100", timeout=90)
         assert time.monotonic() - started < 45
         assert vm.succeed("echo alive", timeout=60) == "alive\n"
+
+
+def test_huge_output_is_kept_bounded_with_a_marker(
+        built_image: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    import sandbox.channel as channel
+
+    # The real bounds are 64 MiB and 1 MiB: the same code, with figures a test can afford.
+    monkeypatch.setattr(channel, "OUTPUT_LIMIT", 1 << 20)
+    monkeypatch.setattr(channel, "TAIL_BYTES", 64 << 10)
+    with sandbox.launch(IMAGE) as vm:
+        result = vm.run("head -c 3000000 /dev/zero | tr '\\0' a; echo; echo END")
+    data = result.stdout_bytes
+    assert result.exit_status == 0
+    assert data.startswith(b"a" * (1 << 20))
+    assert data.endswith(b"a\nEND\n")
+    assert f"[... {3000000 + 5 - (1 << 20) - (64 << 10)} bytes of output cut ...]".encode() \
+        in data
+    assert len(data) < (1 << 20) + (64 << 10) + 100
