@@ -24,13 +24,13 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .channel import CommandResult
+    from .commands import CommandResult
     from .machine import Machine, launch
     from .spec import MachineSpec
 
 __version__ = "0.1.0"
 
-_LAZY = {"launch": "machine", "Machine": "machine", "CommandResult": "channel",
+_LAZY = {"launch": "machine", "Machine": "machine", "CommandResult": "commands",
          "MachineSpec": "spec"}
 
 __all__ = [

@@ -18,11 +18,11 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .channel import Channel, CommandResult, connect, tcp
+from .channel import Channel, connect, tcp
+from .commands import CommandResult, TranscriptEntry
 from .errors import (
     BootError,
     ChannelError,
@@ -56,21 +56,6 @@ CLONE_TCP_SSH_TIMEOUT = 60.0
 RESTORE_SSH_TIMEOUT = 60.0
 #: Reconnecting after a channel was lost (a killed SSH server restarts within a second).
 RECONNECT_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class TranscriptEntry:
-    """One guest command as the failure report shows it."""
-
-    command: str
-    exit_status: int | None
-    duration: float
-    output: str
-
-    def format(self) -> str:
-        status = "timeout" if self.exit_status is None else f"exit {self.exit_status}"
-        text = f"$ {self.command}    [{status}, {self.duration:.2f} s]"
-        return f"{text}\n{self.output}" if self.output else text
 
 
 class Machine(GuestWaits):
@@ -295,16 +280,6 @@ class Machine(GuestWaits):
         return (f"ssh -i {self.key_path} -p {self.ssh_port} -o StrictHostKeyChecking=no "
                 "-o UserKnownHostsFile=/dev/null root@127.0.0.1")
 
-    def ssh_argv(self) -> list[str]:
-        """The host ``ssh`` client's command for an interactive session on this machine,
-        with the guest's host key pinned."""
-        assert self.files is not None and self.image is not None
-        self.files.known_hosts.write_text(f"[127.0.0.1]:{self.ssh_port} {self.image.host_key}\n")
-        return ["ssh", "-t", "-q", "-i", str(self.key_path), "-p", str(self.ssh_port),
-                "-o", f"UserKnownHostsFile={self.files.known_hosts}",
-                "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
-                "-o", "BatchMode=yes", "root@127.0.0.1"]
-
     # -- QMP --------------------------------------------------------------------------------
 
     def qmp(self, command: str, **arguments: Any) -> Any:
@@ -429,12 +404,11 @@ class Machine(GuestWaits):
 
     def console_log(self) -> str:
         """The serial console output so far."""
-        if self.files is None:
-            return ""
-        try:
-            return self.files.console_log.read_text(errors="replace")
-        except OSError:
-            return ""
+        return self.files.console_since(0)[0] if self.files else ""
+
+    def console_since(self, offset: int) -> tuple[str, int]:
+        """The console output after byte ``offset``, and the offset after it."""
+        return self.files.console_since(offset) if self.files else ("", offset)
 
     def console_tail(self, lines: int = 40) -> str:
         """The last ``lines`` console lines, without colour codes or blank lines."""

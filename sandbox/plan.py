@@ -88,6 +88,16 @@ class MachineFiles:
     def console_tail(self, lines: int = 40) -> str:
         return console_tail(self.console_log, lines)
 
+    def console_since(self, offset: int) -> tuple[str, int]:
+        """The console output after byte ``offset``, and the offset after it."""
+        try:
+            with self.console_log.open("rb") as log:
+                log.seek(offset)
+                data = log.read()
+        except OSError:
+            return "", offset
+        return data.decode(errors="replace"), offset + len(data)
+
     def remove_runtime_files(self) -> None:
         """What a stopped QEMU leaves that means nothing once it is gone."""
         for path in (self.qmp_socket, self.agent_socket, self.ssh_socket, self.pidfile):

@@ -19,10 +19,13 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import BinaryIO
 
-    from .channel import CommandResult
+    from .commands import CommandResult
     from .qemu import QemuProcess
 
 T = TypeVar("T")
+
+#: How much of the console already read wait_for_console searches again with new output.
+CONSOLE_WINDOW = 1 << 20
 
 
 def wait_until(check: Callable[[], T | None], *, timeout: float, what: str,
@@ -72,6 +75,8 @@ class GuestWaits:
 
         def console_tail(self, lines: int = 40) -> str: ...
 
+        def console_since(self, offset: int) -> tuple[str, int]: ...
+
     def _console_hint(self) -> str:
         tail = self.console_tail(15)
         return f"console tail:\n{tail}" if tail else "console: (empty)"
@@ -95,7 +100,7 @@ class GuestWaits:
                       f"{trim(last[0].stdout + last[0].stderr, 1000)}" if last else "no result")
             return f"{result}\n{self._console_hint()}"
 
-        from .channel import command_string
+        from .commands import command_string
 
         return wait_until(succeeded, timeout=timeout, interval=interval, seen=seen,
                           what=f"{self.name}: {command_string(cmd)!r} did not succeed").stdout
@@ -134,9 +139,16 @@ class GuestWaits:
     def wait_for_console(self, regex: str, *, timeout: float = 60) -> re.Match[str]:
         """Wait until the serial console shows a line matching ``regex``; the match."""
         pattern = re.compile(regex, re.MULTILINE)
+        offset, window = 0, ""
 
         def matched() -> re.Match[str] | None:
-            match = pattern.search(self.console_log())
+            # Only what is new is read each time; it is searched together with the end of
+            # what came before (CONSOLE_WINDOW), so a match may span two reads.
+            nonlocal offset, window
+            text, offset = self.console_since(offset)
+            haystack = window + text
+            match = pattern.search(haystack)
+            window = haystack[-CONSOLE_WINDOW:]
             if match is None and self.qemu is not None:
                 self.qemu.check_alive("QEMU exited while waiting for the console")
             return match

@@ -41,11 +41,11 @@ def test_a_dead_ssh_server_raises_and_the_next_call_reconnects(
 
 def test_huge_output_is_kept_bounded_with_a_marker(
         built_image: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    import sandbox.channel as channel
+    import sandbox.commands as commands
 
     # The real bounds are 64 MiB and 1 MiB: the same code, with figures a test can afford.
-    monkeypatch.setattr(channel, "OUTPUT_LIMIT", 1 << 20)
-    monkeypatch.setattr(channel, "TAIL_BYTES", 64 << 10)
+    monkeypatch.setattr(commands, "OUTPUT_LIMIT", 1 << 20)
+    monkeypatch.setattr(commands, "TAIL_BYTES", 64 << 10)
     with sandbox.launch(IMAGE) as vm:
         result = vm.run("head -c 3000000 /dev/zero | tr '\\0' a; echo; echo END")
     data = result.stdout_bytes

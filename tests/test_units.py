@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.channel import CommandResult, command_string, wrap
+from sandbox.commands import CommandResult, command_string, wrap
 from sandbox.errors import SandboxError
 from sandbox.pids import kill_tagged, process_alive, process_start_ticks
 from sandbox.plan import MachineFiles, QemuPlan
