@@ -30,12 +30,7 @@ class Agent:
                 sock.settimeout(self.timeout)
                 sock.connect(str(self.path))
                 sock.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = sock.recv(4096)
-                    if not chunk:
-                        raise ConnectionError("the agent closed the connection")
-                    data += chunk
+                data = _read_line(sock)
         except OSError as exc:
             raise SandboxError(f"guest agent request {op!r} failed: {exc}") from exc
         answer: dict[str, object] = json.loads(data)
@@ -60,12 +55,7 @@ class Agent:
         if self._sock is None:
             return
         try:
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = self._sock.recv(4096)
-                if not chunk:
-                    raise ConnectionError("the agent closed the connection")
-                data += chunk
+            data = _read_line(self._sock)
             self.answer = json.loads(data)
             if not self.answer.get("ok"):
                 self.error = str(self.answer.get("error"))
@@ -74,3 +64,20 @@ class Agent:
         finally:
             self._sock.close()
             self._sock = None
+
+
+#: The longest answer line taken from the guest (answers are a few hundred bytes).
+MAX_LINE = 64 << 10
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    """One answer line from the agent, at most MAX_LINE bytes."""
+    data = b""
+    while not data.endswith(b"\n"):
+        if len(data) > MAX_LINE:
+            raise ConnectionError(f"the agent sent over {MAX_LINE} bytes without a line end")
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("the agent closed the connection")
+        data += chunk
+    return data

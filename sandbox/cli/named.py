@@ -154,10 +154,11 @@ def snapshot_list(name: str) -> None:
 def logs(name: str, lines: int | None) -> None:
     """The serial console of VM NAME."""
     from ..named import find_named
-    from ..plan import MachineFiles
+    from ..plan import MachineFiles, printable
 
     named = find_named(name)
-    text = MachineFiles(named.path).console_log.read_text(errors="replace")
+    # Guest output, shown on this terminal: no control sequences (titles, links, colours).
+    text = printable(MachineFiles(named.path).console_since(0)[0])
     if lines is not None:
         text = "\n".join(text.splitlines()[-lines:]) + "\n"
     click.echo(text, nl=False)
