@@ -69,6 +69,39 @@ def test_huge_output_is_kept_bounded_with_a_marker(
     assert len(data) < (1 << 20) + (64 << 10) + 100
 
 
+def test_file_transfers_give_up_on_a_paused_guest(
+        built_image: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sandbox.channel as channel
+
+    monkeypatch.setattr(channel, "SFTP_IDLE_TIMEOUT", 3.0)  # 60 s in use: the same code
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(4 << 20))
+    with sandbox.launch(IMAGE) as vm:
+        vm.put(payload, "/root/warm")  # the SFTP session is open before the guest stops
+        vm.qmp("stop")
+        started = time.monotonic()
+        with pytest.raises(ChannelError, match="could not copy"):
+            vm.put(payload, "/root/payload")
+        assert time.monotonic() - started < 30
+        vm.qmp("cont")
+
+
+def test_a_golden_snapshot_rebuilt_meanwhile_is_not_discarded(
+        built_image: dict[str, Any]) -> None:
+    """A clone that failed on an old copy must not remove the copy another process has
+    rebuilt since: discarding checks, under the lock, that the entry is unchanged."""
+    from sandbox.golden import Golden, discard_golden
+
+    sandbox.launch(IMAGE).close()
+    current = find_golden(get_image(IMAGE), sandbox.MachineSpec(image=IMAGE),
+                          resolve_accel("auto"))
+    assert current is not None
+    stale = Golden(current.path, dict(current.manifest, created_at="2000-01-01T00:00:00+0000"))
+    discard_golden(stale)
+    assert (current.path / "manifest.json").exists()
+    current.check()
+
+
 # -- soak: clones with a random fault each, then nothing left ---------------------------------
 
 #: Clones in the soak: SANDBOX_SOAK (the note's figure was taken with 100 under -n 2); CI
