@@ -11,7 +11,6 @@ rest. Machines that outlive this process are :mod:`sandbox.named`'s.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import threading
@@ -416,11 +415,11 @@ class Machine(GuestWaits):
 
     def snapshot(self, tag: str) -> None:
         """Save this machine's disk and RAM under ``tag`` (inside its own overlay)."""
-        self._snapshot_command("savevm", tag)
+        self._running().vm_snapshot("savevm", tag)
 
     def restore(self, tag: str) -> None:
         """Roll this machine's disk and RAM back to ``snapshot(tag)``; SSH reconnects."""
-        self._snapshot_command("loadvm", tag)
+        self._running().vm_snapshot("loadvm", tag)
         if self._channel is not None:  # its TCP or port state was rolled back with the guest
             self._channel.close()
         self._connect_ssh(RESTORE_SSH_TIMEOUT)
@@ -428,21 +427,12 @@ class Machine(GuestWaits):
 
     def snapshots(self) -> list[str]:
         """Tags saved with :meth:`snapshot`."""
-        tags, table = [], False
-        for line in self.hmp("info snapshots").splitlines():
-            fields = line.split()
-            if fields[:2] == ["ID", "TAG"]:
-                table = True
-            elif table and len(fields) >= 2:
-                tags.append(fields[1])  # the ID column reads "--" for VM-wide snapshots
-        return tags
+        return self._running().vm_snapshot_tags()
 
-    def _snapshot_command(self, verb: str, tag: str) -> None:
-        if not re.match(r"^[A-Za-z0-9_.-]+$", tag):
-            raise SnapshotError(f"snapshot tag {tag!r}: use letters, digits, '.', '_', '-'")
-        answer = self.hmp(f"{verb} {tag}").strip()
-        if answer:
-            raise SnapshotError(f"{verb} {tag} on {self.name} failed: {answer}")
+    def _running(self) -> QemuProcess:
+        if self.qemu is None:
+            raise SandboxError(f"{self.name} is not running")
+        return self.qemu
 
 
 def launch(image: str = "debian-12", *, name: str | None = None, **shape: Any) -> Machine:

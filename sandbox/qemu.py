@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -209,6 +210,25 @@ class QemuProcess:
             if fields and fields[0] == "TCP[HOST_FORWARD]":
                 ports[int(fields[5])] = int(fields[3])
         return ports
+
+    def vm_snapshot(self, verb: str, tag: str) -> None:
+        """``savevm`` or ``loadvm`` of the whole machine (disk and RAM, in its overlay)."""
+        if not re.match(r"^[A-Za-z0-9_.-]+$", tag):
+            raise SnapshotError(f"snapshot tag {tag!r}: use letters, digits, '.', '_', '-'")
+        answer = self.hmp(f"{verb} {tag}").strip()
+        if answer:
+            raise SnapshotError(f"{verb} {tag} failed: {answer}")
+
+    def vm_snapshot_tags(self) -> list[str]:
+        """The tags of the machine's snapshots, from ``info snapshots``."""
+        tags, table = [], False
+        for line in self.hmp("info snapshots").splitlines():
+            fields = line.split()
+            if fields[:2] == ["ID", "TAG"]:
+                table = True
+            elif table and len(fields) >= 2:
+                tags.append(fields[1])  # the ID column reads "--" for VM-wide snapshots
+        return tags
 
     def close_monitor(self) -> None:
         if self._qmp is not None:
