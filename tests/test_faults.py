@@ -122,9 +122,13 @@ def golden_digests_kept(built_image: dict[str, Any]) -> Iterator[None]:
     yield
     after = {name: _sha256(golden.path / name) for name in ("ram", "state", "disk.qcow2")}
     errors = Counter(kind for _, kind in _soak_log)
-    print(f"\nsoak ({os.environ.get('PYTEST_XDIST_WORKER', 'main')}): "
-          f"{len(_soak_log)} clones, faults {dict(Counter(f for f, _ in _soak_log))}, "
-          f"raised {dict(errors)}, golden unchanged: {after == before}")
+    summary = (f"soak ({os.environ.get('PYTEST_XDIST_WORKER', 'main')}): {len(_soak_log)} "
+               f"clones, faults {dict(Counter(f for f, _ in _soak_log))}, raised "
+               f"{dict(errors)}, golden unchanged: {after == before}")
+    print(f"\n{summary}")
+    if os.environ.get("SANDBOX_SOAK_LOG"):  # xdist workers' prints are not shown
+        with open(os.environ["SANDBOX_SOAK_LOG"], "a") as log:
+            log.write(summary + "\n")
     assert after == before
 
 
