@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -72,3 +73,16 @@ def env_with(**overrides: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(overrides)
     return env
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def golden_file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of a golden snapshot's ram, state and disk."""
+    return {name: file_sha256(directory / name) for name in ("ram", "state", "disk.qcow2")}

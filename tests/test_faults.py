@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
@@ -22,7 +21,7 @@ from sandbox.golden import find_golden
 from sandbox.host import resolve_accel
 from sandbox.image import get_image
 
-from .conftest import IMAGE
+from .conftest import IMAGE, golden_file_digests
 
 
 def test_a_guest_panic_is_raised_within_seconds_with_the_console(
@@ -118,9 +117,9 @@ def golden_digests_kept(built_image: dict[str, Any]) -> Iterator[None]:
     golden = find_golden(get_image(IMAGE), sandbox.MachineSpec(image=IMAGE),
                          resolve_accel("auto"))
     assert golden is not None
-    before = {name: _sha256(golden.path / name) for name in ("ram", "state", "disk.qcow2")}
+    before = golden_file_digests(golden.path)
     yield
-    after = {name: _sha256(golden.path / name) for name in ("ram", "state", "disk.qcow2")}
+    after = golden_file_digests(golden.path)
     errors = Counter(kind for _, kind in _soak_log)
     summary = (f"soak ({os.environ.get('PYTEST_XDIST_WORKER', 'main')}): {len(_soak_log)} "
                f"clones, faults {dict(Counter(f for f, _ in _soak_log))}, raised "
@@ -130,14 +129,6 @@ def golden_digests_kept(built_image: dict[str, Any]) -> Iterator[None]:
         with open(os.environ["SANDBOX_SOAK_LOG"], "a") as log:
             log.write(summary + "\n")
     assert after == before
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _inject(vm: sandbox.Machine, fault: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from sandbox.golden import Golden, find_golden, golden_root, locate
 from sandbox.host import resolve_accel
 from sandbox.image import get_image
 
-from .conftest import IMAGE
+from .conftest import IMAGE, golden_file_digests
 
 
 def located(**shape: Any) -> Path:
@@ -33,14 +32,7 @@ def golden_for(**shape: Any) -> Golden:
 
 
 def digests(golden: Golden) -> dict[str, str]:
-    out = {}
-    for name in ("ram", "state", "disk.qcow2"):
-        sha = hashlib.sha256()
-        with (golden.path / name).open("rb") as handle:
-            while chunk := handle.read(1 << 22):
-                sha.update(chunk)
-        out[name] = sha.hexdigest()
-    return out
+    return golden_file_digests(golden.path)
 
 
 def test_clones_restore_with_their_own_identity(built_image: dict[str, Any]) -> None:

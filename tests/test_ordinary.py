@@ -3,7 +3,6 @@ project of their own, far from this checkout (real builds and real guests)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import IMAGE
+from .conftest import IMAGE, file_sha256
 from .ordinary import (
     ROOT,
     Account,
@@ -130,16 +129,8 @@ def leaked_runs(runtime: Path) -> list[str]:
     return leaked
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def golden_digests(cache: Path) -> dict[str, str]:
-    return {f"{p.parent.name}/{p.name}": sha256_of(p)
+    return {f"{p.parent.name}/{p.name}": file_sha256(p)
             for p in sorted(cache.glob("golden/*/*"))
             if p.name in ("ram", "state", "disk.qcow2")}
 
