@@ -288,7 +288,7 @@ class Machine(GuestWaits):
         return self.qemu.qmp(command, **arguments)
 
     def hmp(self, command_line: str) -> str:
-        return str(self.qmp("human-monitor-command", **{"command-line": command_line}))
+        return self._running().hmp(command_line)
 
     # -- commands ---------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -29,11 +29,6 @@ from .errors import BootError, SandboxError, SnapshotError
 from .pids import process_alive
 from .plan import MachineFiles, QemuPlan
 from .waits import wait_until
-
-if TYPE_CHECKING:
-    pass
-
-# -- the process ----------------------------------------------------------------------------
 
 
 class Pid:
