@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import console
 from .agent import Agent
 from .channel import PreludeSocket, connect, tcp
 from .entries import entry_lock, publish, remove_entry
@@ -49,6 +50,8 @@ from .runs import current_run
 from .spec import MachineSpec
 
 GOLDEN_VERSION = "4"
+#: The newest part of the boot's console a golden snapshot keeps, and gives its clones.
+GOLDEN_CONSOLE_BYTES = 256 << 10
 
 #: How long the golden boot may take to settle (systemd's boot jobs) before the save.
 SETTLE_TIMEOUT = 120.0
@@ -112,7 +115,7 @@ class Golden:
         files = plan.files
         if self.console.exists():
             with files.console_log.open("wb") as log:
-                log.write(self.console.read_bytes())
+                log.write(console.read_since(self.console, 0, GOLDEN_CONSOLE_BYTES)[0])
                 log.write(f"\n[sandbox: cloned from golden snapshot {self.path.name}]\n"
                           .encode())
         process = QemuProcess(plan, files)
@@ -293,7 +296,7 @@ def make(image: Image, spec: MachineSpec, accel: str, target: Path) -> dict[str,
         saved = time.monotonic()
         if prelude is not None:
             (target / "ssh-prelude").write_bytes(prelude)
-        shutil.copyfile(files.console_log, target / "console.log")
+        console.copy(files.console_log, target / "console.log", GOLDEN_CONSOLE_BYTES)
     finally:
         process.stop()
         if port is not None:  # closed only now: the save needs it open

@@ -157,15 +157,17 @@ def _probe() -> AccelVerdict:
         accel, reason = "kvm", (f"a stock kernel printed its banner {kvm_seconds:.2f} s after "
                                 "start under KVM")
     elif kvm_problem is not None:
-        accel, reason = "tcg", kvm_problem
+        accel, reason = "tcg", kvm_problem if tcg_ok else f"{kvm_problem}; {tcg_note}"
     else:
         accel = "tcg"
         reason = f"/dev/kvm opens, but under KVM {kvm_error}; {tcg_note}{_nested_hint()}"
+    conclusive = tcg_ok or accel == "kvm"
+    if not conclusive:  # the probe itself failed (its kernel, a loaded host): not a verdict
+        reason = f"the KVM probe was inconclusive (asked again next time): {reason}"
     return AccelVerdict(accel=accel, kvm_usable=kvm_seconds is not None, kvm_cpu=kvm_cpu,
-                        tcg_usable=tcg_ok,
-                        reason=reason if tcg_ok or accel == "kvm" else f"{reason}; {tcg_note}",
+                        tcg_usable=tcg_ok, reason=reason,
                         probe_seconds=round(time.monotonic() - started, 2),
-                        conclusive=tcg_ok or accel == "kvm", **common)
+                        conclusive=conclusive, **common)
 
 
 def _kvm_device_problem() -> str | None:
@@ -234,6 +236,9 @@ def probe_kernel() -> Path:
     """A stock kernel to probe with: ``SANDBOX_PROBE_KERNEL``, a built image's, or fetched."""
     override = os.environ.get("SANDBOX_PROBE_KERNEL")
     if override:
+        if not Path(override).is_file():
+            raise HostError(f"SANDBOX_PROBE_KERNEL={override!r} is not a file; point it at a "
+                            "vmlinuz or unset it")
         return Path(override)
     images = cache_dir() / "images"
     if images.is_dir():

@@ -39,11 +39,12 @@ from .recipe import Recipe, find_recipe
 from .sizes import format_size, parse_size
 
 #: Bumped whenever the build pipeline changes what ends up in an image.
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 
-#: Packages the sandbox itself relies on inside every guest, added to each recipe's list.
+#: Packages the sandbox itself relies on inside every guest, added to each recipe's list
+#: (python3 runs the guest agent that gives each clone its own clock and randomness).
 BASE_PACKAGES = ("systemd-sysv", "udev", "dropbear-bin", "openssh-sftp-server", "socat",
-                 "iproute2")
+                 "iproute2", "python3")
 
 #: Kernel command line every image gets; the recipe's ``kernel_cmdline`` is appended.
 BASE_CMDLINE = "root=/dev/vda rw console=ttyS0 loglevel=4 net.ifnames=0 panic=-1"

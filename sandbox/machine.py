@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import console
 from .channel import Channel, connect, tcp
 from .commands import CommandResult, TranscriptEntry
 from .errors import (
@@ -230,7 +231,7 @@ class Machine(GuestWaits):
         if self._channel is not None:
             self._channel.close()
         if self.qemu is not None:
-            self.qemu.close_monitor()
+            self.qemu.release()
         if self._port_socket is not None:
             self._port_socket.close()
 
@@ -315,7 +316,8 @@ class Machine(GuestWaits):
             return  # the monitor is busy or gone: liveness above is what can be told
         if status == "guest-panicked":
             raise GuestPanic(f"the guest kernel of {self.name} panicked",
-                             console_tail=self.console_tail())
+                             console_tail=console.panic_tail(self.files.console_log)
+                             if self.files else "")
 
     def _drop_channel(self) -> None:
         """Drop a channel that failed, so that the next command reconnects."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import console
 from .errors import SandboxError
 from .paths import runtime_dir
 from .pids import kill_tagged, process_alive, process_start_ticks
@@ -83,9 +84,11 @@ def write_state(machine: Machine) -> None:
     """Record how to reach ``machine`` (a started one) in its directory."""
     assert machine.dir is not None and machine.image is not None and machine.qemu is not None
     plan = machine.qemu.plan
+    pid = machine.pid or 0
+    start_ticks = process_start_ticks(pid)
     state = {
         "name": machine.name, "image": machine.spec.image, "image_path": str(machine.image.path),
-        "pid": machine.pid, "start_ticks": process_start_ticks(machine.pid or 0),
+        "pid": pid, "start_ticks": start_ticks,
         "ssh_port": machine.ssh_port, "memory_mib": plan.memory_mib if plan else None,
         "cpus": plan.cpus if plan else None, "spec": machine.spec.to_kwargs(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -93,6 +96,8 @@ def write_state(machine: Machine) -> None:
     tmp = machine.dir / "state.json.tmp"
     tmp.write_text(json.dumps(state, indent=2))
     tmp.rename(machine.dir / "state.json")
+    # The console log stays bounded after this process exits, by a keeper that ends with QEMU.
+    console.start_keeper(MachineFiles(machine.dir).console_log, pid, start_ticks)
 
 
 def up(spec: MachineSpec, name: str, *, reporter: Reporter = QUIET) -> Machine:

@@ -1,17 +1,17 @@
 """What one QEMU process runs: its command line (:class:`QemuPlan`), the per-machine file
 layout (:class:`MachineFiles`) and the tag rule that marks this project's processes.
 
-Pure logic apart from :func:`create_overlay` and reading a console log; unit tested.
+Pure logic apart from :func:`create_overlay`; unit tested.
 """
 
 from __future__ import annotations
 
-import re
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import console
 from .errors import SnapshotError
 from .host import accel_verdict, qemu_binary
 from .paths import find_tool
@@ -86,44 +86,18 @@ class MachineFiles:
         return self.dir / "known_hosts"
 
     def console_tail(self, lines: int = 40) -> str:
-        return console_tail(self.console_log, lines)
+        return console.tail(self.console_log, lines)
 
     def console_since(self, offset: int) -> tuple[str, int]:
-        """The console output after byte ``offset``, and the offset after it."""
-        try:
-            with self.console_log.open("rb") as log:
-                log.seek(offset)
-                data = log.read()
-        except OSError:
-            return "", offset
-        return data.decode(errors="replace"), offset + len(data)
+        """The console output after byte ``offset`` (its newest part when there is more
+        than a log keeps), and the offset after it."""
+        data, end = console.read_since(self.console_log, offset)
+        return data.decode(errors="replace"), end
 
     def remove_runtime_files(self) -> None:
         """What a stopped QEMU leaves that means nothing once it is gone."""
         for path in (self.qmp_socket, self.agent_socket, self.ssh_socket, self.pidfile):
             path.unlink(missing_ok=True)
-
-
-#: Terminal control sequences (CSI, OSC ended by BEL or ST, other escapes) and the other
-#: control characters a guest could print to change a reader's terminal.
-_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?"
-                      r"|[\x00-\x08\x0b-\x1f\x7f\x9b\x9d]")
-
-
-def printable(text: str) -> str:
-    """Guest-controlled ``text`` made safe for a terminal or a report: control sequences
-    and characters removed, line breaks and tabs kept."""
-    return _CONTROL.sub("", text.replace("\r\n", "\n"))
-
-
-def console_tail(console_log: Path, lines: int = 40) -> str:
-    """The last ``lines`` lines of a console log, without control sequences or blank
-    lines."""
-    try:
-        text = console_log.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join([line for line in printable(text).splitlines() if line.strip()][-lines:])
 
 
 def create_overlay(backing: Path, overlay: Path) -> Path:

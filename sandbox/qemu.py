@@ -25,6 +25,7 @@ from typing import Any
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from . import console
 from .errors import BootError, SandboxError, SnapshotError
 from .pids import process_alive
 from .plan import MachineFiles, QemuPlan
@@ -115,6 +116,7 @@ class QemuProcess:
         self.process: subprocess.Popen[bytes] | Pid | None = None
         self._qmp: QEMUMonitorProtocol | None = None
         self._qmp_lock = threading.Lock()
+        self._console: Path | None = None
 
     @property
     def pid(self) -> int | None:
@@ -133,6 +135,8 @@ class QemuProcess:
                 subprocess.Popen, command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
                 preexec_fn=_die_with_parent(os.getpid()) if die_with_parent else None).result()
+        self._console = self.files.console_log
+        console.tend(self._console)  # bounded on disk while this process runs QEMU
         deadline = time.monotonic() + MONITOR_TIMEOUT
 
         def socket_there() -> bool:
@@ -231,6 +235,14 @@ class QemuProcess:
                 self._qmp.close()
             self._qmp = None
 
+    def release(self) -> None:
+        """Let go of a QEMU that keeps running (a named machine): its monitor, and the
+        tending of its console log (its keeper process takes that over)."""
+        self.close_monitor()
+        if self._console is not None:
+            console.untend(self._console)
+            self._console = None
+
     # -- liveness -------------------------------------------------------------------------
 
     def check_alive(self, what: str) -> None:
@@ -321,6 +333,6 @@ class QemuProcess:
                     break
                 except subprocess.TimeoutExpired:
                     continue
-        self.close_monitor()
+        self.release()
         self.process = None
         self.files.remove_runtime_files()

@@ -49,7 +49,7 @@ def wait_until(check: Callable[[], T | None], *, timeout: float, what: str,
 def trim(data: str, limit: int = 2000) -> str:
     """Guest output for a report: control sequences removed, cut to about ``limit``
     characters (its head and its longer tail)."""
-    from .plan import printable
+    from .console import printable
 
     data = printable(data).rstrip("\n")
     if len(data) <= limit:

@@ -1,13 +1,42 @@
-"""Faults inside the guest never hang a test and never pass for success (real guests)."""
+"""The fault suite: each row of the faults table (issue 11) on real guests, real builds and
+the real CLI, and a soak of clones with a random fault each.
+
+Row by row, the test that proves it (here unless a module is named):
+
+- guest kernel panic: test_a_guest_panic_is_raised_within_seconds_with_the_console
+- every SSH server killed: test_a_dead_ssh_server_raises_and_the_next_call_reconnects
+- transport dies mid-command:
+  test_machine.py::test_a_lost_connection_raises_instead_of_returning_a_status
+- golden ram, state or manifest damaged:
+  test_golden.py::test_a_damaged_golden_snapshot_is_rebuilt_with_a_warning
+- a slow clone and the shared golden: test_a_golden_snapshot_rebuilt_meanwhile_is_not_discarded
+- image build --force: test_a_forced_rebuild_leaves_no_golden_snapshot_of_the_old_build
+- a transient KVM probe failure: test_an_inconclusive_kvm_probe_is_not_kept
+- huge output: test_huge_output_is_kept_bounded_with_a_marker
+- a chatty console: test_a_chatty_console_stays_bounded_on_disk (and ..._of_a_named_machine)
+- a recipe writing outside its tree: test_a_hostile_recipe_is_refused_before_anything_is_written
+- a NUL byte in a command:
+  test_machine.py::test_a_nul_byte_is_refused_before_it_reaches_the_guest
+- a cache under a regular file: test_a_cache_under_a_file_is_one_line_from_the_cli
+- `ssh` holding the monitor, then `down`:
+  test_cli.py::test_down_stops_a_machine_whose_monitor_is_held_and_image_is_gone
+- SFTP against a paused guest: test_file_transfers_give_up_on_a_paused_guest
+- a teardown hook raising:
+  test_plugin.py::test_every_machine_is_closed_even_when_a_teardown_hook_raises
+- a forked child starting machines: test_machine.py::test_a_forked_child_starts_machines
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import socket
+import textwrap
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,12 +45,12 @@ from typing import Any
 import pytest
 
 import sandbox
-from sandbox.errors import ChannelError, CommandTimeout, GuestPanic
-from sandbox.golden import find_golden
+from sandbox.errors import ChannelError, CommandTimeout, GuestPanic, SandboxWarning
+from sandbox.golden import find_golden, list_goldens
 from sandbox.host import resolve_accel
 from sandbox.image import get_image
 
-from .conftest import IMAGE, golden_file_digests
+from .conftest import IMAGE, env_with, golden_file_digests, sandbox_cli
 
 
 def test_a_guest_panic_is_raised_within_seconds_with_the_console(
@@ -99,6 +128,149 @@ def test_a_golden_snapshot_rebuilt_meanwhile_is_not_discarded(
     discard_golden(stale)
     assert (current.path / "manifest.json").exists()
     current.check()
+
+
+def _allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+CHATTY = "{ head -c 3000000 /dev/zero | tr '\\0' x; echo; echo CHATTY-END; } > /dev/ttyS0"
+
+
+def test_a_chatty_console_stays_bounded_on_disk(
+        built_image: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOX_CONSOLE_KEEP", "256K")  # 8M in use: the same code
+    with sandbox.launch(IMAGE) as vm:
+        assert vm.files is not None
+        log = vm.files.console_log
+        vm.succeed(CHATTY, timeout=300)
+        time.sleep(2.5)  # trimmed about once a second
+        assert log.stat().st_size > 3_000_000  # offsets go on counting...
+        assert _allocated(log) < (256 << 10) * 2  # ...while the disk holds the newest part
+        text = vm.console_log()
+        assert text.startswith("[sandbox: ") and "bytes of console output cut" in text
+        assert len(text) < (256 << 10) * 2
+        assert vm.wait_for_console("CHATTY-END", timeout=10)
+        assert vm.console_tail(1) == "CHATTY-END"
+
+
+def test_a_chatty_console_stays_bounded_on_disk_of_a_named_machine(
+        built_image: dict[str, Any]) -> None:
+    """A named machine outlives the process that started it: a keeper process trims its
+    console and ends with its QEMU."""
+    from sandbox.named import find_named
+
+    env = env_with(SANDBOX_CONSOLE_KEEP="256K")
+    up = sandbox_cli("up", "chatty", env=env)
+    assert up.returncode == 0, up.stderr
+    try:
+        log = find_named("chatty").path / "console.log"
+        result = sandbox_cli("exec", "chatty", "--", "sh", "-c", CHATTY, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        time.sleep(2.5)
+        assert log.stat().st_size > 3_000_000 and _allocated(log) < (256 << 10) * 2
+        shown = sandbox_cli("logs", "chatty", "-n", "1")
+        assert shown.stdout == "CHATTY-END\n"
+    finally:
+        assert sandbox_cli("down", "chatty").returncode == 0
+    deadline = time.monotonic() + 5
+    while _keepers(log) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _keepers(log), "the console keeper outlived its machine"
+
+
+def _keepers(log: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"sandbox.console" in cmdline and str(log).encode() in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def test_a_forced_rebuild_leaves_no_golden_snapshot_of_the_old_build(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rebuilt image has a new host key: clones of the old build's golden snapshot could
+    never be reached. The rebuild removes those, and the next clone comes from the new."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "fault-rebuild.toml").write_text(
+        'packages = ["linux-image-cloud-amd64"]\nmemory = "512M"\n')
+    monkeypatch.setenv("SANDBOX_IMAGES_PATH", str(recipes))
+    env = env_with()
+    try:
+        assert sandbox_cli("image", "build", "fault-rebuild", env=env).returncode == 0
+        first_key = get_image("fault-rebuild").host_key
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SandboxWarning)  # the agent and its SSH port work
+            with sandbox.launch("fault-rebuild") as vm:
+                assert vm.succeed("echo first") == "first\n"
+        old = [g.path for g in list_goldens() if g.manifest["image"] == "fault-rebuild"]
+        assert len(old) == 1
+        rebuilt = sandbox_cli("image", "build", "--force", "fault-rebuild", env=env)
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        assert "(of an earlier build)" in rebuilt.stdout + rebuilt.stderr
+        assert not old[0].exists()
+        assert get_image("fault-rebuild").host_key != first_key
+        with sandbox.launch("fault-rebuild") as vm:  # no host key mismatch
+            assert vm.succeed("echo rebuilt") == "rebuilt\n"
+    finally:
+        sandbox_cli("image", "rm", "fault-rebuild", env=env)
+
+
+def test_an_inconclusive_kvm_probe_is_not_kept(
+        built_image: dict[str, Any], tmp_path: Path) -> None:
+    """A probe whose kernel is broken (a failed download) boots under neither accelerator:
+    that says nothing about the host, so it is reported and asked again, never cached."""
+    cache = tmp_path / "cache"
+    broken = tmp_path / "vmlinuz"
+    broken.write_bytes(b"\0" * 4096)
+    first = sandbox_cli("doctor", env=env_with(SANDBOX_CACHE_DIR=str(cache),
+                                               SANDBOX_PROBE_KERNEL=str(broken)), timeout=120)
+    assert "inconclusive (asked again next time)" in first.stdout, first.stdout
+    assert not list((cache / "host").glob("accel-*.json"))
+    kernel = get_image(IMAGE).kernel
+    second = sandbox_cli("doctor", env=env_with(
+        SANDBOX_CACHE_DIR=str(cache), SANDBOX_PROBE_KERNEL=str(kernel)), timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    kept = list((cache / "host").glob("accel-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["tcg_usable"] is True
+
+
+def test_a_hostile_recipe_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    target = tmp_path / "escaped"
+    (recipes / "escape.toml").write_text(textwrap.dedent(f"""
+        packages = ["linux-image-cloud-amd64"]
+        [[files]]
+        path = "/../../../../../..{target}"
+        content = "x"
+        """))
+    (recipes / "leak.toml").write_text(textwrap.dedent("""
+        packages = ["linux-image-cloud-amd64"]
+        [[files]]
+        path = "/root/shadow"
+        source = "/etc/shadow"
+        """))
+    env = env_with(SANDBOX_IMAGES_PATH=str(recipes))
+    escape = sandbox_cli("image", "build", "escape", env=env, timeout=60)
+    assert escape.returncode == 2 and "without '..' parts" in escape.stderr, escape.stderr
+    leak = sandbox_cli("image", "build", "leak", env=env, timeout=60)
+    assert leak.returncode == 2 and "outside the recipe's directory" in leak.stderr
+    assert "Traceback" not in escape.stderr + leak.stderr
+    assert not target.exists()
+
+
+def test_a_cache_under_a_file_is_one_line_from_the_cli(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    result = sandbox_cli("run", "--", "true", timeout=60,
+                         env=env_with(SANDBOX_CACHE_DIR=str(tmp_path / "file" / "cache")))
+    assert result.returncode == 2
+    assert "is a file, not a directory" in result.stderr and "Traceback" not in result.stderr
 
 
 # -- soak: clones with a random fault each, then nothing left ---------------------------------

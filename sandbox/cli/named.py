@@ -153,8 +153,9 @@ def snapshot_list(name: str) -> None:
 @friendly
 def logs(name: str, lines: int | None) -> None:
     """The serial console of VM NAME."""
+    from ..console import printable
     from ..named import find_named
-    from ..plan import MachineFiles, printable
+    from ..plan import MachineFiles
 
     named = find_named(name)
     # Guest output, shown on this terminal: no control sequences (titles, links, colours).
