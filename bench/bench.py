@@ -250,6 +250,11 @@ def main() -> None:
          f"{results['cycles_parallel2_total_s']:.1f} s "
          f"(p50 {results['cycle_parallel2_p50_s']:.2f} s)"),
     ]
+    print_table(rows)
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
+    """Figures as two aligned columns, after a blank line."""
     width = max(len(r[0]) for r in rows)
     print()
     for name, value in rows:

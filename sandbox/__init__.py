@@ -20,23 +20,28 @@ from .errors import (
     SandboxError,
     SandboxWarning,
     SnapshotError,
+    TemplateError,
     WaitTimeout,
 )
 
 if TYPE_CHECKING:
     from .commands import CommandResult
     from .machine import Machine, launch
+    from .prepare import content_key
     from .spec import MachineSpec
+    from .template import Template, remove_template, templates
 
 __version__ = "0.1.0"
 
 _LAZY = {"launch": "machine", "Machine": "machine", "CommandResult": "commands",
-         "MachineSpec": "spec"}
+         "MachineSpec": "spec", "Template": "template", "templates": "template",
+         "remove_template": "template", "content_key": "prepare"}
 
 __all__ = [
     "BootError", "ChannelError", "CommandFailed", "CommandResult", "CommandTimeout", "GuestPanic",
     "HostError", "ImageError", "Machine", "MachineSpec", "SandboxError", "SandboxWarning",
-    "SnapshotError", "WaitTimeout", "errors", "launch",
+    "SnapshotError", "Template", "TemplateError", "WaitTimeout", "content_key", "errors",
+    "launch", "remove_template", "templates",
 ]
 
 

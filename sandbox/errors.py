@@ -91,6 +91,11 @@ class SnapshotError(SandboxError):
     """A snapshot could not be saved, found or restored."""
 
 
+class TemplateError(SnapshotError):
+    """A template cannot be made or cloned: its setup failed, it is stale or damaged, or
+    none has the name asked for."""
+
+
 class SandboxWarning(UserWarning):
     """Something was worked around (a golden snapshot rebuilt, a cold boot instead)."""
 

@@ -116,7 +116,7 @@ class Golden:
         if self.console.exists():
             with files.console_log.open("wb") as log:
                 log.write(console.read_since(self.console, 0, GOLDEN_CONSOLE_BYTES)[0])
-                log.write(f"\n[sandbox: cloned from golden snapshot {self.path.name}]\n"
+                log.write(f"\n[sandbox: cloned from {self.path.parent.name}/{self.path.name}]\n"
                           .encode())
         process = QemuProcess(plan, files)
         started = time.monotonic()
@@ -287,7 +287,7 @@ def make(image: Image, spec: MachineSpec, accel: str, target: Path) -> dict[str,
                     timeout=SETTLE_TIMEOUT)
         port = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         port.connect(str(files.ssh_socket))
-        prelude = _arm_ssh_port(process, files, port)
+        prelude = arm_ssh_port(process, files, port)
         channel.close()  # quiesce: no TCP connection inside the saved state
         time.sleep(0.2)
         process.qmp("stop")
@@ -307,7 +307,7 @@ def make(image: Image, spec: MachineSpec, accel: str, target: Path) -> dict[str,
             "state_bytes": (target / "state").stat().st_size}
 
 
-def _arm_ssh_port(process: QemuProcess, files: MachineFiles,
+def arm_ssh_port(process: QemuProcess, files: MachineFiles,
                   sock: socket.socket) -> bytes | None:
     """Start an SSH server on the guest's virtio-serial SSH port (``sock`` is its host end)
     and record what it sends before the client speaks (banner, key exchange offer). The

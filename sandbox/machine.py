@@ -42,6 +42,7 @@ from .progress import QUIET, Reporter
 from .qemu import QemuProcess
 from .runs import current_run
 from .spec import MachineSpec
+from .states import SavedStates
 from .waits import GuestWaits, trim
 
 __all__ = ["Machine", "SandboxWarning", "TranscriptEntry", "launch"]
@@ -52,13 +53,11 @@ _names_lock = threading.Lock()
 #: How long a clone's first SSH connection may take: over the waiting port, and over TCP.
 CLONE_SSH_TIMEOUT = 30.0
 CLONE_TCP_SSH_TIMEOUT = 60.0
-#: Reconnecting after a snapshot restore (the guest's TCP state was rolled back).
-RESTORE_SSH_TIMEOUT = 60.0
 #: Reconnecting after a channel was lost (a killed SSH server restarts within a second).
 RECONNECT_TIMEOUT = 30.0
 
 
-class Machine(GuestWaits):
+class Machine(GuestWaits, SavedStates):
     """A QEMU guest. Use :func:`sandbox.launch` to get a started one."""
 
     def __init__(self, spec: MachineSpec | None = None, *, name: str | None = None,
@@ -88,6 +87,7 @@ class Machine(GuestWaits):
         self._forwards: dict[int, int] = {}
         #: A clone's host end of the port its first SSH connection went over.
         self._port_socket: socket.socket | None = None
+        self.source: Golden | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -107,8 +107,15 @@ class Machine(GuestWaits):
     def start(self) -> Machine:
         """Clone the image's golden snapshot (made on first use), or boot cold if asked to."""
         started = time.monotonic()
-        self.image = get_image(self.spec.image, reporter=self.reporter)
-        self.accel = resolve_accel(self.spec.accel)
+        template = None
+        if self.spec.template is not None:
+            from .template import clone_spec, find_template
+
+            template = find_template(self.spec.template)
+            self.spec, self.image, self.accel = clone_spec(template, self.spec)
+        else:
+            self.image = get_image(self.spec.image, reporter=self.reporter)
+            self.accel = resolve_accel(self.spec.accel)
         if self.home is None:
             run = current_run()
             self.dir, self.tag = run.machine_dir(self.name), run_tag(run.id, self.name)
@@ -116,7 +123,9 @@ class Machine(GuestWaits):
             self.dir = self.home
         self.files = MachineFiles(self.dir)
         try:
-            if self.spec.cold:
+            if template is not None:  # no healing here: only its maker knows its setup
+                self._connect_clone(self._start_clone(template.golden))
+            elif self.spec.cold:
                 self._boot(started)
             else:
                 self._clone_or_boot(started)
@@ -165,7 +174,7 @@ class Machine(GuestWaits):
         plan = self._plan(create_overlay(golden.disk, self.files.overlay), ram_file=golden.ram,
                           incoming=True)
         clone = golden.start_clone(plan, die_with_parent=self.die_with_parent)
-        self.qemu, self._port_socket = clone.process, clone.port_socket
+        self.qemu, self._port_socket, self.source = clone.process, clone.port_socket, golden
         self.restore_seconds = clone.restore_seconds
         return clone
 
@@ -415,28 +424,15 @@ class Machine(GuestWaits):
         """The last ``lines`` console lines, without colour codes or blank lines."""
         return self.files.console_tail(lines) if self.files else ""
 
-    def snapshot(self, tag: str) -> None:
-        """Save this machine's disk and RAM under ``tag`` (inside its own overlay)."""
-        self._running().vm_snapshot("savevm", tag)
-
-    def restore(self, tag: str) -> None:
-        """Roll this machine's disk and RAM back to ``snapshot(tag)``; SSH reconnects."""
-        self._running().vm_snapshot("loadvm", tag)
-        if self._channel is not None:  # its TCP or port state was rolled back with the guest
-            self._channel.close()
-        self._connect_ssh(RESTORE_SSH_TIMEOUT)
-        self.run(f"date -s @{time.time():.3f} >/dev/null", timeout=30)
-
-    def snapshots(self) -> list[str]:
-        """Tags saved with :meth:`snapshot`."""
-        return self._running().vm_snapshot_tags()
-
     def _running(self) -> QemuProcess:
         if self.qemu is None:
             raise SandboxError(f"{self.name} is not running")
         return self.qemu
 
 
-def launch(image: str = "debian-12", *, name: str | None = None, **shape: Any) -> Machine:
-    """A started machine; use it as a context manager (or call ``close()``)."""
-    return Machine(MachineSpec.from_kwargs(image=image, **shape), name=name).start()
+def launch(image: str | None = None, *, name: str | None = None, **shape: Any) -> Machine:
+    """A started machine; use it as a context manager (or call ``close()``). ``image``
+    defaults to debian-12, or to the template's with ``template=``."""
+    if image is not None:
+        shape["image"] = image
+    return Machine(MachineSpec.from_kwargs(**shape), name=name).start()

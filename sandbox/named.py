@@ -91,6 +91,8 @@ def write_state(machine: Machine) -> None:
         "pid": pid, "start_ticks": start_ticks,
         "ssh_port": machine.ssh_port, "memory_mib": plan.memory_mib if plan else None,
         "cpus": plan.cpus if plan else None, "spec": machine.spec.to_kwargs(),
+        # what its overlay and RAM came from (a golden snapshot or template), for saving it
+        "source": str(machine.source.path) if machine.source else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     tmp = machine.dir / "state.json.tmp"

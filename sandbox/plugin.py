@@ -21,6 +21,7 @@ from .spec import ACCELS
 
 if TYPE_CHECKING:
     from .machine import Machine
+    from .template import Template
 
 # name, help, kind ("value" or "flag"), MachineSpec field it sets (None: plugin behaviour)
 _OPTIONS = (
@@ -65,7 +66,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "vm(image=, memory=, cpus=, network=, accel=, cold=, qemu_args=, boot_timeout=, "
-        "command_timeout=): the shape of the machines of this test (vm, vm_factory)")
+        "command_timeout=, template=): the shape of the machines of this test (vm, "
+        "vm_factory); template= clones a saved template instead of the image")
     config.stash[_KEPT] = []
 
 
@@ -77,14 +79,20 @@ def _setting(config: pytest.Config, name: str) -> Any:
     return None if value in (None, "") else value
 
 
-def machine_shape(request: pytest.FixtureRequest) -> dict[str, Any]:
-    """The keyword arguments for launch(): marker, then command line, then ini."""
+def option_shape(config: pytest.Config) -> dict[str, Any]:
+    """The keyword arguments for launch() that the command line, then ini, give."""
     shape: dict[str, Any] = {}
     for name, _, kind, field in _OPTIONS:
-        value = _setting(request.config, name)
+        value = _setting(config, name)
         if field is None or value is None or (kind == "flag" and not value):
             continue
         shape[field] = int(value) if field == "cpus" else value
+    return shape
+
+
+def machine_shape(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The keyword arguments for launch(): marker, then command line, then ini."""
+    shape = option_shape(request.config)
     marker = request.node.get_closest_marker("vm")
     if marker is not None:
         if marker.args:
@@ -200,6 +208,24 @@ def _keep(config: pytest.Config, node: pytest.Item, machine: Machine, index: int
     with _to_terminal(config) as write:
         for line in lines:
             write(line)
+
+
+@pytest.fixture(scope="session")
+def vm_template(request: pytest.FixtureRequest) -> Callable[..., Template]:
+    """``vm_template(name, setup, key=None, **shape) -> Template``: a machine set up once
+    per host and saved, reused across runs while ``key`` and the base image stay the same;
+    made under a lock, so once for all xdist workers. ``setup`` is a callable taking the
+    machine, a command, or a list of those."""
+    from .prepare import ensure_template
+    from .spec import MachineSpec
+
+    config = request.config
+
+    def make(name: str, setup: Any, *, key: str | None = None, **shape: Any) -> Template:
+        spec = MachineSpec.from_kwargs(**{**option_shape(config), **shape})
+        return ensure_template(name, setup, key=key, spec=spec, reporter=_reporter(config))
+
+    return make
 
 
 @pytest.fixture

@@ -271,18 +271,18 @@ class QemuProcess:
         wait_until(connected, timeout=timeout, interval=0.005, error=SnapshotError,
                    what=f"QEMU did not accept the connection to its {label} port")
 
-    def save_state(self, path: Path, what: str) -> None:
+    def save_state(self, path: Path, what: str, *, ignore_shared: bool = True) -> None:
         """Save the device state (RAM stays in its shared file: ``x-ignore-shared``) of the
-        stopped machine into ``path``."""
+        stopped machine into ``path``; all of its RAM too unless ``ignore_shared``."""
         self.qmp("migrate-set-capabilities",
-                 capabilities=[{"capability": "x-ignore-shared", "state": True}])
+                 capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}])
         self.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")
         self._wait_migration(what)
 
-    def load_state(self, path: Path, what: str) -> None:
+    def load_state(self, path: Path, what: str, *, ignore_shared: bool = True) -> None:
         """Load a state saved by :meth:`save_state` into a QEMU started with -incoming."""
         self.qmp("migrate-set-capabilities",
-                 capabilities=[{"capability": "x-ignore-shared", "state": True}])
+                 capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}])
         self.qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(str(path))}")
         self._wait_migration(what)
 

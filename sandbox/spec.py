@@ -36,6 +36,9 @@ class MachineSpec:
     cold: bool = False
     boot_timeout: float = 180.0
     command_timeout: float = 600.0
+    #: Clone this template (a name, an id, or a sandbox.Template) instead of a golden
+    #: snapshot; the image and shape are then the template's.
+    template: str | None = None
     #: ``memory`` in MiB (None: the image's default), worked out once from ``memory``.
     memory_mib: int | None = field(default=None, init=False, compare=False, repr=False)
 
@@ -55,6 +58,12 @@ class MachineSpec:
             if size < (64 << 20):
                 raise SandboxError(f"memory {self.memory!r} is below the 64M a guest needs")
             object.__setattr__(self, "memory_mib", size >> 20)
+        if self.template is not None and not isinstance(self.template, str):
+            template_id = getattr(self.template, "id", None)
+            if not isinstance(template_id, str):
+                raise SandboxError(f"template must be a name or a sandbox.Template, got "
+                                   f"{self.template!r}")
+            object.__setattr__(self, "template", template_id)
         if isinstance(self.qemu_args, str):
             object.__setattr__(self, "qemu_args", tuple(shlex.split(self.qemu_args)))
 

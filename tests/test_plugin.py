@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -189,3 +191,42 @@ def test_every_machine_is_closed_even_when_a_teardown_hook_raises(
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, errors=1)
     assert "a teardown hook broke" in result.stdout.str()
+
+
+def test_vm_template_is_made_once_for_all_workers_and_runs(
+        pytester: pytest.Pytester, built_image: dict[str, Any], tmp_path: Path) -> None:
+    import sandbox
+
+    name, log = f"plugin-tpl-{os.getpid()}", tmp_path / "setups.log"
+    pytester.makeconftest(f"""
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def prepared(vm_template):
+            def seed(vm):
+                with open({str(log)!r}, "a") as setups:
+                    setups.write("setup\\n")
+                vm.succeed("echo seeded > /root/data")
+            return vm_template({name!r}, [seed, "systemd-run --unit idler sleep 1d"], key="k")
+    """)
+    pytester.makepyfile(f"""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_from_the_factory(vm_factory, prepared, n):
+            vm = vm_factory(template=prepared)
+            assert vm.succeed("cat /root/data") == "seeded\\n"
+            vm.succeed("systemctl is-active idler && echo changed > /root/data")
+
+        @pytest.mark.vm(template={name!r})
+        def test_from_the_marker(vm, prepared):
+            assert vm.succeed("cat /root/data") == "seeded\\n"
+    """)
+    try:
+        for _ in range(2):  # the second run reuses what the first made
+            result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+            result.assert_outcomes(passed=5)
+        assert log.read_text() == "setup\n"
+        assert len([t for t in sandbox.templates() if t.name == name]) == 1
+    finally:
+        sandbox.remove_template(name)

@@ -1,8 +1,9 @@
 """The ``sandbox`` command: a thin front end over the same core the pytest plugin uses.
 
 One module per noun: :mod:`.host` (doctor, prune), :mod:`.images` (image build, list,
-inspect, rm), :mod:`.machines` (throwaway machines: run, shell) and :mod:`.named` (named
-machines: up, list, exec, ssh, cp, snapshot, logs, down).
+inspect, rm), :mod:`.machines` (throwaway machines: run, shell), :mod:`.named` (named
+machines: up, list, exec, ssh, cp, snapshot, logs, down) and :mod:`.templates` (template
+save, ls, rm).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def machine_options(*, cold: bool = True) -> Callable[[F], F]:
                      show_default=True, help="'user' gives the guest network egress."),
         click.option("--accel", type=click.Choice(ACCELS), default=ACCELS[0],
                      show_default=True, help="'auto': KVM where it works, else TCG."),
+        click.option("--template", default=None, metavar="NAME",
+                     help="Clone this template (sandbox template ls) instead of the image's "
+                          "golden snapshot."),
     ]
     if cold:
         options.append(click.option("--cold", is_flag=True,
@@ -96,6 +100,7 @@ def main() -> None:
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
-from . import host, images, machines, named  # noqa: E402  (each adds its commands to main)
+from . import host, images, machines, named, templates  # noqa: E402  (each adds commands)
 
-__all__ = ["friendly", "host", "images", "machine_options", "machines", "main", "named"]
+__all__ = ["friendly", "host", "images", "machine_options", "machines", "main", "named",
+           "templates"]
