@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sandbox  # noqa: E402
-from bench.bench import percentile, print_table  # noqa: E402
+from bench import percentile, print_table  # noqa: E402  (bench/bench.py, beside this one)
 from sandbox.host import accel_verdict, qemu_version  # noqa: E402
 from sandbox.prepare import ensure_template  # noqa: E402
 from sandbox.progress import Reporter  # noqa: E402
