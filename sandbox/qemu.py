@@ -276,6 +276,8 @@ class QemuProcess:
         stopped machine into ``path``; all of its RAM too unless ``ignore_shared``."""
         self.qmp("migrate-set-capabilities",
                  capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}])
+        # QEMU's default cap (32 MiB/s) is meant for a network link, not a local file.
+        self.qmp("migrate-set-parameters", **{"max-bandwidth": 64 << 30})
         self.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")
         self._wait_migration(what)
 
