@@ -47,6 +47,21 @@ def test_two_independent_vms(vm_factory):
     b.fail("test -e /root/only-a")
 '''
 
+TEMPLATE_TESTS = '''
+import pytest
+
+@pytest.fixture(scope="session")
+def prepared(vm_template):
+    return vm_template("acct-tpl", "echo prepared > /root/prepared && "
+                       "systemd-run --unit idler sleep 1d", key="k")
+
+@pytest.mark.parametrize("n", range(3))
+def test_a_clone_of_the_template(vm_factory, prepared, n):
+    vm = vm_factory(template=prepared)
+    assert vm.succeed("cat /root/prepared; systemctl is-active idler") == "prepared\\nactive\\n"
+    vm.succeed("rm /root/prepared")
+'''
+
 ONE_TEST = '''
 def test_kernel(vm):
     assert vm.succeed("uname -s") == "Linux\\n"
@@ -186,6 +201,11 @@ def test_an_ordinary_account_builds_clones_tests_and_keeps_named_machines(
         suite = account.run([str(bin_dir / "pytest"), "-n", "2", "-p", "no:cacheprovider",
                              "test_three.py"], env=env, cwd=project)
         assert "3 passed" in suite.stdout, suite.stdout + suite.stderr
+        account.write(project / "test_template.py", TEMPLATE_TESTS)
+        suite = account.run([str(bin_dir / "pytest"), "-n", "2", "-p", "no:cacheprovider",
+                             "test_template.py"], env=env, cwd=project)
+        assert "3 passed" in suite.stdout, suite.stdout + suite.stderr
+        assert len(list(cache.glob("templates/acct-tpl-*"))) == 1
 
         # This suite's own check that clones never change a golden snapshot (50 clones
         # write disk and memory; sha256 of ram, state and disk.qcow2 before and after),
@@ -208,7 +228,7 @@ def test_an_ordinary_account_builds_clones_tests_and_keeps_named_machines(
         assert down.returncode == 0, down.stderr
 
         assert golden_digests(cache) == golden_before  # 2 + 3 + 50 + 1 clones later
-        for golden in cache.glob("golden/[!.]*/"):
+        for golden in [*cache.glob("golden/[!.]*/"), *cache.glob("templates/[!.]*/")]:
             for entry in golden.iterdir():
                 writable = entry.stat().st_mode & 0o222
                 assert (writable == 0o200) if entry.name == "ram" else not writable, entry
