@@ -27,6 +27,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .commands import CommandResult
     from .machine import Machine, launch
+    from .network import Network
     from .prepare import content_key
     from .spec import MachineSpec
     from .template import Template, remove_template, templates
@@ -35,13 +36,13 @@ __version__ = "0.1.0"
 
 _LAZY = {"launch": "machine", "Machine": "machine", "CommandResult": "commands",
          "MachineSpec": "spec", "Template": "template", "templates": "template",
-         "remove_template": "template", "content_key": "prepare"}
+         "remove_template": "template", "content_key": "prepare", "Network": "network"}
 
 __all__ = [
     "BootError", "ChannelError", "CommandFailed", "CommandResult", "CommandTimeout", "GuestPanic",
-    "HostError", "ImageError", "Machine", "MachineSpec", "SandboxError", "SandboxWarning",
-    "SnapshotError", "Template", "TemplateError", "WaitTimeout", "content_key", "errors",
-    "launch", "remove_template", "templates",
+    "HostError", "ImageError", "Machine", "MachineSpec", "Network", "SandboxError",
+    "SandboxWarning", "SnapshotError", "Template", "TemplateError", "WaitTimeout", "content_key",
+    "errors", "launch", "remove_template", "templates",
 ]
 
 

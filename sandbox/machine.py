@@ -37,6 +37,7 @@ from .golden import Clone, Golden, discard_golden, ensure_golden
 from .host import resolve_accel
 from .image import Image, get_image
 from .keys import cache_key
+from .network import NetworkedMachine, lans_of
 from .plan import MachineFiles, QemuPlan, create_overlay, plan_for, run_tag
 from .progress import QUIET, Reporter
 from .qemu import QemuProcess
@@ -57,7 +58,7 @@ CLONE_TCP_SSH_TIMEOUT = 60.0
 RECONNECT_TIMEOUT = 30.0
 
 
-class Machine(GuestWaits, SavedStates):
+class Machine(GuestWaits, SavedStates, NetworkedMachine):
     """A QEMU guest. Use :func:`sandbox.launch` to get a started one."""
 
     def __init__(self, spec: MachineSpec | None = None, *, name: str | None = None,
@@ -129,6 +130,7 @@ class Machine(GuestWaits, SavedStates):
                 self._boot(started)
             else:
                 self._clone_or_boot(started)
+            self._join_networks()
         except BaseException:
             self.close()
             raise
@@ -139,7 +141,7 @@ class Machine(GuestWaits, SavedStates):
         assert self.image is not None and self.accel is not None and self.files is not None
         assert self.tag is not None
         return plan_for(self.spec, self.image, self.accel, files=self.files, tag=self.tag,
-                        disk=disk, **memory)
+                        disk=disk, lans=lans_of(self.spec), **memory)
 
     def _boot(self, started: float) -> None:
         """Cold boot: start QEMU on a fresh overlay of the image and wait for SSH."""
@@ -249,6 +251,7 @@ class Machine(GuestWaits, SavedStates):
         if self._closed:
             return
         self._closed = True
+        self._leave_networks()
         self._stop()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)

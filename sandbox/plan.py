@@ -81,6 +81,10 @@ class MachineFiles:
     def overlay(self) -> Path:
         return self.dir / "overlay.qcow2"
 
+    def lan_socket(self, index: int) -> Path:
+        """This machine's end of its NIC on private network number ``index``."""
+        return self.dir / f"lan{index}.sock"
+
     @property
     def known_hosts(self) -> Path:
         return self.dir / "known_hosts"
@@ -138,6 +142,9 @@ class QemuPlan:
     ram_shared: bool = False
     #: Wait for the machine state on the monitor (-incoming defer) instead of booting.
     incoming: bool = False
+    #: One NIC per private network (sandbox.network): the switch's data socket of each, or
+    #: None for a NIC on a hub of its own (a golden boot: the NIC exists, nothing is on it).
+    lans: tuple[Path | None, ...] = ()
 
     def command(self) -> list[str]:
         cpu = (self.kvm_cpu or "host") if self.accel == "kvm" else "max"
@@ -170,6 +177,7 @@ class QemuPlan:
             # for one; the chosen port is read back with "info usernet".
             "-netdev", f"user,id=net0{restrict},hostfwd=tcp:127.0.0.1:0-:22",
             "-device", "virtio-net-pci,netdev=net0",
+            *self._lan_arguments(),
             "-device", "virtio-rng-pci",
             # A kernel panic stops the guest where it is (panic=-1 would reboot it quietly)
             # and shows as the run state guest-panicked (Debian's kernels load pvpanic-mmio).
@@ -188,18 +196,29 @@ class QemuPlan:
             *self.extra,
         ]
 
+    def _lan_arguments(self) -> list[str]:
+        arguments = []
+        for index, switch in enumerate(self.lans):
+            lan = f"lan{index}"
+            netdev = (f"dgram,id={lan},local.type=unix,local.path={self.files.lan_socket(index)},"
+                      f"remote.type=unix,remote.path={switch}" if switch is not None
+                      else f"hubport,id={lan},hubid={100 + index}")
+            arguments += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={lan},id={lan}"]
+        return arguments
+
     def shape(self) -> list[str]:
         """The command line without per-machine paths and ports: what a saved machine state
         depends on. Two plans with equal shapes can restore each other's snapshots."""
         generic = replace(self, tag="T", disk=Path("D"), files=MachineFiles(Path("M")),
                           ram_file=Path("R") if self.ram_file else None, ram_shared=False,
-                          incoming=False, network="restricted", binary="qemu")
+                          incoming=False, network="restricted", binary="qemu",
+                          lans=(None,) * len(self.lans))
         return generic.command()
 
 
 def plan_for(spec: MachineSpec, image: Image, accel: str, *, files: MachineFiles, tag: str,
              disk: Path, ram_file: Path | None = None, ram_shared: bool = False,
-             incoming: bool = False) -> QemuPlan:
+             incoming: bool = False, lans: tuple[Path | None, ...] | None = None) -> QemuPlan:
     """The plan of a machine of ``spec`` on ``image``: the spec's shape, else the recipe's."""
     return QemuPlan(
         binary=qemu_binary(), tag=tag, accel=accel,
@@ -207,6 +226,7 @@ def plan_for(spec: MachineSpec, image: Image, accel: str, *, files: MachineFiles
         memory_mib=spec.memory_mib or image.memory_mib, cpus=spec.cpus or image.cpus,
         kernel=image.kernel, initrd=image.initrd, cmdline=image.kernel_cmdline, disk=disk,
         files=files, network=spec.network, extra=spec.qemu_args, ram_file=ram_file,
-        ram_shared=ram_shared, incoming=incoming)
+        ram_shared=ram_shared, incoming=incoming,
+        lans=lans if lans is not None else (None,) * len(spec.networks))
 
 

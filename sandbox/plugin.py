@@ -21,6 +21,7 @@ from .spec import ACCELS
 
 if TYPE_CHECKING:
     from .machine import Machine
+    from .network import Network
     from .template import Template
 
 # name, help, kind ("value" or "flag"), MachineSpec field it sets (None: plugin behaviour)
@@ -163,11 +164,11 @@ def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Machine
     machines = node.stash.setdefault(_MACHINES, [])
     mine: list[Machine] = []
 
-    def factory(**overrides: Any) -> Machine:
+    def factory(name: str | None = None, **overrides: Any) -> Machine:
         shape = {**base, **overrides}
         config.hook.pytest_sandbox_spec(shape=shape, node=node)
-        machine = Machine(MachineSpec.from_kwargs(**shape), reporter=_reporter(config),
-                          die_with_parent=not keep)
+        machine = Machine(MachineSpec.from_kwargs(**shape), name=name,
+                          reporter=_reporter(config), die_with_parent=not keep)
         machine.start()
         machines.append(machine)
         mine.append(machine)
@@ -208,6 +209,24 @@ def _keep(config: pytest.Config, node: pytest.Item, machine: Machine, index: int
     with _to_terminal(config) as write:
         for line in lines:
             write(line)
+
+
+@pytest.fixture
+def vm_network() -> Iterator[Callable[..., Network]]:
+    """``vm_network(name=None) -> sandbox.Network``: private networks for this test's
+    machines (``vm_factory(name="db", networks=[net])``), removed after it."""
+    from .network import Network
+
+    networks: list[Network] = []
+
+    def make(name: str | None = None) -> Network:
+        network = Network(name).start()
+        networks.append(network)
+        return network
+
+    yield make
+    for network in networks:
+        network.close()
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,13 @@ class Run:
 
     def machine_dir(self, name: str) -> Path:
         path = self.path / name
-        path.mkdir(mode=0o700)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            from .errors import SandboxError
+
+            raise SandboxError(f"a machine named {name!r} runs in this process already; "
+                               "give each machine its own name") from None
         return path
 
 

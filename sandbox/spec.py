@@ -39,6 +39,9 @@ class MachineSpec:
     #: Clone this template (a name, an id, or a sandbox.Template) instead of a golden
     #: snapshot; the image and shape are then the template's.
     template: str | None = None
+    #: Private networks (sandbox.Network, or their directories) to put the machine on, one
+    #: NIC each; golden snapshots are made per number of networks.
+    networks: tuple[str, ...] = ()
     #: ``memory`` in MiB (None: the image's default), worked out once from ``memory``.
     memory_mib: int | None = field(default=None, init=False, compare=False, repr=False)
 
@@ -64,6 +67,17 @@ class MachineSpec:
                 raise SandboxError(f"template must be a name or a sandbox.Template, got "
                                    f"{self.template!r}")
             object.__setattr__(self, "template", template_id)
+        if self.networks:
+            paths = []
+            for network in self.networks:
+                path = network if isinstance(network, str) else getattr(network, "path", None)
+                if path is None:
+                    raise SandboxError(f"{network!r} is not open: use it in a with block (or "
+                                       "call start()) before putting machines on it")
+                paths.append(str(path))
+            object.__setattr__(self, "networks", tuple(paths))
+            if len(set(self.networks)) != len(self.networks):
+                raise SandboxError("a machine can be on each network once")
         if isinstance(self.qemu_args, str):
             object.__setattr__(self, "qemu_args", tuple(shlex.split(self.qemu_args)))
 
@@ -77,6 +91,8 @@ class MachineSpec:
                                f"known options: {', '.join(sorted(known))}")
         if "qemu_args" in kwargs and not isinstance(kwargs["qemu_args"], str):
             kwargs["qemu_args"] = tuple(kwargs["qemu_args"])
+        if "networks" in kwargs:
+            kwargs["networks"] = tuple(kwargs["networks"])
         return cls(**kwargs)
 
     def to_kwargs(self) -> dict[str, Any]:

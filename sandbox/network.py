@@ -1,0 +1,265 @@
+"""Private networks between machines: an isolated layer-2 segment each, owned by this run.
+
+A :class:`Network` is a switch process (:mod:`sandbox.switch`) with its sockets in a private
+directory of this run; a machine on it has one more NIC (a QEMU ``dgram`` netdev to the
+switch), a static address in the network's /24, the names of its peers in ``/etc/hosts``,
+and can be cut off (:meth:`NetworkedMachine.block`: link down, as the guest sees it) or
+split from others (:meth:`Network.partition`). Golden snapshots are made per number of
+networks (the NIC is there from the boot; its backend is chosen per clone), so a networked
+clone starts like a plain one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import itertools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import switch
+from .errors import SandboxError
+from .pids import process_start_ticks
+from .runs import current_run
+from .waits import wait_until
+
+if TYPE_CHECKING:
+    from .machine import Machine
+    from .qemu import QemuProcess
+    from .spec import MachineSpec
+
+_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_counter = itertools.count()
+_open: dict[str, Network] = {}
+_open_lock = threading.Lock()
+
+
+class NetworkError(SandboxError):
+    """A network cannot be used as asked: closed, a name taken or not a hostname."""
+
+
+class Network:
+    """A private segment; use it as a context manager (or ``start()``/``close()``), and pass
+    it in ``networks=[...]`` to the machines that should be on it."""
+
+    def __init__(self, name: str | None = None) -> None:
+        number = next(_counter)
+        self.name = name or f"net{number}"
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$", self.name):
+            raise NetworkError(f"network name {self.name!r}: use up to 32 letters, digits, "
+                               "'.', '_', '-'")
+        self.subnet = ipaddress.ip_network(f"192.168.{100 + number % 150}.0/24")
+        self.path: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._members: dict[str, tuple[Machine, int, str]] = {}  # name -> machine, index, ip
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self.path else "new")
+        return f"<Network {self.name} {self.subnet} {state}>"
+
+    def __enter__(self) -> Network:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> Network:
+        if self._closed:
+            raise NetworkError(f"network {self.name} was closed; make a new one")
+        if self.path is not None:
+            return self
+        run = current_run()
+        path = run.path / f"net-{self.name}"
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            raise NetworkError(f"this run has a network named {self.name!r} already") from None
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [package_parent, *filter(None, [os.environ.get("PYTHONPATH")])]))
+        owner = os.getpid()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "sandbox.switch", str(path), str(owner),
+             str(process_start_ticks(owner) or "-"), f"sandbox-{run.id}-net-{self.name}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True, cwd="/", env=env)
+        process = self._process
+
+        def answering() -> bool:
+            if process.poll() is not None:
+                error = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                raise NetworkError(f"the switch of network {self.name} exited: {error[-500:]}")
+            try:
+                switch.request(path, "ping", timeout=1)
+                return True
+            except (OSError, ValueError):
+                return False
+
+        try:
+            wait_until(answering, timeout=30, interval=0.02,
+                       what=f"the switch of network {self.name} did not start")
+        except BaseException:
+            process.kill()
+            process.wait()
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        self.path = path
+        with _open_lock:
+            _open[str(path)] = self
+        return self
+
+    def close(self) -> None:
+        """Stop the switch and remove its sockets (machines on it lose the segment)."""
+        if self._closed:
+            return
+        self._closed = True
+        with _open_lock:
+            _open.pop(str(self.path), None)
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.send_signal(signal.SIGTERM)
+                try:
+                    self._process.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait()
+            if self._process.stderr:
+                self._process.stderr.close()
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    @property
+    def switch_socket(self) -> Path:
+        if self.path is None or self._closed:
+            raise NetworkError(f"network {self.name} is not open")
+        return self.path / "switch.sock"
+
+    # -- members ------------------------------------------------------------------------------
+
+    def join(self, machine: Machine, index: int) -> str:
+        """Put started ``machine`` (its NIC number ``index``) on this network: address,
+        names, peers told. The machine's address."""
+        if self._closed or self.path is None:
+            raise NetworkError(f"network {self.name} is closed")
+        name = machine.name
+        if not _HOSTNAME.match(name):
+            raise NetworkError(f"machine name {name!r} is not a valid hostname (letters, "
+                               "digits and '-', at most 63) and cannot be used on a network")
+        assert machine.files is not None
+        with self._lock:
+            if name in self._members:
+                raise NetworkError(f"network {self.name} has a machine named {name!r} already")
+            host = len(self._members) + 2
+            ip = str(self.subnet.network_address + host)
+            self._members[name] = (machine, index, ip)
+            peers = [(m, address) for n, (m, _, address) in self._members.items() if n != name]
+        switch.request(self.path, "join", port=str(machine.files.lan_socket(index)))
+        mac = f"52:54:{self.subnet.network_address.packed[2]:02x}:00:00:{host:02x}"
+        hosts = "".join(f"{address} {m.name}\n" for m, address in peers) + f"{ip} {name}\n"
+        # The newcomer is set up and the members already there learn its name at once, each
+        # over its own SSH connection.
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            done = [pool.submit(
+                machine.succeed,
+                f"ip link set dev eth{index + 1} address {mac} mtu 1500 up && "
+                f"ip addr add {ip}/{self.subnet.prefixlen} dev eth{index + 1} && "
+                f"printf '%s' '{hosts}' >> /etc/hosts", timeout=60)]
+            done += [pool.submit(peer.succeed, f"echo '{ip} {name}' >> /etc/hosts", timeout=60)
+                     for peer, _ in peers]
+            for future in done:
+                future.result()
+        return ip
+
+    def leave(self, machine: Machine) -> None:
+        with self._lock:
+            member = self._members.pop(machine.name, None)
+        if member is not None and self.path is not None and not self._closed:
+            with contextlib.suppress(OSError, ValueError):
+                assert machine.files is not None
+                switch.request(self.path, "leave", port=str(machine.files.lan_socket(member[1])))
+
+    def address_of(self, machine: Machine) -> str:
+        member = self._members.get(machine.name)
+        if member is None or member[0] is not machine:
+            raise NetworkError(f"{machine.name} is not on network {self.name}")
+        return member[2]
+
+    def partition(self, *groups: list[Machine]) -> None:
+        """Split the network: machines in different groups cannot reach each other (those
+        in no group reach only each other). Undone by :meth:`heal`."""
+        if self.path is None or self._closed:
+            raise NetworkError(f"network {self.name} is closed")
+        ports = []
+        for group in groups:
+            assert all(m.files is not None for m in group)
+            ports.append([str(m.files.lan_socket(self._members[m.name][1]))  # type: ignore
+                          for m in group if self.address_of(m)])
+        switch.request(self.path, "partition", groups=ports)
+
+    def heal(self) -> None:
+        if self.path is None or self._closed:
+            raise NetworkError(f"network {self.name} is closed")
+        switch.request(self.path, "heal")
+
+
+def lans_of(spec: MachineSpec) -> tuple[Path, ...]:
+    """The switch sockets of ``spec``'s networks (open networks of this process)."""
+    return tuple(network_at(path).switch_socket for path in spec.networks)
+
+
+def network_at(path: str) -> Network:
+    with _open_lock:
+        network = _open.get(path)
+    if network is None:
+        raise NetworkError(f"network {Path(path).name.removeprefix('net-')} is not open in "
+                           "this process (closed, or never started)")
+    return network
+
+
+class NetworkedMachine:
+    """Machine mixin: its private networks."""
+
+    name: str
+    spec: MachineSpec
+    qemu: QemuProcess | None
+
+    def _join_networks(self) -> None:
+        for index, path in enumerate(self.spec.networks):
+            network_at(path).join(self, index)  # type: ignore[arg-type]
+
+    def _leave_networks(self) -> None:
+        for path in self.spec.networks:
+            with contextlib.suppress(NetworkError):
+                network_at(path).leave(self)  # type: ignore[arg-type]
+
+    def _lan(self, network: Network) -> str:
+        if network.path is None or str(network.path) not in self.spec.networks:
+            raise NetworkError(f"{self.name} is not on network {network.name}")
+        return f"lan{self.spec.networks.index(str(network.path))}"
+
+    def address(self, network: Network) -> str:
+        """This machine's address on ``network``."""
+        self._lan(network)
+        return network.address_of(self)  # type: ignore[arg-type]
+
+    def block(self, network: Network) -> None:
+        """Take this machine's link on ``network`` down (the guest sees no carrier)."""
+        self._set_link(network, False)
+
+    def unblock(self, network: Network) -> None:
+        self._set_link(network, True)
+
+    def _set_link(self, network: Network, up: bool) -> None:
+        if self.qemu is None:
+            raise SandboxError(f"{self.name} is not running")
+        self.qemu.qmp("set_link", name=self._lan(network), up=up)

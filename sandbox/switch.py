@@ -1,0 +1,142 @@
+"""The layer-2 switch of a private network: one process, unix datagram sockets only.
+
+Each machine on a network has a QEMU ``dgram`` netdev whose local end is a unix socket of its
+own and whose remote end is this switch's data socket, so every Ethernet frame a guest sends
+arrives here as one datagram, from the machine's socket address. The switch learns which
+address each MAC sits behind, forwards unicast frames there and floods the rest (broadcast,
+multicast such as VRRP, unknown destinations) to every other port it may reach. Nothing
+touches a host interface; nothing outside the network's directory can send into it, since
+the directory is private to this account.
+
+Partitions are the switch's: ports in different groups drop each other's frames. Control is
+a unix stream socket taking one JSON request per line (``join``, ``leave``, ``partition``,
+``heal``, ``ping``); the switch exits when its owner process is gone.
+
+Run as ``python -m sandbox.switch DIRECTORY OWNER_PID OWNER_TICKS TAG``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import socket
+import sys
+import time
+from pathlib import Path
+
+#: Frames up to a jumbo MTU and the Ethernet header fit.
+MAX_FRAME = 65536
+
+
+class Switch:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.data = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.data.bind(str(directory / "switch.sock"))
+        self.data.setblocking(False)
+        self.control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.control.bind(str(directory / "control.sock"))
+        self.control.listen(16)
+        self.control.setblocking(False)
+        #: port (a machine's socket path) -> partition group (0: none)
+        self.ports: dict[str, int] = {}
+        self.macs: dict[bytes, str] = {}
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.data, selectors.EVENT_READ, self._frame)
+        self.selector.register(self.control, selectors.EVENT_READ, self._accept)
+
+    def reaches(self, source: str, target: str) -> bool:
+        return source != target and self.ports.get(source) == self.ports.get(target)
+
+    def _frame(self, _: socket.socket) -> None:
+        while True:
+            try:
+                frame, source = self.data.recvfrom(MAX_FRAME)
+            except BlockingIOError:
+                return
+            if source not in self.ports or len(frame) < 14:
+                continue  # not a member (left, or never joined): its frames go nowhere
+            self.macs[frame[6:12]] = source
+            destination = frame[0:6]
+            known = self.macs.get(destination)
+            targets = [known] if known is not None and not destination[0] & 1 else \
+                list(self.ports)
+            for target in targets:
+                if self.reaches(source, target):
+                    with contextlib.suppress(OSError):  # a machine gone or not yet up
+                        self.data.sendto(frame, target)
+
+    def _accept(self, _: socket.socket) -> None:
+        try:
+            connection, _address = self.control.accept()
+        except BlockingIOError:
+            return
+        with connection:
+            connection.settimeout(5)
+            try:
+                request = json.loads(connection.makefile("rb").readline())
+                answer = self.handle(request)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                answer = {"ok": False, "error": repr(exc)}
+            with contextlib.suppress(OSError):
+                connection.sendall(json.dumps(answer).encode() + b"\n")
+
+    def handle(self, request: dict[str, object]) -> dict[str, object]:
+        op = request["op"]
+        if op == "join":
+            self.ports[str(request["port"])] = 0
+        elif op == "leave":
+            port = str(request["port"])
+            self.ports.pop(port, None)
+            self.macs = {mac: p for mac, p in self.macs.items() if p != port}
+        elif op == "partition":
+            groups = request["groups"]
+            assert isinstance(groups, list)
+            for port in self.ports:
+                self.ports[port] = -1  # in no group: reaches nothing but its own kind
+            for number, group in enumerate(groups, 1):
+                for port in group:
+                    if port in self.ports:
+                        self.ports[port] = number
+        elif op == "heal":
+            self.ports = dict.fromkeys(self.ports, 0)
+        elif op != "ping":
+            return {"ok": False, "error": f"unknown op {op!r}"}
+        return {"ok": True, "ports": len(self.ports)}
+
+    def serve(self, alive: object) -> None:
+        while callable(alive) and alive():
+            for key, _events in self.selector.select(timeout=1.0):
+                key.data(key.fileobj)
+
+
+def request(directory: Path, op: str, timeout: float = 5.0, **fields: object) -> dict[str, object]:
+    """One control request to the switch in ``directory``; OSError/ValueError on failure."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(directory / "control.sock"))
+        sock.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
+        answer: dict[str, object] = json.loads(sock.makefile("rb").readline())
+    if not answer.get("ok"):
+        raise ValueError(str(answer.get("error")))
+    return answer
+
+
+def main() -> None:  # pragma: no cover - run as a process by sandbox.network
+    from .pids import process_alive
+
+    directory, owner = Path(sys.argv[1]), int(sys.argv[2])
+    ticks = None if sys.argv[3] == "-" else int(sys.argv[3])
+    switch = Switch(directory)
+    (directory / "switch.pid").write_text(str(os.getpid()))
+    switch.serve(lambda: process_alive(owner, ticks) and directory.exists())
+    for name in ("switch.sock", "control.sock", "switch.pid"):
+        with contextlib.suppress(OSError):
+            (directory / name).unlink()
+    time.sleep(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Private networks between machines: names, isolation, link faults, partitions (real guests)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sandbox
+from sandbox.network import NetworkError
+
+from .conftest import ROOT, qemu_processes
+
+pytest_plugins = ["pytester"]
+
+Factory = Callable[..., sandbox.Machine]
+
+#: A TCP server answering every connection with /root/answer, as a transient unit.
+SERVE = ("systemd-run --unit hello python3 -c \"import socket; s = socket.socket(); "
+         "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 7000)); "
+         "s.listen()\nwhile True:\n c, _ = s.accept(); "
+         "c.sendall(open('/root/answer', 'rb').read()); c.close()\"")
+
+
+def serve(vm: sandbox.Machine, answer: str) -> None:
+    vm.succeed(f"echo {answer} > /root/answer && {SERVE}")
+    vm.wait_for_port(7000, timeout=30)
+
+
+def probe(vm: sandbox.Machine, host: str, timeout: float = 1.0) -> sandbox.CommandResult:
+    return vm.run(f"python3 -c \"import socket; s = socket.create_connection(('{host}', 7000), "
+                  f"{timeout}); print(s.recv(64).decode().strip())\"", timeout=30)
+
+
+def test_three_clones_reach_each_other_by_name_with_tcp_and_multicast(
+        built_image: dict[str, Any], vm_factory: Factory,
+        vm_network: Callable[..., sandbox.Network]) -> None:
+    net = vm_network()
+    db, web, cache = (vm_factory(name=n, networks=[net]) for n in ("db", "web", "cache"))
+    for vm in (db, web, cache):
+        names = vm.succeed("getent hosts db web cache").split()
+        assert names == [db.address(net), "db", web.address(net), "web",
+                         cache.address(net), "cache"]
+    serve(db, "from-db")
+    assert probe(web, "db").stdout.strip() == "from-db"
+    assert probe(cache, "db").stdout.strip() == "from-db"
+    # multicast (what VRRP uses) crosses the segment: cache listens, web sends
+    cache.succeed("systemd-run --unit listen python3 -c \"import socket, struct; "
+                  "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('', 5007)); "
+                  "s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, "
+                  "struct.pack('4s4s', socket.inet_aton('239.1.1.1'), "
+                  f"socket.inet_aton('{cache.address(net)}'))); "
+                  "open('/root/got', 'wb').write(s.recv(64))\"")
+    web.succeed(f"python3 -c \"import socket; s = socket.socket(socket.AF_INET, "
+                f"socket.SOCK_DGRAM); s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, "
+                f"socket.inet_aton('{web.address(net)}'))\nfor _ in range(20):\n"
+                f" s.sendto(b'multicast-hello', ('239.1.1.1', 5007)); import time; "
+                f"time.sleep(0.1)\"")
+    assert cache.wait_until_succeeds("cat /root/got", timeout=10) == "multicast-hello"
+    assert web.succeed("cat /sys/class/net/eth1/mtu") == "1500\n"
+
+
+def test_block_and_unblock_take_effect_at_once(
+        built_image: dict[str, Any], vm_factory: Factory,
+        vm_network: Callable[..., sandbox.Network]) -> None:
+    net = vm_network()
+    db, web = vm_factory(name="db", networks=[net]), vm_factory(name="web", networks=[net])
+    serve(db, "up")
+    assert probe(web, "db").stdout.strip() == "up"
+    started = time.monotonic()
+    web.block(net)
+    assert time.monotonic() - started < 1
+    assert web.succeed("cat /sys/class/net/eth1/carrier") == "0\n"
+    assert probe(web, "db").exit_status != 0
+    web.unblock(net)
+    assert web.succeed("cat /sys/class/net/eth1/carrier") == "1\n"
+    assert web.wait_until_succeeds(
+        "python3 -c \"import socket; print(socket.create_connection(('db', 7000), 1)"
+        ".recv(64).decode().strip())\"", timeout=10) == "up\n"
+
+
+def test_partition_and_heal(built_image: dict[str, Any], vm_factory: Factory,
+                            vm_network: Callable[..., sandbox.Network]) -> None:
+    net = vm_network()
+    a, b, c = (vm_factory(name=n, networks=[net]) for n in ("a", "b", "c"))
+    serve(a, "from-a")
+    net.partition([a, b], [c])
+    assert probe(b, "a").stdout.strip() == "from-a"  # same side
+    assert probe(c, "a").exit_status != 0            # the other side
+    net.heal()
+    assert probe(c, "a").stdout.strip() == "from-a"
+
+
+def test_two_networks_are_isolated_at_layer_2(
+        built_image: dict[str, Any], vm_factory: Factory,
+        vm_network: Callable[..., sandbox.Network]) -> None:
+    one, two = vm_network("one"), vm_network("two")
+    a = vm_factory(name="a", networks=[one])
+    b = vm_factory(name="b", networks=[one, two])
+    c = vm_factory(name="c", networks=[two])
+    serve(a, "from-a")
+    assert probe(b, "a").stdout.strip() == "from-a"  # b is on both
+    # c takes an address in one's subnet on its only segment: still nothing of one reaches it
+    spare = one.subnet.network_address + 200
+    c.succeed(f"ip addr add {spare}/24 dev eth1")
+    assert probe(c, a.address(one)).exit_status != 0
+    assert b.address(two) != b.address(one)
+
+
+def test_bad_requests_are_named(built_image: dict[str, Any], vm_factory: Factory,
+                                vm_network: Callable[..., sandbox.Network]) -> None:
+    net = vm_network()
+    with pytest.raises(NetworkError, match="'under_score' is not a valid hostname"):
+        vm_factory(name="under_score", networks=[net])
+    vm_factory(name="dup", networks=[net])
+    with pytest.raises(sandbox.SandboxError, match="named 'dup' runs in this process already"):
+        vm_factory(name="dup", networks=[net])
+    closed = vm_network()
+    closed.close()
+    with pytest.raises(NetworkError, match="is not open"):
+        sandbox.launch(networks=[closed])
+    with pytest.raises(sandbox.SandboxError, match="is not open: use it in a with block"):
+        sandbox.launch(networks=[sandbox.Network()])
+
+
+CONCURRENT = '''
+def test_each_worker_has_its_own_lab(vm_factory, vm_network, worker_id):
+    lab = vm_network("lab")
+    server = vm_factory(name="server", networks=[lab])
+    client = vm_factory(name="client", networks=[lab])
+    server.succeed(f"echo {worker_id} > /srv-token && systemd-run --unit t python3 -m "
+                   "http.server 8000 --directory /")
+    server.wait_for_port(8000, timeout=30)
+    got = client.wait_until_succeeds("python3 -c \\"import urllib.request; print(urllib."
+                                     "request.urlopen('http://server:8000/srv-token').read()"
+                                     ".decode())\\"", timeout=30)
+    assert got.strip() == worker_id
+'''
+
+
+def test_concurrent_runs_with_networks_of_the_same_name_are_isolated(
+        pytester: pytest.Pytester, built_image: dict[str, Any]) -> None:
+    pytester.makepyfile(test_concurrent="import pytest\n\n" + CONCURRENT.replace(
+        "def test_each", "@pytest.mark.parametrize('n', range(2))\ndef test_each").replace(
+        "vm_network, worker_id)", "vm_network, worker_id, n)"))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=2)
+
+
+CHILD = """
+import json, sys, time
+import sandbox
+net = sandbox.Network("doomed").start()
+machines = [sandbox.launch(name=n, networks=[net]) for n in ("a", "b")]
+print(json.dumps({"switch": int((net.path / "switch.pid").read_text()),
+                  "run": str(net.path.parent)}), flush=True)
+time.sleep(600)
+"""
+
+
+def test_sigkill_of_the_owner_leaves_no_switch_and_no_qemu(built_image: dict[str, Any]) -> None:
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True,
+                             cwd=ROOT)
+    try:
+        assert child.stdout is not None
+        facts = json.loads(child.stdout.readline())
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    deadline = time.monotonic() + 10
+    run_id = Path(facts["run"]).name.removeprefix("run-")
+    while time.monotonic() < deadline and (Path(f"/proc/{facts['switch']}").exists()
+                                           or qemu_processes(f"sandbox-{run_id}-")):
+        time.sleep(0.1)
+    assert not Path(f"/proc/{facts['switch']}").exists(), "the switch outlived its owner"
+    assert qemu_processes(f"sandbox-{run_id}-") == []
+    prune = subprocess.run([sys.executable, "-m", "sandbox.cli", "prune"], cwd=ROOT,
+                           capture_output=True, text=True, check=False)
+    assert prune.returncode == 0, prune.stderr
+    assert not Path(facts["run"]).exists()
+
+
+def test_a_machine_on_no_network_is_unchanged(built_image: dict[str, Any]) -> None:
+    with sandbox.launch() as vm:
+        assert vm.run("test -e /sys/class/net/eth1").exit_status != 0
