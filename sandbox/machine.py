@@ -89,6 +89,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         #: A clone's host end of the port its first SSH connection went over.
         self._port_socket: socket.socket | None = None
         self.source: Golden | None = None
+        self.addresses: dict[str, str] = {}
         self._closed = False
 
     def __repr__(self) -> str:

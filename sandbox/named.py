@@ -75,6 +75,7 @@ class NamedMachine:
 
     def summary(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status, "image": self.state["image"],
+                "networks": self.state.get("networks") or {},
                 "pid": self.pid, "ssh_port": self.state["ssh_port"],
                 "memory_mib": self.state.get("memory_mib"), "cpus": self.state.get("cpus"),
                 "created": self.state.get("created"), "path": str(self.path)}
@@ -93,6 +94,7 @@ def write_state(machine: Machine) -> None:
         "cpus": plan.cpus if plan else None, "spec": machine.spec.to_kwargs(),
         # what its overlay and RAM came from (a golden snapshot or template), for saving it
         "source": str(machine.source.path) if machine.source else None,
+        "networks": {Path(path).name: address for path, address in machine.addresses.items()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     tmp = machine.dir / "state.json.tmp"
@@ -102,11 +104,18 @@ def write_state(machine: Machine) -> None:
     console.start_keeper(MachineFiles(machine.dir).console_log, pid, start_ticks)
 
 
-def up(spec: MachineSpec, name: str, *, reporter: Reporter = QUIET) -> Machine:
+def up(spec: MachineSpec, name: str, *, reporter: Reporter = QUIET,
+       networks: tuple[str, ...] = ()) -> Machine:
     """Start named machine ``name``; it keeps running after this process exits. The
-    returned handle is connected; ``disconnect()`` it when done."""
-    from .machine import Machine
+    returned handle is connected; ``disconnect()`` it when done. ``networks``: named
+    networks to put it on (started if they are not running)."""
+    from dataclasses import replace
 
+    from .machine import Machine
+    from .named_network import ensure
+
+    if networks:
+        spec = replace(spec, networks=tuple(str(ensure(n)) for n in networks))
     home = machines_dir() / check_name(name)
     try:
         home.mkdir(mode=0o700)
@@ -115,9 +124,20 @@ def up(spec: MachineSpec, name: str, *, reporter: Reporter = QUIET) -> Machine:
                            f"remove it with: sandbox down {name}") from None
     machine = Machine(spec, name=name, reporter=reporter, die_with_parent=False, home=home,
                       tag=named_tag(name))
-    machine.start()  # on failure, close() removed the directory
+    try:
+        machine.start()  # on failure, close() removed the directory
+    except BaseException:
+        _leave_named_networks(name, spec.networks)
+        raise
     write_state(machine)
     return machine
+
+
+def _leave_named_networks(name: str, networks: tuple[str, ...] | list[str]) -> None:
+    from .named_network import leave, networks_dir
+
+    for network in networks:
+        leave(name, networks_dir() / Path(network).name)
 
 
 def unique_name(stem: str) -> str:
@@ -207,6 +227,7 @@ def remove_named(machine: NamedMachine, *, timeout: float = 5.0) -> None:
             wait_until(lambda: not machine.alive, timeout=timeout, interval=0.02,
                        what=f"QEMU of {machine.name} (pid {machine.pid}) did not exit")
     shutil.rmtree(machine.path, ignore_errors=True)
+    _leave_named_networks(machine.name, list(machine.state.get("networks") or {}))
 
 
 def prune_named() -> list[str]:
@@ -215,6 +236,7 @@ def prune_named() -> list[str]:
     for machine in list_named():
         if not machine.alive:
             shutil.rmtree(machine.path, ignore_errors=True)
+            _leave_named_networks(machine.name, list(machine.state.get("networks") or {}))
             removed.append(f"removed dead machine {machine.name}")
     # Directories without a state file belong to an `up` that died while starting (or one
     # starting right now: leave young ones alone).

@@ -12,6 +12,7 @@ clone starts like a plain one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import itertools
 import os
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,7 +58,7 @@ class Network:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$", self.name):
             raise NetworkError(f"network name {self.name!r}: use up to 32 letters, digits, "
                                "'.', '_', '-'")
-        self.subnet = ipaddress.ip_network(f"192.168.{100 + number % 150}.0/24")
+        self.subnet = ipaddress.IPv4Network(f"192.168.{100 + number % 150}.0/24")
         self.path: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._members: dict[str, tuple[Machine, int, str]] = {}  # name -> machine, index, ip
@@ -159,25 +161,13 @@ class Network:
         with self._lock:
             if name in self._members:
                 raise NetworkError(f"network {self.name} has a machine named {name!r} already")
-            host = len(self._members) + 2
+            host = free_host(self.subnet, {address for _, _, address in self._members.values()})
             ip = str(self.subnet.network_address + host)
             self._members[name] = (machine, index, ip)
             peers = [(m, address) for n, (m, _, address) in self._members.items() if n != name]
         switch.request(self.path, "join", port=str(machine.files.lan_socket(index)))
-        mac = f"52:54:{self.subnet.network_address.packed[2]:02x}:00:00:{host:02x}"
-        hosts = "".join(f"{address} {m.name}\n" for m, address in peers) + f"{ip} {name}\n"
-        # The newcomer is set up and the members already there learn its name at once, each
-        # over its own SSH connection.
-        with ThreadPoolExecutor(max_workers=8) as pool:
-            done = [pool.submit(
-                machine.succeed,
-                f"ip link set dev eth{index + 1} address {mac} mtu 1500 up && "
-                f"ip addr add {ip}/{self.subnet.prefixlen} dev eth{index + 1} && "
-                f"printf '%s' '{hosts}' >> /etc/hosts", timeout=60)]
-            done += [pool.submit(peer.succeed, f"echo '{ip} {name}' >> /etc/hosts", timeout=60)
-                     for peer, _ in peers]
-            for future in done:
-                future.result()
+        set_up(machine, index, self.subnet, host, [(m.name, address) for m, address in peers],
+               [functools.partial(m.succeed, timeout=60) for m, _ in peers])
         return ip
 
     def leave(self, machine: Machine) -> None:
@@ -212,9 +202,48 @@ class Network:
         switch.request(self.path, "heal")
 
 
+def free_host(subnet: ipaddress.IPv4Network, used: set[str]) -> int:
+    """The lowest host number from 2 whose address in ``subnet`` is not in ``used``."""
+    for host in range(2, subnet.num_addresses - 1):
+        if str(subnet.network_address + host) not in used:
+            return host
+    raise NetworkError(f"no free address left in {subnet}")
+
+
+def set_up(machine: Machine, index: int, subnet: ipaddress.IPv4Network, host: int,
+           peers: list[tuple[str, str]], tell_peers: list[Callable[[str], str]]) -> str:
+    """Configure ``machine``'s NIC number ``index`` (MAC, address, MTU, link up) and its
+    ``/etc/hosts`` (``peers``: name and address each), while each of ``tell_peers`` runs the
+    line that teaches one peer the newcomer's name. The machine's address."""
+    ip = str(subnet.network_address + host)
+    mac = f"52:54:{subnet.network_address.packed[2]:02x}:00:00:{host:02x}"
+    hosts = "".join(f"{address} {name}\n" for name, address in peers) + f"{ip} {machine.name}\n"
+    with ThreadPoolExecutor(max_workers=8) as pool:  # each over its own SSH connection
+        done = [pool.submit(  # one process in the guest: each costs under TCG
+            machine.succeed,
+            f"printf '%s' '{hosts}' >> /etc/hosts && printf '%s\\n%s\\n%s\\n' "
+            f"'link set dev eth{index + 1} address {mac} mtu 1500 up' "
+            f"'addr flush dev eth{index + 1}' "  # a template's clone had one already
+            f"'addr add {ip}/{subnet.prefixlen} dev eth{index + 1}' | ip -batch -", timeout=60)]
+        done += [pool.submit(tell, f"echo '{ip} {machine.name}' >> /etc/hosts")
+                 for tell in tell_peers]
+        for future in done:
+            future.result()
+    return ip
+
+
 def lans_of(spec: MachineSpec) -> tuple[Path, ...]:
-    """The switch sockets of ``spec``'s networks (open networks of this process)."""
-    return tuple(network_at(path).switch_socket for path in spec.networks)
+    """The switch sockets of ``spec``'s networks (open networks of this process, or named
+    networks)."""
+    return tuple(_switch_socket(path) for path in spec.networks)
+
+
+def _switch_socket(path: str) -> Path:
+    from .named_network import check_open, networks_dir
+
+    if Path(path).parent == networks_dir():
+        return check_open(path) / "switch.sock"
+    return network_at(path).switch_socket
 
 
 def network_at(path: str) -> Network:
@@ -232,10 +261,19 @@ class NetworkedMachine:
     name: str
     spec: MachineSpec
     qemu: QemuProcess | None
+    #: network directory -> this machine's address there
+    addresses: dict[str, str]
 
     def _join_networks(self) -> None:
+        from . import named_network
+
+        self.addresses = {}
         for index, path in enumerate(self.spec.networks):
-            network_at(path).join(self, index)  # type: ignore[arg-type]
+            if Path(path).parent == named_network.networks_dir():
+                address = named_network.join(self, index, Path(path))  # type: ignore[arg-type]
+            else:
+                address = network_at(path).join(self, index)  # type: ignore[arg-type]
+            self.addresses[path] = address
 
     def _leave_networks(self) -> None:
         for path in self.spec.networks:
@@ -250,7 +288,7 @@ class NetworkedMachine:
     def address(self, network: Network) -> str:
         """This machine's address on ``network``."""
         self._lan(network)
-        return network.address_of(self)  # type: ignore[arg-type]
+        return self.addresses[str(network.path)]
 
     def block(self, network: Network) -> None:
         """Take this machine's link on ``network`` down (the guest sees no carrier)."""

@@ -12,7 +12,8 @@ Partitions are the switch's: ports in different groups drop each other's frames.
 a unix stream socket taking one JSON request per line (``join``, ``leave``, ``partition``,
 ``heal``, ``ping``); the switch exits when its owner process is gone.
 
-Run as ``python -m sandbox.switch DIRECTORY OWNER_PID OWNER_TICKS TAG``.
+Run as ``python -m sandbox.switch DIRECTORY OWNER_PID OWNER_TICKS TAG`` (owner 0: a named
+network, which ends after its last member).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from pathlib import Path
 
 #: Frames up to a jumbo MTU and the Ethernet header fit.
 MAX_FRAME = 65536
+#: A named network's switch waits this long for its first member, and ends this long after
+#: its last one is gone.
+UNUSED_GRACE = 120.0
+MEMBERLESS_GRACE = 3.0
 
 
 class Switch:
@@ -111,6 +116,10 @@ class Switch:
             for key, _events in self.selector.select(timeout=1.0):
                 key.data(key.fileobj)
 
+    def members_left(self) -> bool:
+        """Whether a member's machine is still there (its NIC's socket file exists)."""
+        return any(Path(port).exists() for port in self.ports)
+
 
 def request(directory: Path, op: str, timeout: float = 5.0, **fields: object) -> dict[str, object]:
     """One control request to the switch in ``directory``; OSError/ValueError on failure."""
@@ -131,11 +140,26 @@ def main() -> None:  # pragma: no cover - run as a process by sandbox.network
     ticks = None if sys.argv[3] == "-" else int(sys.argv[3])
     switch = Switch(directory)
     (directory / "switch.pid").write_text(str(os.getpid()))
-    switch.serve(lambda: process_alive(owner, ticks) and directory.exists())
+    if owner:  # a network of a run: it ends with its owner
+        switch.serve(lambda: process_alive(owner, ticks) and directory.exists())
+    else:  # a named network: it ends a few seconds after its last member (or unused)
+        started, last_seen = time.monotonic(), time.monotonic()
+
+        def wanted() -> bool:
+            nonlocal last_seen
+            if switch.members_left() or (not switch.ports and
+                                         time.monotonic() - started < UNUSED_GRACE):
+                last_seen = time.monotonic()
+            return directory.exists() and time.monotonic() - last_seen < MEMBERLESS_GRACE
+
+        switch.serve(wanted)
     for name in ("switch.sock", "control.sock", "switch.pid"):
         with contextlib.suppress(OSError):
             (directory / name).unlink()
-    time.sleep(0)
+    if not owner:
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

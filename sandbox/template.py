@@ -227,6 +227,9 @@ def clone_spec(template: Template, requested: MachineSpec) -> tuple[MachineSpec,
                if getattr(requested, field) not in (default, getattr(saved, field))]
     if requested.cold:
         clashes.append("cold=True (a template is a saved state)")
+    if len(requested.networks) != len(saved.networks):
+        clashes.append(f"{len(requested.networks)} network(s) (it was saved on "
+                       f"{len(saved.networks)}: its clones need as many)")
     if clashes:
         raise TemplateError(f"template {template.id} was saved from another machine shape: "
                             f"{', '.join(clashes)}; leave those out to get the template's")
@@ -236,6 +239,7 @@ def clone_spec(template: Template, requested: MachineSpec) -> tuple[MachineSpec,
                             f"{template.manifest['accel']}, this machine would run under "
                             f"{accel}: save it again under {accel}")
     spec = replace(saved, template=template.id, accel=requested.accel,
+                   networks=requested.networks,
                    boot_timeout=requested.boot_timeout,
                    command_timeout=requested.command_timeout)
     return spec, Image.load(image_path), accel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -190,3 +191,49 @@ def test_sigkill_of_the_owner_leaves_no_switch_and_no_qemu(built_image: dict[str
 def test_a_machine_on_no_network_is_unchanged(built_image: dict[str, Any]) -> None:
     with sandbox.launch() as vm:
         assert vm.run("test -e /sys/class/net/eth1").exit_status != 0
+
+
+def test_named_machines_share_a_named_network(built_image: dict[str, Any]) -> None:
+    from sandbox.named_network import networks_dir
+
+    from .conftest import sandbox_cli
+
+    network = f"lab{os.getpid()}"
+    first = sandbox_cli("up", "net-a", "--network", network)
+    assert first.returncode == 0, first.stderr
+    try:
+        second = sandbox_cli("up", "net-b", "--network", network)
+        assert second.returncode == 0, second.stderr
+        assert f", {network} 192.168." in second.stdout
+        listed = {m["name"]: m for m in json.loads(sandbox_cli("ls", "--format", "json").stdout)}
+        address_a = listed["net-a"]["networks"][network]
+        assert sandbox_cli("exec", "net-b", "--", "getent", "hosts", "net-a").stdout.split() \
+            == [address_a, "net-a"]
+        assert sandbox_cli("exec", "net-a", "--", "getent", "hosts", "net-b").returncode == 0
+        bad = sandbox_cli("up", "net-c", "--network", "bad/name")
+        assert bad.returncode == 2 and "network name 'bad/name'" in bad.stderr
+    finally:
+        sandbox_cli("down", "net-a", "net-b")
+    deadline = time.monotonic() + 15  # the switch ends a few seconds after its last member
+    while (networks_dir() / network).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not (networks_dir() / network).exists()
+
+
+def test_a_template_saved_on_a_network_is_cloned_onto_one(
+        built_image: dict[str, Any], vm_network: Callable[..., sandbox.Network]) -> None:
+    net, other = vm_network(), vm_network()
+    name = f"netted-{os.getpid()}"
+    with sandbox.launch(name="base", networks=[net]) as vm:
+        vm.succeed("echo ready > /root/state")
+        template = vm.save_template(name)
+    try:
+        with pytest.raises(sandbox.TemplateError, match="0 network"):
+            sandbox.launch(template=template)
+        with sandbox.launch(name="x", template=template, networks=[other]) as x, \
+                sandbox.launch(name="y", networks=[other]) as y:
+            assert x.succeed("cat /root/state") == "ready\n"
+            assert x.succeed("ip -4 -o addr show dev eth1 | wc -l") == "1\n"
+            assert y.succeed("getent hosts x").split() == [x.address(other), "x"]
+    finally:
+        sandbox.remove_template(name)

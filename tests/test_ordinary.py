@@ -55,6 +55,11 @@ def prepared(vm_template):
     return vm_template("acct-tpl", "echo prepared > /root/prepared && "
                        "systemd-run --unit idler sleep 1d", key="k")
 
+def test_two_machines_on_a_private_network(vm_factory, vm_network):
+    net = vm_network()
+    a, b = vm_factory(name="a", networks=[net]), vm_factory(name="b", networks=[net])
+    assert b.succeed("getent hosts a").split() == [a.address(net), "a"]
+
 @pytest.mark.parametrize("n", range(3))
 def test_a_clone_of_the_template(vm_factory, prepared, n):
     vm = vm_factory(template=prepared)
@@ -204,7 +209,7 @@ def test_an_ordinary_account_builds_clones_tests_and_keeps_named_machines(
         account.write(project / "test_template.py", TEMPLATE_TESTS)
         suite = account.run([str(bin_dir / "pytest"), "-n", "2", "-p", "no:cacheprovider",
                              "test_template.py"], env=env, cwd=project)
-        assert "3 passed" in suite.stdout, suite.stdout + suite.stderr
+        assert "4 passed" in suite.stdout, suite.stdout + suite.stderr
         assert len(list(cache.glob("templates/acct-tpl-*"))) == 1
 
         # This suite's own check that clones never change a golden snapshot (50 clones

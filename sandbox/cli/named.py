@@ -7,6 +7,7 @@ import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -36,16 +37,22 @@ def _attached(name: str, *, connect_ssh: bool = True,
 @main.command()
 @click.argument("name")
 @machine_options()
+@click.option("--network", "networks", multiple=True, metavar="NET",
+              help="Put it on private network NET too (made when missing; repeatable). "
+                   "Machines on one network reach each other by name.")
 @friendly
-def up(name: str, **shape: Any) -> None:
+def up(name: str, networks: tuple[str, ...], **shape: Any) -> None:
     """Start a named VM that keeps running after this command (see list, exec, down)."""
     from ..named import up as start_named
     from ..progress import Reporter
     from ..spec import MachineSpec
 
-    machine = start_named(MachineSpec.from_kwargs(**shape), name, reporter=Reporter())
-    click.echo(f"{name}: running (image {machine.spec.image}, ssh port {machine.ssh_port}, "
-               f"ready in {machine.boot_seconds:.2f} s)")
+    machine = start_named(MachineSpec.from_kwargs(**shape), name, reporter=Reporter(),
+                          networks=networks)
+    on = "".join(f", {Path(path).name} {address}" for path, address in
+                 machine.addresses.items())
+    click.echo(f"{name}: running (image {machine.spec.image}, ssh port {machine.ssh_port}"
+               f"{on}, ready in {machine.boot_seconds:.2f} s)")
     machine.disconnect()
 
 
@@ -59,7 +66,9 @@ def list_machines(fmt: str) -> None:
     emit([m.summary() for m in list_named()], fmt, [
         ("NAME", 24, lambda m: m["name"]), ("STATUS", 8, lambda m: m["status"]),
         ("IMAGE", 14, lambda m: m["image"]), ("SSH", -6, lambda m: m["ssh_port"]),
-        ("CREATED", 0, lambda m: m["created"]),
+        ("CREATED", 25, lambda m: m["created"]),
+        ("NETWORKS", 0, lambda m: " ".join(f"{net}={address}" for net, address in
+                                          sorted(m["networks"].items())) or "-"),
     ], empty="no machines: sandbox up NAME")
 
 

@@ -1,0 +1,125 @@
+"""Named networks: private segments shared by named machines (``sandbox up NAME --network
+NET``), for manual work.
+
+A named network lives in ``<runtime>/networks/<NET>/``: its switch (:mod:`sandbox.switch`,
+started by the first ``up`` that needs it, with no owner process) and one file per member
+under ``members/`` (name -> address), written under the network's lock. The switch exits by
+itself a few seconds after its last member's machine is gone (``sandbox down``), and the
+directory with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import filelock
+
+from . import switch
+from .errors import SandboxError
+from .network import NetworkError, free_host, set_up
+from .paths import runtime_dir
+from .waits import wait_until
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+_NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
+
+
+def networks_dir() -> Path:
+    path = runtime_dir() / "networks"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def subnet_of(name: str) -> ipaddress.IPv4Network:
+    third = 100 + int(hashlib.sha256(name.encode()).hexdigest(), 16) % 150
+    return ipaddress.IPv4Network(f"192.168.{third}.0/24")
+
+
+def ensure(name: str) -> Path:
+    """The directory of named network ``name``, its switch started if it is not running."""
+    if not name or len(name) > 32 or not set(name) <= set(_NAME_CHARS) or name[0] in "._-":
+        raise NetworkError(f"network name {name!r}: use up to 32 letters, digits, '.', '_', "
+                           "'-', starting with a letter or digit")
+    path = networks_dir() / name
+    path.mkdir(mode=0o700, exist_ok=True)
+    with filelock.FileLock(str(path / "lock"), timeout=30):
+        try:
+            switch.request(path, "ping", timeout=1)
+            return path
+        except (OSError, ValueError):
+            pass
+        for stale in ("switch.sock", "control.sock"):
+            (path / stale).unlink(missing_ok=True)
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [package_parent, *filter(None, [os.environ.get("PYTHONPATH")])]))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sandbox.switch", str(path), "0", "-",
+             f"sandbox-network-{name}"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True, cwd="/", env=env)
+
+        def answering() -> bool:
+            if process.poll() is not None:
+                raise NetworkError(f"the switch of network {name} exited at once "
+                                   f"(status {process.returncode})")
+            try:
+                switch.request(path, "ping", timeout=1)
+                return True
+            except (OSError, ValueError):
+                return False
+
+        wait_until(answering, timeout=30, interval=0.02, error=NetworkError,
+                   what=f"the switch of network {name} did not start")
+    return path
+
+
+def join(machine: Machine, index: int, path: Path) -> str:
+    """Put named ``machine`` (NIC number ``index``) on the named network at ``path``."""
+    from .named import attach
+
+    assert machine.files is not None
+    members = path / "members"
+    members.mkdir(mode=0o700, exist_ok=True)
+    subnet = subnet_of(path.name)
+    with filelock.FileLock(str(path / "lock"), timeout=30):
+        current = {p.stem: json.loads(p.read_text())["address"] for p in members.glob("*.json")
+                   if (runtime_dir() / "machines" / p.stem).exists()}
+        if machine.name in current:
+            raise NetworkError(f"network {path.name} has a machine named {machine.name!r}")
+        host = free_host(subnet, set(current.values()))
+        ip = str(subnet.network_address + host)
+        (members / f"{machine.name}.json").write_text(json.dumps({"address": ip}))
+    switch.request(path, "join", port=str(machine.files.lan_socket(index)))
+
+    def tell(peer: str) -> Callable[[str], str]:
+        def run(line: str) -> str:
+            vm = attach(peer, monitor=False)
+            try:
+                return vm.succeed(line, timeout=60)
+            finally:
+                vm.disconnect()
+        return run
+
+    return set_up(machine, index, subnet, host, sorted((n, a) for n, a in current.items()),
+                  [tell(peer) for peer in sorted(current)])
+
+
+def leave(machine_name: str, path: Path) -> None:
+    (path / "members" / f"{machine_name}.json").unlink(missing_ok=True)
+
+
+def check_open(path: str) -> Path:
+    directory = Path(path)
+    if not (directory / "switch.sock").exists():
+        raise SandboxError(f"named network {directory.name} is not running")
+    return directory
