@@ -1,12 +1,14 @@
-"""Benchmark: private networks. Plain vs networked clone to first command, and how soon
-block and partition take effect.
+"""Benchmark: private networks. Plain vs networked clone to first command, how soon block and
+partition take effect, and the failover example's switch-over time.
 
     .venv/bin/python bench/networks.py [--clones 10] [--json]
 
 A networked clone here joins a network that already has one member (so its start includes
 telling that peer its name). "Takes effect" is measured inside the guest: a client connects
 to a peer every 20 ms; the figure is from the call (host) to the client's last answered
-connection, on the guest's clock (set from the host's when the clone started).
+connection, on the guest's clock (set from the host's when the clone started). The
+switch-over is what examples/failover measures (run here with pytest): from the primary's
+link cut to the client's first answer from the backup.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 import sandbox  # noqa: E402
 from bench import percentile, print_table  # noqa: E402  (bench/bench.py, beside this one)
@@ -94,6 +99,15 @@ def main() -> None:
                                        lambda: server.unblock(net))
                 split = effect_seconds(client, lambda: net.partition([server], [client]),
                                        net.heal)
+    with note.stage("failover example"):
+        example = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+             str(ROOT / "examples" / "failover")], capture_output=True, text=True, cwd=ROOT,
+            check=False, timeout=1800)
+        found = re.search(r"switch-over: .* ([0-9.]+) s after the cut", example.stdout)
+        if found is None:
+            sys.exit(f"the failover example failed:\n{example.stdout[-3000:]}")
+        results["failover_s"] = float(found.group(1))
     results.update(plain_p50_s=statistics.median(plain), plain_p95_s=percentile(plain, 95),
                    networked_p50_s=statistics.median(networked),
                    networked_p95_s=percentile(networked, 95), block_effect_s=block,
@@ -112,6 +126,7 @@ def main() -> None:
          f"{r['networked_p50_s'] - r['plain_p50_s']:+.3f} s"),  # type: ignore[operator]
         ("block: call -> last answered connection", f"{r['block_effect_s']:.3f} s"),
         ("partition: call -> last answered connection", f"{r['partition_effect_s']:.3f} s"),
+        ("failover example: cut -> served by the backup", f"{r['failover_s']:.2f} s"),
     ])
 
 
