@@ -231,12 +231,11 @@ def untend(path: Path) -> None:
 def start_keeper(path: Path, pid: int, start_ticks: int | None) -> None:
     """A detached process that keeps ``path`` bounded until QEMU ``pid`` exits (or the log
     is removed with its machine)."""
-    package_parent = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [package_parent, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    subprocess.Popen([sys.executable, "-m", "sandbox.console", str(path), str(pid),
-                      str(start_ticks if start_ticks is not None else "-")],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    from .paths import module_process
+
+    command, env = module_process("console", str(path), str(pid),
+                                  str(start_ticks if start_ticks is not None else "-"))
+    subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
                      cwd="/", env=env)
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +23,7 @@ import filelock
 from . import switch
 from .errors import SandboxError
 from .network import NetworkError, free_host, set_up
-from .paths import runtime_dir
+from .paths import module_process, runtime_dir
 from .waits import wait_until
 
 if TYPE_CHECKING:
@@ -60,13 +58,11 @@ def ensure(name: str) -> Path:
             pass
         for stale in ("switch.sock", "control.sock"):
             (path / stale).unlink(missing_ok=True)
-        package_parent = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [package_parent, *filter(None, [os.environ.get("PYTHONPATH")])]))
-        process = subprocess.Popen(
-            [sys.executable, "-m", "sandbox.switch", str(path), "0", "-",
-             f"sandbox-network-{name}"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True, cwd="/", env=env)
+        command, env = module_process("switch", str(path), "0", "-",
+                                      f"sandbox-network-{name}")
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True, cwd="/",
+                                   env=env)
 
         def answering() -> bool:
             if process.poll() is not None:

@@ -20,7 +20,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from . import switch
 from .errors import SandboxError
+from .paths import module_process
 from .pids import process_start_ticks
 from .runs import current_run
 from .waits import wait_until
@@ -86,15 +86,13 @@ class Network:
             path.mkdir(mode=0o700)
         except FileExistsError:
             raise NetworkError(f"this run has a network named {self.name!r} already") from None
-        package_parent = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [package_parent, *filter(None, [os.environ.get("PYTHONPATH")])]))
         owner = os.getpid()
+        command, env = module_process("switch", str(path), str(owner),
+                                      str(process_start_ticks(owner) or "-"),
+                                      f"sandbox-{run.id}-net-{self.name}")
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "sandbox.switch", str(path), str(owner),
-             str(process_start_ticks(owner) or "-"), f"sandbox-{run.id}-net-{self.name}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True, cwd="/", env=env)
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True, cwd="/", env=env)
         process = self._process
 
         def answering() -> bool:

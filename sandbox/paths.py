@@ -21,6 +21,7 @@ import os
 import pwd
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -148,3 +149,13 @@ def _make_dir(path: Path, what: str, fix: str, mode: int = 0o755) -> None:
     except PermissionError as exc:
         raise HostError(f"the {what} {path} cannot be made ({exc.strerror}: "
                         f"{exc.filename}); {fix}") from None
+
+
+def module_process(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that run ``python -m sandbox.<module> ARGS`` as a
+    process of its own (a console keeper, a network switch), with this very package
+    importable whether it is installed or a checkout."""
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [package_parent, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    return [sys.executable, "-m", f"sandbox.{module}", *args], env

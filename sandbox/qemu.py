@@ -264,12 +264,19 @@ class QemuProcess:
 
     def wait_chardev_open(self, label: str, timeout: float = 10) -> None:
         """Wait until QEMU has accepted the host's connection to chardev ``label``."""
-        def connected() -> bool:
-            return any(c["label"] == label and not c["filename"].startswith("disconn")
+        self.wait_chardev(label, connected=True, timeout=timeout)
+
+    def wait_chardev(self, label: str, *, connected: bool, timeout: float = 10) -> None:
+        """Wait until chardev ``label`` is connected (or, ``connected=False``, until QEMU
+        has seen its host end closed)."""
+        def reached() -> bool:
+            return any(c["label"] == label and
+                       c["filename"].startswith("disconn") != connected
                        for c in self.qmp("query-chardev"))
 
-        wait_until(connected, timeout=timeout, interval=0.005, error=SnapshotError,
-                   what=f"QEMU did not accept the connection to its {label} port")
+        wait_until(reached, timeout=timeout, interval=0.005, error=SnapshotError,
+                   what=f"QEMU did not see its {label} port "
+                        f"{'connected' if connected else 'closed'}")
 
     def save_state(self, path: Path, what: str, *, ignore_shared: bool = True) -> None:
         """Save the device state (RAM stays in its shared file: ``x-ignore-shared``) of the

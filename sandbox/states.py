@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .channel import PreludeSocket
 from .errors import SandboxError
-from .waits import wait_until
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -53,6 +52,8 @@ class SavedStates:
 
         def _running(self) -> QemuProcess: ...
 
+        def _drop_channel(self) -> None: ...
+
     def snapshot(self, tag: str) -> None:
         """Save this machine's disk and RAM under ``tag`` (inside its own overlay)."""
         self._running().vm_snapshot("savevm", tag)
@@ -83,26 +84,14 @@ class SavedStates:
         """Move this machine's SSH to TCP and end the session on its virtio-serial port
         (host end and guest relay), so that a fresh server can wait there in the save."""
         qemu = self._running()
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        self._drop_channel()
         if self._port_socket is not None:
             self._port_socket.close()
             self._port_socket = None
 
-        def port_closed() -> bool:
-            return any(c["label"] == "ssh0" and c["filename"].startswith("disconn")
-                       for c in qemu.qmp("query-chardev"))
-
-        wait_until(port_closed, timeout=10, interval=0.01,
-                   what=f"{self.name}: QEMU did not see its SSH port closed")
+        qemu.wait_chardev("ssh0", connected=False)
         self._connect_ssh(RESUME_SSH_TIMEOUT)
         self.run(f"pkill -f '{_RELAY_PATTERN}'; true", timeout=30)
-
-    def _drop_tcp_session(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
 
     def _resume_after_save(self, port: socket.socket, prelude: bytes | None) -> None:
         """Running again after a save: SSH through the server waiting on the port."""

@@ -303,7 +303,7 @@ def write_template(machine: Machine, name: str, key: str | None, work: Path) -> 
     port.connect(str(files.ssh_socket))
     try:
         prelude = arm_ssh_port(qemu, files, port)
-        machine._drop_tcp_session()  # quiesce: no TCP connection inside the saved state
+        machine._drop_channel()  # quiesce: no TCP connection inside the saved state
         time.sleep(0.2)
         qemu.qmp("stop")
         full = work / "full-state"
