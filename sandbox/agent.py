@@ -38,13 +38,14 @@ class Agent:
             raise SandboxError(f"guest agent request {op!r} failed: {answer.get('error')}")
         return answer
 
-    def send_identity(self) -> None:
-        """Connect and send the request; the guest answers once it runs."""
+    def send_identity(self, **fields: object) -> None:
+        """Connect and send the request (with ``fields``); the guest answers once it runs."""
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
             sock.connect(str(self.path))
-            request = {"op": "identity", "time": time.time(), "seed": os.urandom(64).hex()}
+            request = {"op": "identity", "time": time.time(), "seed": os.urandom(64).hex(),
+                       **fields}
             sock.sendall(json.dumps(request).encode() + b"\n")
             self._sock = sock
         except OSError as exc:

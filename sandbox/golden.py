@@ -108,10 +108,12 @@ class Golden:
         if header != b"QFI\xfb":
             raise SnapshotError("its disk is not a qcow2 image")
 
-    def start_clone(self, plan: QemuPlan, *, die_with_parent: bool) -> Clone:
+    def start_clone(self, plan: QemuPlan, *, die_with_parent: bool,
+                    identity: dict[str, object] | None = None) -> Clone:
         """A running clone: QEMU started on ``plan`` (its disk a fresh overlay on this
         snapshot's, its RAM this snapshot's file mapped copy-on-write), the device state
-        loaded, a new identity sent to the guest agent, resumed. SSH is the caller's."""
+        loaded, a new identity sent to the guest agent (with ``identity``'s fields: its
+        networks), resumed. SSH is the caller's."""
         files = plan.files
         if self.console.exists():
             with files.console_log.open("wb") as log:
@@ -138,7 +140,7 @@ class Golden:
                 clone.prelude = prelude
             process.load_state(self.state, "loading the golden snapshot")
             clone.agent = Agent(files.agent_socket)
-            clone.agent.send_identity()
+            clone.agent.send_identity(**(identity or {}))
             process.qmp("cont")
         except BaseException:
             clone.close()

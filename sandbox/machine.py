@@ -90,6 +90,8 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         self._port_socket: socket.socket | None = None
         self.source: Golden | None = None
         self.addresses: dict[str, str] = {}
+        #: The guest agent's answer when this clone resumed (None: not a clone, no answer).
+        self._identity: dict[str, object] | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -125,13 +127,14 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
             self.dir = self.home
         self.files = MachineFiles(self.dir)
         try:
+            self._reserve_networks()
             if template is not None:  # no healing here: only its maker knows its setup
                 self._connect_clone(self._start_clone(template.golden))
             elif self.spec.cold:
                 self._boot(started)
             else:
                 self._clone_or_boot(started)
-            self._join_networks()
+            self._join_networks(self._identity)
         except BaseException:
             self.close()
             raise
@@ -176,7 +179,8 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         golden.check()
         plan = self._plan(create_overlay(golden.disk, self.files.overlay), ram_file=golden.ram,
                           incoming=True)
-        clone = golden.start_clone(plan, die_with_parent=self.die_with_parent)
+        clone = golden.start_clone(plan, die_with_parent=self.die_with_parent,
+                                   identity=self.network_identity())
         self.qemu, self._port_socket, self.source = clone.process, clone.port_socket, golden
         self.restore_seconds = clone.restore_seconds
         return clone
@@ -193,6 +197,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         except BootError:
             self._connect_ssh(CLONE_TCP_SSH_TIMEOUT)
         error = clone.identity_error()
+        self._identity = clone.agent.answer if clone.agent else None
         if error:
             warnings.warn(f"{self.name}: the guest agent did not refresh the clone's clock and "
                           f"randomness ({error})", SandboxWarning, stacklevel=5)

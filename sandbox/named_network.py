@@ -22,8 +22,9 @@ import filelock
 
 from . import switch
 from .errors import SandboxError
-from .network import NetworkError, free_host, set_up
+from .network import Membership, NetworkError, Peer, check_hostname, free_host
 from .paths import module_process, runtime_dir
+from .plan import MachineFiles
 from .waits import wait_until
 
 if TYPE_CHECKING:
@@ -79,35 +80,37 @@ def ensure(name: str) -> Path:
     return path
 
 
-def join(machine: Machine, index: int, path: Path) -> str:
-    """Put named ``machine`` (NIC number ``index``) on the named network at ``path``."""
+def reserve(machine: Machine, index: int, path: Path) -> Membership:
+    """An address for named ``machine`` (NIC number ``index``) on the named network at
+    ``path``, taken before it starts (its member file written under the network's lock)."""
     from .named import attach
 
-    assert machine.files is not None
+    check_hostname(machine.name)
     members = path / "members"
     members.mkdir(mode=0o700, exist_ok=True)
     subnet = subnet_of(path.name)
+    machines = runtime_dir() / "machines"
     with filelock.FileLock(str(path / "lock"), timeout=30):
         current = {p.stem: json.loads(p.read_text())["address"] for p in members.glob("*.json")
-                   if (runtime_dir() / "machines" / p.stem).exists()}
+                   if (machines / p.stem).exists()}
         if machine.name in current:
             raise NetworkError(f"network {path.name} has a machine named {machine.name!r}")
         host = free_host(subnet, set(current.values()))
-        ip = str(subnet.network_address + host)
-        (members / f"{machine.name}.json").write_text(json.dumps({"address": ip}))
-    switch.request(path, "join", port=str(machine.files.lan_socket(index)))
+        (members / f"{machine.name}.json").write_text(
+            json.dumps({"address": str(subnet.network_address + host)}))
 
-    def tell(peer: str) -> Callable[[str], str]:
-        def run(line: str) -> str:
+    def run(peer: str) -> Callable[[str], str]:
+        def line(command: str) -> str:
             vm = attach(peer, monitor=False)
             try:
-                return vm.succeed(line, timeout=60)
+                return vm.succeed(command, timeout=60)
             finally:
                 vm.disconnect()
-        return run
+        return line
 
-    return set_up(machine, index, subnet, host, sorted((n, a) for n, a in current.items()),
-                  [tell(peer) for peer in sorted(current)])
+    peers = [Peer(name, address, MachineFiles(machines / name).agent_socket, run(name))
+             for name, address in sorted(current.items())]
+    return Membership(path, index, subnet, host, peers)
 
 
 def leave(machine_name: str, path: Path) -> None:

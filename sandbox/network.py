@@ -6,7 +6,10 @@ switch), a static address in the network's /24, the names of its peers in ``/etc
 and can be cut off (:meth:`NetworkedMachine.block`: link down, as the guest sees it) or
 split from others (:meth:`Network.partition`). Golden snapshots are made per number of
 networks (the NIC is there from the boot; its backend is chosen per clone), so a networked
-clone starts like a plain one.
+clone starts like a plain one: its address is taken before it starts, the guest agent sets
+its links and names with the clone's identity while SSH connects (no process spawned in the
+guest), and the machines already there learn its name through their agents meanwhile. SSH
+does the same where there is no agent (cold boots).
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import switch
+from .agent import Agent
 from .errors import SandboxError
 from .paths import module_process
 from .pids import process_start_ticks
@@ -35,6 +40,7 @@ from .waits import wait_until
 
 if TYPE_CHECKING:
     from .machine import Machine
+    from .plan import MachineFiles
     from .qemu import QemuProcess
     from .spec import MachineSpec
 
@@ -42,6 +48,10 @@ _HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _counter = itertools.count()
 _open: dict[str, Network] = {}
 _open_lock = threading.Lock()
+#: Tells machines a newcomer's name while the newcomer starts.
+_tellers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="sandbox-network")
+#: How long a peer's guest agent may take to answer before SSH is used instead.
+AGENT_TIMEOUT = 5.0
 
 
 class NetworkError(SandboxError):
@@ -146,27 +156,20 @@ class Network:
 
     # -- members ------------------------------------------------------------------------------
 
-    def join(self, machine: Machine, index: int) -> str:
-        """Put started ``machine`` (its NIC number ``index``) on this network: address,
-        names, peers told. The machine's address."""
+    def reserve(self, machine: Machine, index: int) -> Membership:
+        """Take an address for ``machine`` (its NIC number ``index``) before it starts."""
         if self._closed or self.path is None:
             raise NetworkError(f"network {self.name} is closed")
-        name = machine.name
-        if not _HOSTNAME.match(name):
-            raise NetworkError(f"machine name {name!r} is not a valid hostname (letters, "
-                               "digits and '-', at most 63) and cannot be used on a network")
-        assert machine.files is not None
+        name = check_hostname(machine.name)
         with self._lock:
             if name in self._members:
                 raise NetworkError(f"network {self.name} has a machine named {name!r} already")
             host = free_host(self.subnet, {address for _, _, address in self._members.values()})
-            ip = str(self.subnet.network_address + host)
-            self._members[name] = (machine, index, ip)
-            peers = [(m, address) for n, (m, _, address) in self._members.items() if n != name]
-        switch.request(self.path, "join", port=str(machine.files.lan_socket(index)))
-        set_up(machine, index, self.subnet, host, [(m.name, address) for m, address in peers],
-               [functools.partial(m.succeed, timeout=60) for m, _ in peers])
-        return ip
+            peers = [Peer(n, address, m.files.agent_socket  # type: ignore[union-attr]
+                          if m.agent_answered else None, functools.partial(m.succeed, timeout=60))
+                     for n, (m, _, address) in self._members.items()]
+            self._members[name] = (machine, index, str(self.subnet.network_address + host))
+        return Membership(self.path, index, self.subnet, host, peers)
 
     def leave(self, machine: Machine) -> None:
         with self._lock:
@@ -208,26 +211,73 @@ def free_host(subnet: ipaddress.IPv4Network, used: set[str]) -> int:
     raise NetworkError(f"no free address left in {subnet}")
 
 
-def set_up(machine: Machine, index: int, subnet: ipaddress.IPv4Network, host: int,
-           peers: list[tuple[str, str]], tell_peers: list[Callable[[str], str]]) -> str:
-    """Configure ``machine``'s NIC number ``index`` (MAC, address, MTU, link up) and its
-    ``/etc/hosts`` (``peers``: name and address each), while each of ``tell_peers`` runs the
-    line that teaches one peer the newcomer's name. The machine's address."""
-    ip = str(subnet.network_address + host)
-    mac = f"52:54:{subnet.network_address.packed[2]:02x}:00:00:{host:02x}"
-    hosts = "".join(f"{address} {name}\n" for name, address in peers) + f"{ip} {machine.name}\n"
-    with ThreadPoolExecutor(max_workers=8) as pool:  # each over its own SSH connection
-        done = [pool.submit(  # one process in the guest: each costs under TCG
-            machine.succeed,
-            f"printf '%s' '{hosts}' >> /etc/hosts && printf '%s\\n%s\\n%s\\n' "
-            f"'link set dev eth{index + 1} address {mac} mtu 1500 up' "
-            f"'addr flush dev eth{index + 1}' "  # a template's clone had one already
-            f"'addr add {ip}/{subnet.prefixlen} dev eth{index + 1}' | ip -batch -", timeout=60)]
-        done += [pool.submit(tell, f"echo '{ip} {machine.name}' >> /etc/hosts")
-                 for tell in tell_peers]
-        for future in done:
-            future.result()
-    return ip
+def check_hostname(name: str) -> str:
+    if not _HOSTNAME.match(name):
+        raise NetworkError(f"machine name {name!r} is not a valid hostname (letters, digits "
+                           "and '-', at most 63) and cannot be used on a network")
+    return name
+
+
+@dataclass
+class Peer:
+    """A machine already on a network a newcomer joins: told the newcomer's name through
+    its guest agent (``agent``, None when it has none), else over SSH (``run``)."""
+
+    name: str
+    address: str
+    agent: Path | None
+    run: Callable[[str], object]
+
+    def tell(self, address: str, name: str) -> None:
+        if self.agent is not None:
+            try:
+                Agent(self.agent, timeout=AGENT_TIMEOUT).request("hosts", hosts=[[address, name]])
+                return
+            except SandboxError:
+                pass
+        self.run(hosts_line([(address, name)]))
+
+
+@dataclass
+class Membership:
+    """A machine's place on one network, taken before it starts."""
+
+    directory: Path  # the network's: its switch's sockets
+    index: int
+    subnet: ipaddress.IPv4Network
+    host: int
+    peers: list[Peer]
+
+    @property
+    def ip(self) -> str:
+        return str(self.subnet.network_address + self.host)
+
+    @property
+    def link(self) -> dict[str, object]:
+        """The NIC's settings, as the guest agent takes them."""
+        third = self.subnet.network_address.packed[2]
+        return {"dev": f"eth{self.index + 1}", "mac": f"52:54:{third:02x}:00:00:{self.host:02x}",
+                "mtu": 1500, "address": self.ip, "netmask": str(self.subnet.netmask)}
+
+
+def hosts_line(entries: list[tuple[str, str]]) -> str:
+    """A shell line giving ``/etc/hosts`` the (address, name) ``entries``, replacing the
+    lines it had for those names (names are hostnames: nothing to quote)."""
+    deletes = " ".join(f"-e '/[[:space:]]{name}$/d'" for name in sorted({n for _, n in entries}))
+    lines = "".join(f"{address} {name}\n" for address, name in entries)
+    return f"sed -i {deletes} /etc/hosts && printf '{lines}' >> /etc/hosts"
+
+
+def setup_line(memberships: list[Membership], hosts: list[tuple[str, str]]) -> str:
+    """The shell line that does over SSH what the guest agent does while a clone resumes."""
+    commands = []
+    for m in memberships:
+        link = m.link
+        commands += [f"link set dev {link['dev']} address {link['mac']} mtu 1500 up",
+                     f"addr flush dev {link['dev']}",  # a template's clone had one already
+                     f"addr add {m.ip}/{m.subnet.prefixlen} dev {link['dev']}"]
+    return hosts_line(hosts) + " && printf '%s\\n' " + " ".join(
+        f"'{c}'" for c in commands) + " | ip -batch -"
 
 
 def lans_of(spec: MachineSpec) -> tuple[Path, ...]:
@@ -259,19 +309,53 @@ class NetworkedMachine:
     name: str
     spec: MachineSpec
     qemu: QemuProcess | None
+    files: MachineFiles | None
     #: network directory -> this machine's address there
     addresses: dict[str, str]
+    #: Whether the guest agent answered when the machine started (peers then use it).
+    agent_answered = False
+    _memberships: list[Membership]
+    _telling: list[Future[None]]
+    succeed: Callable[..., str]
 
-    def _join_networks(self) -> None:
+    def _reserve_networks(self) -> None:
+        """Before the machine starts: an address on each of its networks, and the machines
+        already there told its name (in the background, while it starts)."""
         from . import named_network
 
-        self.addresses = {}
+        self.addresses, self._memberships, self._telling = {}, [], []
+        self.agent_answered = False
         for index, path in enumerate(self.spec.networks):
             if Path(path).parent == named_network.networks_dir():
-                address = named_network.join(self, index, Path(path))  # type: ignore[arg-type]
+                member = named_network.reserve(self, index, Path(path))  # type: ignore[arg-type]
             else:
-                address = network_at(path).join(self, index)  # type: ignore[arg-type]
-            self.addresses[path] = address
+                member = network_at(path).reserve(self, index)  # type: ignore[arg-type]
+            self._memberships.append(member)
+            self.addresses[path] = member.ip
+        peers = [(peer, m.ip) for m in self._memberships for peer in m.peers]
+        self._telling = [_tellers.submit(p.tell, ip, self.name) for p, ip in peers]
+
+    def network_identity(self) -> dict[str, object]:
+        """What the guest agent needs, with the clone's identity, to set up its networks."""
+        if not self._memberships:
+            return {}
+        return {"links": [m.link for m in self._memberships], "hosts": self._hosts()}
+
+    def _hosts(self) -> list[tuple[str, str]]:
+        return [(p.address, p.name) for m in self._memberships for p in m.peers] + [
+            (m.ip, self.name) for m in self._memberships]
+
+    def _join_networks(self, answer: dict[str, object] | None) -> None:
+        """After the machine started: its ports on the switches, its links and names (unless
+        the guest agent's ``answer`` says it set them while the clone resumed), peers told."""
+        assert self.files is not None
+        self.agent_answered = answer is not None
+        for m in self._memberships:
+            switch.request(m.directory, "join", port=str(self.files.lan_socket(m.index)))
+        if self._memberships and (answer or {}).get("network") != "ok":
+            self.succeed(setup_line(self._memberships, self._hosts()), timeout=60)
+        for told in self._telling:
+            told.result()
 
     def _leave_networks(self) -> None:
         for path in self.spec.networks:

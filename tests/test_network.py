@@ -66,6 +66,24 @@ def test_three_clones_reach_each_other_by_name_with_tcp_and_multicast(
                 f"time.sleep(0.1)\"")
     assert cache.wait_until_succeeds("cat /root/got", timeout=10) == "multicast-hello"
     assert web.succeed("cat /sys/class/net/eth1/mtu") == "1500\n"
+    macs = {vm.succeed("cat /sys/class/net/eth1/address") for vm in (db, web, cache)}
+    assert len(macs) == 3  # clones of one snapshot, each with its own MAC
+
+
+def test_a_cold_booted_machine_joins_clones(built_image: dict[str, Any], vm_factory: Factory,
+                                            vm_network: Callable[..., sandbox.Network]) -> None:
+    """No clone identity for the guest agent to carry: the cold machine's network is set up
+    over SSH, and it is told later names over SSH too; clones use their agents."""
+    net = vm_network()
+    first = vm_factory(name="first", networks=[net])
+    cold = vm_factory(name="cold", networks=[net], cold=True)
+    last = vm_factory(name="last", networks=[net])
+    for vm in (first, cold, last):
+        assert vm.succeed("getent hosts first cold last").split() == [
+            first.address(net), "first", cold.address(net), "cold", last.address(net), "last"]
+    serve(cold, "from-cold")
+    assert probe(first, "cold").stdout.strip() == "from-cold"
+    assert probe(last, "cold").stdout.strip() == "from-cold"
 
 
 def test_block_and_unblock_take_effect_at_once(
@@ -226,14 +244,19 @@ def test_a_template_saved_on_a_network_is_cloned_onto_one(
     name = f"netted-{os.getpid()}"
     with sandbox.launch(name="base", networks=[net]) as vm:
         vm.succeed("echo ready > /root/state")
+        vm_address = vm.address(net)
         template = vm.save_template(name)
     try:
         with pytest.raises(sandbox.TemplateError, match="0 network"):
             sandbox.launch(template=template)
-        with sandbox.launch(name="x", template=template, networks=[other]) as x, \
-                sandbox.launch(name="y", networks=[other]) as y:
+        with sandbox.launch(name="y", networks=[other]) as y, \
+                sandbox.launch(name="base", template=template, networks=[other]) as x:
             assert x.succeed("cat /root/state") == "ready\n"
             assert x.succeed("ip -4 -o addr show dev eth1 | wc -l") == "1\n"
-            assert y.succeed("getent hosts x").split() == [x.address(other), "x"]
+            assert y.succeed("getent hosts base").split() == [x.address(other), "base"]
+            # its /etc/hosts had a line for its name on the old network: replaced
+            assert x.succeed("getent hosts base y").split() == [
+                x.address(other), "base", y.address(other), "y"]
+            assert x.address(other) != vm_address
     finally:
         sandbox.remove_template(name)
