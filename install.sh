@@ -9,8 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# ovmf: UEFI firmware for imported images with boot = "uefi"; fdisk, dosfstools and mtools
+# build the test suite's "foreign" disk image (partition table, EFI system partition).
 packages=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs genext2fs uidmap debian-archive-keyring openssh-client
-          iproute2 python3-venv)
+          iproute2 python3-venv ovmf fdisk dosfstools mtools)
 me=$(id -un)
 root_steps=()   # what needs root, as commands
 

@@ -36,6 +36,23 @@ from sandbox.host import accel_verdict, qemu_version  # noqa: E402
 from sandbox.progress import Reporter  # noqa: E402
 
 
+def focused_start(doc: str, **options: tuple[type, Any, str]
+                  ) -> tuple[argparse.Namespace, Reporter, str]:
+    """The start of a focused benchmark (bench/networks.py...): its arguments (``--clones``,
+    ``--json`` and ``options``: name -> type, default, help), paramiko quiet, a progress
+    reporter, and the line that names the machine."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--clones", type=int, default=10, help="clones timed from each source")
+    for name, (kind, default, text) in options.items():
+        parser.add_argument(f"--{name}", type=kind, default=default, help=text)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    machine = (f"{platform.node()}: {os.cpu_count()} cores, QEMU {qemu_version()}, "
+               f"accel {accel_verdict().accel}")
+    return args, Reporter(), machine
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))

@@ -13,11 +13,7 @@ link cut to the client's first answer from the backup.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
-import platform
 import re
 import statistics
 import subprocess
@@ -29,9 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sandbox  # noqa: E402
-from bench import percentile, print_table  # noqa: E402  (bench/bench.py, beside this one)
-from sandbox.host import accel_verdict, qemu_version  # noqa: E402
-from sandbox.progress import Reporter  # noqa: E402
+from bench import focused_start, percentile, print_table  # noqa: E402  (bench/bench.py, beside this one)
 
 SERVE = ("systemd-run --unit hello python3 -c \"import socket; s = socket.socket(); "
          "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 7000)); "
@@ -74,15 +68,8 @@ def effect_seconds(client: sandbox.Machine, cut: object, undo: object) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clones", type=int, default=10)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-    note = Reporter()
-    results: dict[str, object] = {
-        "machine": f"{platform.node()}: {os.cpu_count()} cores, QEMU {qemu_version()}, "
-                   f"accel {accel_verdict().accel}"}
+    args, note, machine = focused_start(__doc__)
+    results: dict[str, object] = {"machine": machine}
     with sandbox.Network() as net:
         sandbox.launch().close()  # golden snapshots of both shapes exist before timing
         with sandbox.launch(name="server", networks=[net]) as server:

@@ -13,11 +13,7 @@ and on later runs (the template reused). Figures, not assertions.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import os
-import platform
 import statistics
 import sys
 import time
@@ -28,10 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import sandbox  # noqa: E402
-from bench import percentile, print_table  # noqa: E402  (bench/bench.py, beside this one)
-from sandbox.host import accel_verdict, qemu_version  # noqa: E402
+from bench import focused_start, percentile, print_table  # noqa: E402  (bench/bench.py, beside this one)
 from sandbox.prepare import ensure_template  # noqa: E402
-from sandbox.progress import Reporter  # noqa: E402
 
 APP = ROOT / "examples" / "inventory" / "app"
 NAME = "bench-inventory"
@@ -70,18 +64,10 @@ def first_command(**shape: Any) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tests", type=int, default=10, help="tests in the suite")
-    parser.add_argument("--clones", type=int, default=10, help="clones timed from each source")
-    parser.add_argument("--rows", type=int, default=80000,
-                        help="items the setup seeds (80000: over 20 s under TCG here)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args()
-    logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-    note = Reporter()
-    results: dict[str, Any] = {
-        "machine": f"{platform.node()}: {os.cpu_count()} cores, QEMU {qemu_version()}, "
-                   f"accel {accel_verdict().accel}", "tests": args.tests, "rows": args.rows}
+    args, note, machine = focused_start(
+        __doc__, tests=(int, 10, "tests in the suite"),
+        rows=(int, 80000, "items the setup seeds (80000: over 20 s under TCG here)"))
+    results: dict[str, Any] = {"machine": machine, "tests": args.tests, "rows": args.rows}
     sandbox.launch().close()  # the image and golden snapshot exist before anything is timed
     for template in sandbox.templates():
         if template.name == NAME:

@@ -319,7 +319,7 @@ class Channel:
 
 def connect(opener: Callable[[float], Any], key: paramiko.PKey, host_key: str | None, *,
             timeout: float, alive: Callable[[], None] | None = None,
-            attempts: int | None = None) -> Channel:
+            attempts: int | None = None, user: str = "root") -> Channel:
     """A connected :class:`Channel`, retrying failed attempts (refused, reset, a server not
     yet up) for up to ``timeout`` seconds or ``attempts`` tries; ``alive()`` is called before
     each attempt and may raise to stop early. ChannelError names the deadline and the last
@@ -331,7 +331,7 @@ def connect(opener: Callable[[float], Any], key: paramiko.PKey, host_key: str | 
     def attempt() -> Channel:
         if alive is not None:
             alive()
-        channel = Channel(opener, key, host_key)
+        channel = Channel(opener, key, host_key, user)
         channel.connect(timeout=max(1.0, min(20.0, deadline - time.monotonic())))
         return channel
 

@@ -49,14 +49,15 @@ def entry_lock(final: Path, on_wait: Callable[[], None] | None = None,
         lock.release()
 
 
-def publish(final: Path, build: Callable[[Path], T], *, owner_writable: tuple[str, ...] = ()
-            ) -> T:
+def publish(final: Path, build: Callable[[Path], T], *, owner_writable: tuple[str, ...] = (),
+            private: tuple[str, ...] = ()) -> T:
     """Run ``build(work)`` in a fresh temporary directory, then seal it and rename it to
     ``final``; on any failure nothing is left. Call it holding :func:`entry_lock`.
 
     Sealed means read-only for everyone, except the files named in ``owner_writable``, which
     the owner keeps write permission on (0644) because a program insists on opening them
-    read-write although it never writes to them."""
+    read-write although it never writes to them, and those in ``private`` (secrets such as
+    an SSH host key), which only the owner may read (0400)."""
     reap_abandoned(final.parent)
     work = final.parent / f".tmp-{final.name}-{os.getpid()}"
     remove_entry(work)
@@ -64,7 +65,8 @@ def publish(final: Path, build: Callable[[Path], T], *, owner_writable: tuple[st
     try:
         result = build(work)
         for entry in work.iterdir():
-            entry.chmod(0o644 if entry.name in owner_writable else 0o444)
+            entry.chmod(0o644 if entry.name in owner_writable else
+                        0o400 if entry.name in private else 0o444)
         work.chmod(0o555)
         work.rename(final)
     except BaseException:

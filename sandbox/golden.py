@@ -36,12 +36,12 @@ from typing import Any
 
 from . import console
 from .agent import Agent
-from .channel import PreludeSocket, connect, tcp
+from .channel import PreludeSocket
+from .disks import connect_booted, start_agent
 from .entries import entry_lock, publish, remove_entry
-from .errors import BootError, ChannelError, SandboxError, SandboxWarning, SnapshotError
+from .errors import BootError, SandboxError, SandboxWarning, SnapshotError
 from .host import qemu_version
-from .image import Image, find_images, remove_image
-from .keys import cache_key
+from .image import GUEST_AGENT, Image, find_images, remove_image
 from .paths import cache_dir
 from .plan import MachineFiles, QemuPlan, create_overlay, plan_for, run_tag
 from .progress import QUIET, Reporter
@@ -61,6 +61,11 @@ SETTLE_TIMEOUT = 120.0
 class Golden:
     path: Path
     manifest: dict[str, Any]
+
+    @property
+    def user(self) -> str:
+        """The account its clones log in as."""
+        return str(self.manifest.get("user", "root"))
 
     @property
     def ram(self) -> Path:
@@ -139,16 +144,18 @@ class Golden:
                 process.wait_chardev_open("ssh0")
                 clone.prelude = prelude
             process.load_state(self.state, "loading the golden snapshot")
-            clone.agent = Agent(files.agent_socket)
-            clone.agent.send_identity(**(identity or {}))
+            if self.manifest.get("agent", True):
+                clone.agent = Agent(files.agent_socket)
+                clone.agent.send_identity(**(identity or {}))
             process.qmp("cont")
         except BaseException:
             clone.close()
             process.stop()
             raise
         clone.restore_seconds = time.monotonic() - started
-        clone.identity = threading.Thread(target=clone.agent.finish, daemon=True)
-        clone.identity.start()
+        if clone.agent is not None:
+            clone.identity = threading.Thread(target=clone.agent.finish, daemon=True)
+            clone.identity.start()
         return clone
 
 
@@ -201,6 +208,8 @@ def golden_key(image: Image, plan: QemuPlan) -> str:
     rebuild of the same recipe (a new disk, a new host key) must not meet old snapshots."""
     payload = json.dumps([GOLDEN_VERSION, image.digest, image.manifest.get("built_at"),
                           qemu_version(), plan.shape()])
+    if image.kind == "disk":  # the agent is started in its memory, not built in
+        payload += hashlib.sha256(GUEST_AGENT.read_bytes()).hexdigest()
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -275,21 +284,20 @@ def make(image: Image, spec: MachineSpec, accel: str, target: Path) -> dict[str,
         if ssh_port is None:
             raise BootError("QEMU started without the SSH port forward",
                             console_tail=files.console_tail())
-        try:
-            channel = connect(tcp(("127.0.0.1", ssh_port)), cache_key().load(), image.host_key,
-                              timeout=spec.boot_timeout - (time.monotonic() - started),
-                              alive=lambda: process.check_alive(
-                                  "QEMU exited while the guest was booting"))
-        except ChannelError as exc:
-            raise BootError(f"the golden boot of {image.name}: {exc}",
-                            console_tail=files.console_tail()) from exc
+        channel, user = connect_booted(image, process, files, ssh_port,
+                                       spec.boot_timeout - (time.monotonic() - started))
         booted = time.monotonic()
-        # Settle: let boot-time jobs finish so clones do not all redo them.
-        channel.run("systemctl is-system-running --wait >/dev/null 2>&1; sync",
-                    timeout=SETTLE_TIMEOUT)
-        port = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        port.connect(str(files.ssh_socket))
-        prelude = arm_ssh_port(process, files, port)
+        prelude = None
+        # An imported image has none of the sandbox's parts: its agent is started in memory.
+        agent = image.kind == "debian" or start_agent(channel, user, files.agent_socket)
+        if image.kind == "debian":
+            # Settle: let boot-time jobs finish so clones do not all redo them.
+            channel.run("systemctl is-system-running --wait >/dev/null 2>&1; sync",
+                        timeout=SETTLE_TIMEOUT)
+        if agent:  # it arms an SSH server on the port
+            port = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            port.connect(str(files.ssh_socket))
+            prelude = arm_ssh_port(process, files, port, image)
         channel.close()  # quiesce: no TCP connection inside the saved state
         time.sleep(0.2)
         process.qmp("stop")
@@ -304,20 +312,23 @@ def make(image: Image, spec: MachineSpec, accel: str, target: Path) -> dict[str,
         if port is not None:  # closed only now: the save needs it open
             port.close()
         shutil.rmtree(files.dir, ignore_errors=True)
-    return {"boot_seconds": round(booted - started, 2),
+    return {"boot_seconds": round(booted - started, 2), "user": user,
+            "agent": agent,
             "save_seconds": round(saved - saving, 3),
             "state_bytes": (target / "state").stat().st_size}
 
 
-def arm_ssh_port(process: QemuProcess, files: MachineFiles,
-                  sock: socket.socket) -> bytes | None:
+def arm_ssh_port(process: QemuProcess, files: MachineFiles, sock: socket.socket,
+                 image: Image) -> bytes | None:
     """Start an SSH server on the guest's virtio-serial SSH port (``sock`` is its host end)
     and record what it sends before the client speaks (banner, key exchange offer). The
     host end stays connected through the save, so every clone resumes with that server
     waiting for its client."""
     process.wait_chardev_open("ssh0")
     try:
-        Agent(files.agent_socket).request("arm-ssh")
+        # The sandbox's dropbear in its images; an imported image's own OpenSSH server.
+        Agent(files.agent_socket).request(
+            "arm-ssh", server="dropbear" if image.kind == "debian" else "sshd")
     except SandboxError as exc:
         warnings.warn(f"clones will connect over TCP instead of a waiting SSH server ({exc})",
                       SandboxWarning, stacklevel=4)

@@ -332,6 +332,14 @@ def doctor_report(*, refresh: bool = False) -> dict[str, Any]:
                                       f"{report['cache']['path']}: an image build needs about "
                                       "3G (set SANDBOX_CACHE_DIR)")
 
+    # Optional: only imported images with boot = "uefi" need it.
+    from .disks import ovmf_firmware
+
+    try:
+        report["uefi"] = {"firmware": str(ovmf_firmware()), "problem": None}
+    except HostError as exc:
+        report["uefi"] = {"firmware": None, "problem": str(exc)}
+
     # Shown on a line of its own (guests still run, under TCG), not among the problems.
     report["kvm_access"] = {"device": os.path.exists("/dev/kvm"),
                             "problem": kvm_access_problem() if os.path.exists("/dev/kvm")

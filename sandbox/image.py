@@ -53,7 +53,7 @@ BASE_CMDLINE = "root=/dev/vda rw console=ttyS0 loglevel=4 net.ifnames=0 panic=-1
 BUILD_HEADROOM = 1 << 30
 
 _GUEST_SETUP = Path(__file__).with_name("guest") / "setup.sh"
-_GUEST_AGENT = Path(__file__).with_name("guest") / "sandbox-agent"
+GUEST_AGENT = Path(__file__).with_name("guest") / "sandbox-agent"
 #: The folder that carries the guest setup into the tree (its /tmp) and its results out.
 _STAGE = "sandbox-build"
 
@@ -80,6 +80,27 @@ class Image:
         return self.path / "disk.qcow2"
 
     @property
+    def kind(self) -> str:
+        """``debian`` (built here, booted with its kernel) or ``disk`` (imported, booted by
+        firmware, set up by cloud-init)."""
+        return str(self.manifest.get("kind", "debian"))
+
+    @property
+    def boot(self) -> str:
+        """``kernel`` (direct kernel boot), ``bios`` or ``uefi``."""
+        return str(self.manifest.get("boot", "kernel"))
+
+    @property
+    def user(self) -> str:
+        """The account SSH logs in as ("" for a disk image: cloud-init's default user, found
+        when it first boots)."""
+        return str(self.manifest.get("user", "root"))
+
+    @property
+    def seed(self) -> Path | None:
+        return self.path / "seed.iso" if self.kind == "disk" else None
+
+    @property
     def kernel(self) -> Path:
         return self.path / "vmlinuz"
 
@@ -89,7 +110,7 @@ class Image:
 
     @property
     def kernel_cmdline(self) -> str:
-        return str(self.manifest["kernel_cmdline"])
+        return str(self.manifest.get("kernel_cmdline", ""))
 
     @property
     def host_key(self) -> str:
@@ -123,8 +144,14 @@ def images_dir() -> Path:
 
 
 def image_key(recipe: Recipe) -> str:
-    """Content address of the image a recipe builds (recipe, builder, baked-in key)."""
-    setup = hashlib.sha256(_GUEST_SETUP.read_bytes() + _GUEST_AGENT.read_bytes()).hexdigest()
+    """Content address of the image a recipe builds (recipe, builder, baked-in key; for a
+    disk recipe the disk's sha256 instead of the builder)."""
+    if recipe.kind == "disk":
+        from .disks import IMPORT_VERSION, source_sha256
+
+        return recipe.digest("disk", IMPORT_VERSION, source_sha256(recipe),
+                             cache_key().public_line)
+    setup = hashlib.sha256(_GUEST_SETUP.read_bytes() + GUEST_AGENT.read_bytes()).hexdigest()
     return recipe.digest(BUILDER_VERSION, setup, cache_key().public_line)
 
 
@@ -176,10 +203,24 @@ def build_image(recipe: Recipe, *, reporter: Reporter = QUIET, force: bool = Fal
             if not force:
                 return Image.load(final)
             remove_image(Image.load(final))
+        if recipe.kind == "disk":
+            from .disks import import_into, source_sha256
+
+            digest = source_sha256(recipe)
+            with reporter.stage(f"{recipe.name}: importing {recipe.disk}"):
+                manifest = publish(final, lambda work: _with_manifest(
+                    work, import_into(recipe, key, digest, work, reporter)),
+                    private=("seed.iso",))
+            return Image(final, manifest, built_now=True)
         tools = _require_tools()
         _check_space(recipe)
         manifest = publish(final, lambda work: _build_into(recipe, key, work, tools, reporter))
         return Image(final, manifest, built_now=True)
+
+
+def _with_manifest(work: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def _require_tools() -> dict[str, str]:
@@ -226,7 +267,7 @@ def _build_into(recipe: Recipe, key: str, work: Path, tools: dict[str, str],
     stage = work / _STAGE
     (stage / "files").mkdir(parents=True)
     shutil.copyfile(_GUEST_SETUP, stage / "setup.sh")
-    shutil.copyfile(_GUEST_AGENT, stage / "sandbox-agent")
+    shutil.copyfile(GUEST_AGENT, stage / "sandbox-agent")
     base = recipe.path.parent if recipe.path else Path.cwd()
     for index, entry in enumerate(recipe.files):
         (stage / "files" / str(index)).write_bytes(entry.data(base))

@@ -1,11 +1,10 @@
 """Machine: one isolated QEMU guest, commanded over SSH: the guest API that tests call.
 
 ``start`` clones the image's golden snapshot (:mod:`sandbox.golden`), or boots cold when asked
-to or when no snapshot loads; the QEMU process underneath is a :class:`sandbox.qemu.QemuProcess`,
-and commands and files go over one SSH :class:`sandbox.channel.Channel`. ``close`` stops QEMU
-(graceful, then hard) and removes every file the machine made. QEMU dies with the Python
-process that owns it (parent-death signal); the run directory lets a later run reap the
-rest. Machines that outlive this process are :mod:`sandbox.named`'s.
+to or when no snapshot loads; QEMU is a :class:`sandbox.qemu.QemuProcess`, commands and files
+go over one SSH :class:`sandbox.channel.Channel`. ``close`` stops QEMU and removes every file
+the machine made. QEMU dies with its owner process (parent-death signal); the run directory
+lets a later run reap the rest. Machines that outlive this process are :mod:`sandbox.named`'s.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from typing import Any, BinaryIO
 from . import console
 from .channel import Channel, connect, tcp
 from .commands import CommandResult, TranscriptEntry
+from .disks import connect_booted, set_clock
 from .errors import (
     BootError,
     ChannelError,
@@ -90,6 +90,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         self._port_socket: socket.socket | None = None
         self.source: Golden | None = None
         self.addresses: dict[str, str] = {}
+        self.user = "root"  # the account SSH logs in as (an imported image's may differ)
         #: The guest agent's answer when this clone resumed (None: not a clone, no answer).
         self._identity: dict[str, object] | None = None
         self._closed = False
@@ -154,7 +155,9 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
                                 self.files)
         self.qemu.launch(die_with_parent=self.die_with_parent)
         self._find_ssh_port()
-        self._connect_ssh(self.spec.boot_timeout - (time.monotonic() - started))
+        timeout = self.spec.boot_timeout - (time.monotonic() - started)
+        self._channel, self.user = connect_booted(self.image, self.qemu, self.files,
+                                                  self.ssh_port, timeout)
 
     def _clone_or_boot(self, started: float) -> None:
         assert self.image is not None and self.accel is not None
@@ -182,6 +185,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         clone = golden.start_clone(plan, die_with_parent=self.die_with_parent,
                                    identity=self.network_identity())
         self.qemu, self._port_socket, self.source = clone.process, clone.port_socket, golden
+        self.user = golden.user
         self.restore_seconds = clone.restore_seconds
         return clone
 
@@ -196,11 +200,11 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
             self._connect_ssh(CLONE_SSH_TIMEOUT, opener, attempts=1)
         except BootError:
             self._connect_ssh(CLONE_TCP_SSH_TIMEOUT)
-        error = clone.identity_error()
+        error = clone.identity_error() if clone.agent else set_clock(self.channel, self.user)
         self._identity = clone.agent.answer if clone.agent else None
         if error:
-            warnings.warn(f"{self.name}: the guest agent did not refresh the clone's clock and "
-                          f"randomness ({error})", SandboxWarning, stacklevel=5)
+            warnings.warn(f"{self.name}: the clone's clock and randomness were not refreshed "
+                          f"({error})", SandboxWarning, stacklevel=5)
 
     def _find_ssh_port(self) -> None:
         assert self.qemu is not None
@@ -217,7 +221,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         try:
             self._channel = connect(
                 opener or tcp(("127.0.0.1", self.ssh_port)), cache_key().load(),
-                self.image.host_key, timeout=max(0.0, timeout), attempts=attempts,
+                self.image.host_key, timeout=max(0.0, timeout), attempts=attempts, user=self.user,
                 alive=lambda: qemu.check_alive("QEMU exited while the guest was booting"))
         except ChannelError as exc:
             raise BootError(str(exc), console_tail=self.console_tail()) from exc
@@ -296,15 +300,13 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
     def ssh_command(self) -> str:
         """A plain ``ssh`` command line that reaches this machine from the host."""
         return (f"ssh -i {self.key_path} -p {self.ssh_port} -o StrictHostKeyChecking=no "
-                "-o UserKnownHostsFile=/dev/null root@127.0.0.1")
+                f"-o UserKnownHostsFile=/dev/null {self.user}@127.0.0.1")
 
     # -- QMP --------------------------------------------------------------------------------
 
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Run a QMP command on this machine's monitor and return its result."""
-        if self.qemu is None:
-            raise SandboxError(f"{self.name} is not running")
-        return self.qemu.qmp(command, **arguments)
+        return self._running().qmp(command, **arguments)
 
     def hmp(self, command_line: str) -> str:
         return self._running().hmp(command_line)

@@ -90,7 +90,8 @@ def write_state(machine: Machine) -> None:
     state = {
         "name": machine.name, "image": machine.spec.image, "image_path": str(machine.image.path),
         "pid": pid, "start_ticks": start_ticks,
-        "ssh_port": machine.ssh_port, "memory_mib": plan.memory_mib if plan else None,
+        "ssh_port": machine.ssh_port, "user": machine.user,
+        "memory_mib": plan.memory_mib if plan else None,
         "cpus": plan.cpus if plan else None, "spec": machine.spec.to_kwargs(),
         # what its overlay and RAM came from (a golden snapshot or template), for saving it
         "source": str(machine.source.path) if machine.source else None,
@@ -176,6 +177,7 @@ def attach(name: str, *, connect_ssh: bool = True, monitor: bool = True) -> Mach
         raise SandboxError(f"machine {name!r} is dead (its QEMU exited); remove it with: "
                            f"sandbox down {name}")
     machine = Machine(named.spec, name=name, die_with_parent=False, home=named.path)
+    machine.user = named.state.get("user", "root")
     machine.adopt(Image.load(Path(named.state["image_path"])), named.pid,
                   named.state.get("start_ticks"), int(named.state["ssh_port"]),
                   connect_ssh=connect_ssh, monitor=monitor)

@@ -145,6 +145,10 @@ class QemuPlan:
     #: One NIC per private network (sandbox.network): the switch's data socket of each, or
     #: None for a NIC on a hub of its own (a golden boot: the NIC exists, nothing is on it).
     lans: tuple[Path | None, ...] = ()
+    #: An imported disk image: booted by firmware (SeaBIOS, or this UEFI firmware) with its
+    #: cloud-init seed attached, instead of a direct kernel boot.
+    seed: Path | None = None
+    uefi: Path | None = None
 
     def command(self) -> list[str]:
         cpu = (self.kvm_cpu or "host") if self.accel == "kvm" else "max"
@@ -168,11 +172,9 @@ class QemuPlan:
             "-m", str(self.memory_mib),
             "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
-            "-kernel", str(self.kernel),
-            "-initrd", str(self.initrd),
-            "-append", self.cmdline,
+            *self._boot_arguments(),
             "-drive", f"file={self.disk},if=none,id=disk0,format=qcow2,discard=unmap",
-            "-device", "virtio-blk-pci,drive=disk0",
+            "-device", "virtio-blk-pci,drive=disk0" + (",bootindex=0" if self.seed else ""),
             # Port 0: the host kernel picks a free port, so parallel machines never race
             # for one; the chosen port is read back with "info usernet".
             "-netdev", f"user,id=net0{restrict},hostfwd=tcp:127.0.0.1:0-:22",
@@ -196,6 +198,16 @@ class QemuPlan:
             *self.extra,
         ]
 
+    def _boot_arguments(self) -> list[str]:
+        if self.seed is None:
+            return ["-kernel", str(self.kernel), "-initrd", str(self.initrd),
+                    "-append", self.cmdline]
+        # vmgenid: on every restore the guest sees a new generation ID, and Linux (5.18+)
+        # then reseeds its random number generator: clones never share random output.
+        return [*(["-bios", str(self.uefi)] if self.uefi else []),
+                "-drive", f"file={self.seed},if=none,id=seed0,format=raw,readonly=on",
+                "-device", "virtio-blk-pci,drive=seed0", "-device", "vmgenid,guid=auto"]
+
     def _lan_arguments(self) -> list[str]:
         arguments = []
         for index, switch in enumerate(self.lans):
@@ -212,7 +224,9 @@ class QemuPlan:
         generic = replace(self, tag="T", disk=Path("D"), files=MachineFiles(Path("M")),
                           ram_file=Path("R") if self.ram_file else None, ram_shared=False,
                           incoming=False, network="restricted", binary="qemu",
-                          lans=(None,) * len(self.lans))
+                          lans=(None,) * len(self.lans),
+                          seed=Path("S") if self.seed else None,
+                          uefi=Path("U") if self.uefi else None)
         return generic.command()
 
 
@@ -227,6 +241,13 @@ def plan_for(spec: MachineSpec, image: Image, accel: str, *, files: MachineFiles
         kernel=image.kernel, initrd=image.initrd, cmdline=image.kernel_cmdline, disk=disk,
         files=files, network=spec.network, extra=spec.qemu_args, ram_file=ram_file,
         ram_shared=ram_shared, incoming=incoming,
-        lans=lans if lans is not None else (None,) * len(spec.networks))
+        lans=lans if lans is not None else (None,) * len(spec.networks),
+        seed=image.seed, uefi=uefi_firmware() if image.boot == "uefi" else None)
+
+
+def uefi_firmware() -> Path:
+    from .disks import ovmf_firmware
+
+    return ovmf_firmware()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
@@ -42,6 +42,37 @@ class Reporter:
             yield
             print(f"{name}: done in {time.monotonic() - start:.1f} s", file=self.stream,
                   flush=True)
+
+    @contextmanager
+    def progress(self, name: str, total: int | None,
+                 done: int = 0) -> Iterator[Callable[[int], None]]:
+        """Yields ``advance(n)``: a progress bar on a terminal, a line every 10% (or every
+        64 MiB when the total is unknown) elsewhere."""
+        if self.quiet:
+            yield lambda n: None
+            return
+        if self.live:
+            from rich.console import Console
+            from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+            with Progress(*Progress.get_default_columns(), DownloadColumn(),
+                          TransferSpeedColumn(), console=Console(file=self.stream)) as bar:
+                task = bar.add_task(name, total=total, completed=done)
+                yield lambda n: bar.advance(task, n)
+            return
+        step = max(total // 10, 1) if total else 64 << 20
+        state = {"done": done, "next": done + step}
+
+        def advance(n: int) -> None:
+            state["done"] += n
+            if state["done"] >= state["next"]:
+                state["next"] += step
+                of = f" of {total >> 20} MiB" if total else ""
+                print(f"{name}: {state['done'] >> 20} MiB{of}", file=self.stream, flush=True)
+
+        print(f"{name}...", file=self.stream, flush=True)
+        yield advance
+        print(f"{name}: done, {state['done'] >> 20} MiB", file=self.stream, flush=True)
 
 
 QUIET = Reporter(quiet=True)

@@ -63,7 +63,29 @@ class Recipe:
     memory: str = "1G"
     cpus: int = 2
     disk_size: str = "2G"
+    #: A disk recipe's image: a path (relative to the recipe) or an http(s) URL.
+    disk: str = ""
+    sha256: str = ""
+    boot: str = "bios"
+    #: The account that gets the cache's key ("": cloud-init's default user).
+    user: str = ""
+    cloud_init_user_data: str = ""
     path: Path | None = field(default=None, compare=False)
+
+    @property
+    def kind(self) -> str:
+        """``disk`` for a recipe that imports a disk image, ``debian`` for one built here."""
+        return "disk" if self.disk else "debian"
+
+    @property
+    def disk_is_url(self) -> bool:
+        return self.disk.startswith(("http://", "https://"))
+
+    @property
+    def disk_path(self) -> Path:
+        """A disk recipe's local disk file (not for URLs)."""
+        base = self.path.parent if self.path else Path.cwd()
+        return (base / self.disk).resolve()
 
     @property
     def memory_bytes(self) -> int:
@@ -77,6 +99,8 @@ class Recipe:
         """The recipe as plain data, with file contents resolved: what the cache key hashes."""
         data = asdict(self)
         data.pop("path")
+        for key in (_DEBIAN_ONLY if self.kind == "disk" else _DISK_ONLY):
+            data.pop(key)
         base = self.path.parent if self.path else Path.cwd()
         data["files"] = [
             {"path": f.path, "mode": f.mode,
@@ -93,8 +117,14 @@ class Recipe:
 _FIELDS: dict[str, type | tuple[type, ...]] = {
     "description": str, "suite": str, "mirror": str, "components": list, "packages": list,
     "files": list, "customize": list, "kernel_cmdline": str, "memory": (str, int),
-    "cpus": int, "disk_size": (str, int), "name": str,
+    "cpus": int, "disk_size": (str, int), "name": str, "disk": str, "sha256": str,
+    "boot": str, "user": str, "cloud_init": dict,
 }
+#: Fields of recipes built from Debian packages, which a disk recipe cannot have.
+_DEBIAN_ONLY = ("suite", "mirror", "components", "packages", "files", "customize",
+                "kernel_cmdline", "disk_size")
+_DISK_ONLY = ("disk", "sha256", "boot", "user", "cloud_init_user_data")
+_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _FILE_FIELDS = {"path", "content", "source", "mode"}
 
 
@@ -143,6 +173,7 @@ def parse_recipe(path: Path) -> Recipe:
                 raise RecipeError(f"{where}: field {key!r}: {exc}") from None
     if "cpus" in raw and not 1 <= raw["cpus"] <= 64:
         raise RecipeError(f"{where}: field 'cpus' must be between 1 and 64, got {raw['cpus']}")
+    _check_disk_fields(where, raw)
 
     files = []
     for index, entry in enumerate(raw.get("files", [])):
@@ -183,8 +214,51 @@ def parse_recipe(path: Path) -> Recipe:
         memory=str(raw.get("memory", "1G")),
         cpus=raw.get("cpus", 2),
         disk_size=str(raw.get("disk_size", "2G")),
+        disk=raw.get("disk", ""),
+        sha256=raw.get("sha256", "").lower(),
+        boot=raw.get("boot", "bios"),
+        user=raw.get("user", ""),
+        cloud_init_user_data=raw.get("cloud_init", {}).get("user_data", ""),
         path=path.resolve(),
     )
+
+
+def _check_disk_fields(where: str, raw: dict[str, Any]) -> None:
+    """The fields of a recipe that imports a disk image (``disk = ...``)."""
+    if "disk" not in raw:
+        for key in ("sha256", "boot", "user", "cloud_init"):
+            if key in raw:
+                raise RecipeError(f"{where}: field {key!r} belongs to a recipe with 'disk' "
+                                  "(a disk image to import); add 'disk' or remove it")
+        return
+    for key in _DEBIAN_ONLY:
+        if key in raw:
+            raise RecipeError(f"{where}: field {key!r} is for recipes built from Debian "
+                              "packages, not for one that imports a disk image ('disk')")
+    disk = raw["disk"]
+    if not disk or "\0" in disk:
+        raise RecipeError(f"{where}: field 'disk' must be a path or an http(s) URL")
+    digest = raw.get("sha256", "")
+    if digest and not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+        raise RecipeError(f"{where}: field 'sha256' must be 64 hexadecimal digits")
+    if disk.startswith(("http://", "https://")) and not digest:
+        raise RecipeError(f"{where}: a disk from a URL needs its 'sha256' (the download is "
+                          "checked against it); add sha256 = \"...\"")
+    if "://" in disk and not disk.startswith(("http://", "https://")):
+        raise RecipeError(f"{where}: field 'disk' {disk!r}: only http:// and https:// URLs "
+                          "(or a path) are supported")
+    if raw.get("boot", "bios") not in ("bios", "uefi"):
+        raise RecipeError(f"{where}: field 'boot' must be \"bios\" or \"uefi\", got "
+                          f"{raw['boot']!r}")
+    if "user" in raw and not _USER.match(raw["user"]):
+        raise RecipeError(f"{where}: field 'user' {raw['user']!r} is not an account name")
+    cloud_init = raw.get("cloud_init", {})
+    for key, value in cloud_init.items():
+        if key != "user_data":
+            raise _unknown(f"{where}: [cloud_init]", key, {"user_data"})
+        if not isinstance(value, str) or not value.lstrip().startswith("#cloud-config"):
+            raise RecipeError(f"{where}: [cloud_init] user_data must be a string starting "
+                              "with '#cloud-config'")
 
 
 def _check_source(here: str, base: Path, source: str) -> None:

@@ -297,12 +297,15 @@ def write_template(machine: Machine, name: str, key: str | None, work: Path) -> 
     assert machine.qemu.plan is not None and machine.accel is not None
     qemu, files, plan = machine.qemu, machine.files, machine.qemu.plan
     started = time.monotonic()
+    agent = bool(machine.source.manifest.get("agent", True)) if machine.source else \
+        machine.image.kind == "debian"
     machine._quiesce_for_save()  # now on TCP, the relay of the port's old session gone
     port: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     assert port is not None
     port.connect(str(files.ssh_socket))
     try:
-        prelude = arm_ssh_port(qemu, files, port)
+        # Without an agent (an imported image where it could not start) clones use TCP.
+        prelude = arm_ssh_port(qemu, files, port, machine.image) if agent else None
         machine._drop_channel()  # quiesce: no TCP connection inside the saved state
         time.sleep(0.2)
         qemu.qmp("stop")
@@ -326,7 +329,8 @@ def write_template(machine: Machine, name: str, key: str | None, work: Path) -> 
         (work / "ssh-prelude").write_bytes(prelude)
     console.copy(files.console_log, work / "console.log", GOLDEN_CONSOLE_BYTES)
     manifest = {
-        "kind": "template", "name": name, "user_key": key,
+        "kind": "template", "name": name, "user_key": key, "user": machine.user,
+        "agent": agent,
         "template_version": TEMPLATE_VERSION, "base": base_of(machine),
         "image": machine.image.name, "image_path": str(machine.image.path),
         "image_digest": machine.image.digest,

@@ -195,3 +195,14 @@ def test_recipe_files_and_multi_line_customize_land_inside_the_tree(tmp_path: Pa
         assert "Mode:  0600" in debugfs("stat /etc/placed")
     finally:
         sandbox_cli("image", "rm", "custom-check")
+
+
+def test_debian_13_is_built_from_packages_and_cloned() -> None:
+    """The second built-in recipe: trixie, built like debian-12, cloned from its snapshot."""
+    import sandbox
+
+    with sandbox.launch("debian-13") as vm:
+        assert 'VERSION_CODENAME=trixie' in vm.succeed("cat /etc/os-release")
+        assert vm.succeed("python3 -c 'import sys; print(sys.version_info >= (3, 13))'") == \
+            "True\n"
+        assert vm.source is not None  # a clone, not a cold boot

@@ -89,3 +89,17 @@ def test_recipe_search_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("SANDBOX_IMAGES_PATH", str(tmp_path))
     assert "custom" in known_recipes()
     assert find_recipe("custom").packages == ("curl",)
+
+
+def test_disk_fields_stay_out_of_a_debian_recipes_key(tmp_path: Path) -> None:
+    """Recipes built from packages hash as before disk recipes existed (no needless rebuilds);
+    a disk recipe's key has no Debian-only fields."""
+    debian = tmp_path / "plain.toml"
+    debian.write_text('packages = ["linux-image-cloud-amd64"]\n')
+    data = parse_recipe(debian).canonical()
+    assert not {"disk", "sha256", "boot", "user", "cloud_init_user_data"} & set(data)
+    disk = tmp_path / "appliance.toml"
+    disk.write_text('disk = "a.vmdk"\nboot = "uefi"\n')
+    recipe = parse_recipe(disk)
+    assert recipe.kind == "disk" and recipe.disk_path == tmp_path / "a.vmdk"
+    assert not {"suite", "packages", "disk_size"} & set(recipe.canonical())

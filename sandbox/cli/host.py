@@ -36,6 +36,9 @@ def doctor(as_json: bool, refresh: bool) -> None:
             state = (click.style(f"{'no':<10}", fg="red") if kvm["problem"] else
                      f"{'yes':<10}")
             click.echo(f"{'kvm access':<20} {state} {kvm['problem'] or '/dev/kvm opens'}")
+        uefi = report["uefi"]
+        click.echo(f"{'uefi firmware':<20} {'present' if uefi['firmware'] else 'missing':<10} "
+                   f"{uefi['firmware'] or 'only for boot = uefi images: apt-get install ovmf'}")
         builds = report["builds"]
         how = ("as root (mmdebstrap --mode=root)" if builds["mode"] == "root" else
                f"as {report['user']} in a user namespace (mmdebstrap --mode=unshare)")

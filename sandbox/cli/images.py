@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -61,10 +62,12 @@ def image_list(fmt: str) -> None:
     images = list_images()
     rows = [{"name": i.name, "digest": i.digest, "path": str(i.path), "size": i.size,
              "built_at": i.manifest["built_at"],
-             "recipe": str(recipes.get(i.name) or i.manifest.get("recipe_path"))}
+             "recipe": str(recipes.get(i.name) or i.manifest.get("recipe_path")),
+             "source": i.manifest.get("source"), "source_sha256": i.manifest.get("source_sha256"),
+             "boot": i.boot}
             for i in images]
     rows += [{"name": name, "digest": None, "path": None, "size": None, "built_at": None,
-              "recipe": str(path)}
+              "recipe": str(path), "source": None, "source_sha256": None, "boot": None}
              for name, path in recipes.items() if not any(i.name == name for i in images)]
     rows.sort(key=lambda row: (row["name"], row["built_at"] or ""))
     emit(rows, fmt, [
@@ -72,7 +75,9 @@ def image_list(fmt: str) -> None:
         ("DIGEST", 16, lambda r: r["digest"][:16] if r["digest"] else "-"),
         ("SIZE", -7, lambda r: format_size(r["size"]) if r["size"] is not None else "-"),
         ("BUILT", 24, lambda r: r["built_at"] or "not built"),
-        ("RECIPE", 0, lambda r: r["recipe"]),
+        ("BOOT", 6, lambda r: r["boot"] or "-"),
+        ("SOURCE", 0, lambda r: f"{r['source']} (sha256 {r['source_sha256'][:16]})"
+         if r["source"] else r["recipe"]),
     ], empty="no recipes and no images: add images/NAME.toml (see images/README.md)")
 
 
@@ -98,3 +103,31 @@ def image_rm(name: str) -> None:
 
     for line in remove_images(name):
         click.echo(line)
+
+
+@image.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--name", help="The image's name (default: the file's name without suffix).")
+@click.option("--boot", type=click.Choice(["bios", "uefi"]), default="bios", show_default=True,
+              help="The firmware that boots it.")
+@click.option("--user", default="", help="The account that gets the cache's key (default: "
+              "cloud-init's default user).")
+@click.option("--memory", default="1G", show_default=True)
+@click.option("--cpus", default=2, show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing recipe of that name.")
+@friendly
+def image_import(file: str, name: str | None, boot: str, user: str, memory: str, cpus: int,
+                 force: bool) -> None:
+    """Write images/NAME.toml for disk image FILE (qcow2, raw, VMDK, VDI, VHDX) and import it
+    into the cache; prints the image's path."""
+    from ..disks import write_disk_recipe
+    from ..image import build_image
+    from ..progress import Reporter
+
+    recipe = write_disk_recipe(Path(file), name=name, boot=boot, user=user, memory=memory,
+                               cpus=cpus, force=force)
+    click.echo(f"wrote {recipe.path}", err=True)
+    built = build_image(recipe, reporter=Reporter())
+    click.echo(f"{built.name}: imported from {built.manifest['source_format']} in "
+               f"{built.manifest['build_seconds']} s ({built.digest[:16]})", err=True)
+    click.echo(str(built.path))

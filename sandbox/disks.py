@@ -1,0 +1,394 @@
+"""Disk images brought by the user: a recipe's ``disk`` (a file, or an http(s) URL downloaded
+once) imported into the image cache.
+
+Import: the source's sha256 (checked against the recipe's when given; a file's digest is
+remembered by its size, time and inode, so it is hashed once), ``qemu-img info`` to learn
+its format (qcow2, raw, VMDK, VDI or VHDX), ``qemu-img convert`` into the entry's
+``disk.qcow2``, a look at its first sectors (a partition table or a boot sector must be
+there), and a cloud-init NoCloud seed (:mod:`sandbox.seed`) with an SSH host key of the
+entry's own, which the sandbox pins. Machines boot it through firmware (SeaBIOS, or OVMF for
+``boot = "uefi"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import console
+from .errors import (
+    BootError,
+    ChannelError,
+    HostError,
+    ImageError,
+    RecipeError,
+    SandboxWarning,
+)
+from .keys import cache_key
+from .paths import cache_dir, find_tool
+from .progress import QUIET, Reporter
+from .recipe import Recipe
+from .seed import host_key_pair, user_data, write_seed
+
+if TYPE_CHECKING:
+    from .channel import Channel
+    from .image import Image
+    from .plan import MachineFiles
+    from .qemu import QemuProcess
+
+#: Bumped whenever importing changes what ends up in an entry.
+IMPORT_VERSION = "1"
+SUPPORTED_FORMATS = ("qcow2", "raw", "vmdk", "vdi", "vhdx")
+#: Where Debian's ``ovmf`` package puts a UEFI firmware image that QEMU takes with -bios.
+OVMF_PATHS = (Path("/usr/share/ovmf/OVMF.fd"), Path("/usr/share/qemu/OVMF.fd"))
+DOWNLOAD_TIMEOUT = 30.0
+
+
+def ovmf_firmware() -> Path:
+    """The UEFI firmware, or HostError saying how to install it."""
+    override = os.environ.get("SANDBOX_OVMF")
+    for path in ([Path(override)] if override else OVMF_PATHS):
+        if path.is_file():
+            return path
+    raise HostError("boot = \"uefi\" needs UEFI firmware for QEMU (OVMF), not found at "
+                    f"{', '.join(str(p) for p in OVMF_PATHS)}; install it with: "
+                    "sudo apt-get install ovmf (or set SANDBOX_OVMF to an OVMF.fd)")
+
+
+# -- the source -----------------------------------------------------------------------------
+
+
+def source_sha256(recipe: Recipe) -> str:
+    """The sha256 of the recipe's disk: the recipe's own for a URL; for a file, computed
+    (once per version of the file) and checked against the recipe's when it gives one."""
+    if recipe.disk_is_url:
+        return recipe.sha256
+    path = recipe.disk_path
+    if not path.is_file():
+        raise ImageError(f"recipe {recipe.name!r}: disk {recipe.disk!r}: no such file {path}")
+    digest = file_sha256(path)
+    if recipe.sha256 and digest != recipe.sha256:
+        raise ImageError(f"recipe {recipe.name!r}: {path} has sha256 {digest}, not the "
+                         f"recipe's {recipe.sha256}: the file changed, or the recipe's sha256 "
+                         "is wrong; fix one of them")
+    return digest
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of ``path``, remembered by (device, inode, size, modification time)."""
+    info = path.stat()
+    stamp = f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{path}"
+    memo = cache_dir() / "digests" / hashlib.sha256(stamp.encode()).hexdigest()
+    with contextlib.suppress(OSError):
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    memo.parent.mkdir(mode=0o700, exist_ok=True)
+    temporary = memo.with_suffix(f".{os.getpid()}")
+    temporary.write_text(digest.hexdigest() + "\n")
+    temporary.replace(memo)
+    return digest.hexdigest()
+
+
+def download(url: str, sha256: str, *, reporter: Reporter = QUIET) -> Path:
+    """The file at ``url`` in the download cache (fetched once; an interrupted download
+    resumes where it stopped), checked against ``sha256``."""
+    folder = cache_dir() / "downloads"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    final = folder / sha256
+    if final.is_file():
+        return final
+    partial = folder / f"{sha256}.part"
+    have = partial.stat().st_size if partial.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # the partial file is complete already
+            response = None
+        else:
+            raise ImageError(f"downloading {url} failed: HTTP {exc.code} {exc.reason}; check "
+                             "the recipe's disk URL") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ImageError(f"cannot download {url}: {reason}; check the URL and that this "
+                         "machine can reach it") from None
+    if response is not None:
+        with response:
+            if have and response.status != 206:  # the server ignored the range: start over
+                have = 0
+            size = response.headers.get("Content-Length")
+            total = int(size) + have if size is not None else None
+            with partial.open("ab" if have else "wb") as out, \
+                    reporter.progress(f"downloading {url}", total, have) as advance:
+                try:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        advance(len(chunk))
+                except OSError as exc:
+                    raise ImageError(f"downloading {url} was interrupted ({exc}); run again "
+                                     "to resume it") from None
+        if total is not None and partial.stat().st_size < total:
+            raise ImageError(f"downloading {url} was interrupted ({partial.stat().st_size} of "
+                             f"{total} bytes); run again to resume it")
+    digest = hashlib.sha256()
+    with partial.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        partial.unlink()
+        raise ImageError(f"the download of {url} has sha256 {digest.hexdigest()}, not the "
+                         f"recipe's {sha256}: the file at that URL changed, or the recipe's "
+                         "sha256 is wrong (the download was discarded)")
+    partial.replace(final)
+    return final
+
+
+def write_disk_recipe(disk: Path, *, name: str | None, boot: str, user: str, memory: str,
+                      cpus: int, force: bool) -> Recipe:
+    """Write ``images/NAME.toml`` (in the working directory) for disk image ``disk``, with its
+    sha256; the parsed recipe."""
+    from .recipe import _NAME, parse_recipe
+
+    name = name or disk.name.split(".")[0].lower()
+    if not _NAME.match(name):
+        raise RecipeError(f"image name {name!r} must be lower case letters, digits, '.', '_' "
+                          "or '-'; give one with --name")
+    folder = Path.cwd() / "images"
+    folder.mkdir(exist_ok=True)
+    target = folder / f"{name}.toml"
+    if target.exists() and not force:
+        raise RecipeError(f"{target} exists already; choose another --name, or --force to "
+                          "replace it")
+    source = disk.resolve()
+    lines = [f"# Imported from {source} by sandbox image import.",
+             f"description = {json.dumps(f'imported from {source.name}')}",
+             f"disk = {json.dumps(os.path.relpath(source, folder))}",
+             f"sha256 = \"{file_sha256(source)}\"",
+             f"boot = \"{boot}\"", *([f"user = \"{user}\""] if user else []),
+             f"memory = \"{memory}\"", f"cpus = {cpus}"]
+    work = target.with_suffix(f".toml.{os.getpid()}")
+    work.write_text("\n".join(lines) + "\n")
+    try:
+        parse_recipe(work)  # validated before it replaces anything
+    except RecipeError:
+        work.unlink()
+        raise
+    work.replace(target)
+    return parse_recipe(target)
+
+
+# -- the import -----------------------------------------------------------------------------
+
+
+def import_into(recipe: Recipe, key: str, digest: str, work: Path,
+                reporter: Reporter) -> dict[str, Any]:
+    """Fill cache entry ``work`` from the recipe's disk; the entry's manifest."""
+    started = time.monotonic()
+    qemu_img = find_tool("qemu-img")
+    if qemu_img is None:
+        raise HostError("importing disk images needs qemu-img; install with: "
+                        "sudo apt-get install qemu-utils")
+    if recipe.boot == "uefi":
+        ovmf_firmware()
+    source = (download(recipe.disk, digest, reporter=reporter) if recipe.disk_is_url
+              else recipe.disk_path)
+    fmt = disk_format(qemu_img, source)
+    with reporter.stage(f"{recipe.name}: converting {fmt} to qcow2 (qemu-img convert)"):
+        converted = subprocess.run(
+            [qemu_img, "convert", "-f", fmt, "-O", "qcow2", str(source), str(work / "disk.qcow2")],
+            capture_output=True, text=True, check=False)
+    if converted.returncode != 0:
+        raise ImageError(f"qemu-img could not convert {source} ({fmt}): "
+                         f"{converted.stderr.strip()[-500:]}")
+    check_bootable(qemu_img, work / "disk.qcow2", source)
+    private, public = host_key_pair()
+    hostname = recipe.name.replace(".", "-").replace("_", "-")[:63]
+    write_seed(work / "seed.iso", instance_id=f"{recipe.name}-{key[:16]}", hostname=hostname,
+               user_data_text=user_data(user=recipe.user,
+                                        authorized_key=cache_key().public_line,
+                                        host_key=(private, public),
+                                        extra=recipe.cloud_init_user_data))
+    return {
+        "name": recipe.name, "digest": key, "kind": "disk",
+        "builder_version": IMPORT_VERSION,
+        "builder": f"qemu-img convert from {fmt}",
+        "recipe_path": str(recipe.path) if recipe.path else None,
+        "recipe": recipe.canonical(),
+        "source": recipe.disk if recipe.disk_is_url else str(source),
+        "source_sha256": digest, "source_format": fmt,
+        "source_bytes": source.stat().st_size,
+        "boot": recipe.boot, "user": recipe.user, "hostname": hostname,
+        "memory": recipe.memory, "cpus": recipe.cpus,
+        "host_key": " ".join(public.split()[:2]),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def disk_format(qemu_img: str, source: Path) -> str:
+    """The format qemu-img sees in ``source``, if it is one the sandbox imports."""
+    info = subprocess.run([qemu_img, "info", "--output=json", str(source)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    if info.returncode != 0:
+        raise ImageError(f"{source} is not a disk image qemu-img can read: "
+                         f"{info.stderr.strip()[-300:]}")
+    fmt = str(json.loads(info.stdout).get("format"))
+    if fmt not in SUPPORTED_FORMATS:
+        raise ImageError(f"{source} is a {fmt} image, which the sandbox does not import; "
+                         f"convert it to one of {', '.join(SUPPORTED_FORMATS)} (qemu-img "
+                         "convert -O qcow2 ...)")
+    return fmt
+
+
+def check_bootable(qemu_img: str, disk: Path, source: Path) -> None:
+    """A disk firmware can boot starts with a boot sector (0x55AA) or a GPT header."""
+    head = disk.with_name("head.raw")
+    try:
+        result = subprocess.run([qemu_img, "dd", "-f", "qcow2", "-O", "raw", "bs=512", "count=2",
+                                 f"if={disk}", f"of={head}"],
+                                capture_output=True, text=True, timeout=60, check=False)
+        data = head.read_bytes() if result.returncode == 0 else b""
+    finally:
+        head.unlink(missing_ok=True)
+    if len(data) < 1024:
+        raise ImageError(f"{source} is too small to be a bootable disk ({len(data)} bytes "
+                         "read)")
+    if data[510:512] != b"\x55\xaa" and data[512:520] != b"EFI PART":
+        raise ImageError(f"{source} has no partition table or boot sector (no MBR signature, "
+                         "no GPT header): it is not a disk image, or nothing on it can boot. "
+                         "Point 'disk' at the disk image of an installed system.")
+
+
+# -- booting --------------------------------------------------------------------------------
+
+#: cloud-init's first line on the console, and the line naming its default user's keys.
+_CLOUD_INIT = re.compile(rb"Cloud-init v\. \S+ running")
+_KEYS_FOR = re.compile(rb"Authorized keys from \S+ for user ([a-z_][a-z0-9_-]*)")
+
+
+class BootWatch:
+    """Reads a firmware-booted guest's console while it boots: cloud-init's presence, and
+    the name of its default user (the account a recipe without ``user`` logs in as)."""
+
+    def __init__(self, image: Image, console_log: Path) -> None:
+        self.image = image
+        self.console_log = console_log
+        self.offset = 0
+        self.seen = b""
+        self.user = image.user or None
+
+    def look(self) -> None:
+        """Read what the console printed since; ImageError when the guest came up without
+        cloud-init (a login prompt and no cloud-init line before it)."""
+        chunk, self.offset = console.read_since(self.console_log, self.offset, 1 << 20)
+        self.seen = (self.seen + chunk)[-(4 << 20):]
+        if self.user is None and (found := _KEYS_FOR.search(self.seen)):
+            self.user = found.group(1).decode()
+        if b" login: " in self.seen and not _CLOUD_INIT.search(self.seen):
+            raise ImageError(f"image {self.image.name} booted to a login prompt without "
+                             "cloud-init: the sandbox gives an imported image its key and "
+                             "settings through cloud-init's NoCloud seed; install cloud-init "
+                             "in the image (apt-get install cloud-init)")
+
+    def wait(self, deadline: float, alive: Callable[[], None]) -> str:
+        """Once cloud-init runs (its first console line), the login account: the recipe's,
+        or cloud-init's default user once cloud-init reports it."""
+        while True:
+            alive()
+            self.look()
+            if self.user is not None and _CLOUD_INIT.search(self.seen):
+                return self.user
+            if time.monotonic() > deadline:
+                if not _CLOUD_INIT.search(self.seen):
+                    raise ImageError(f"image {self.image.name}: no cloud-init line on the "
+                                     "console within the boot timeout (does the image boot, "
+                                     "with cloud-init and console=ttyS0?)")
+                raise ImageError(f"image {self.image.name}: cloud-init did not report its "
+                                 "default user on the console (the line 'Authorized keys from "
+                                 "... for user NAME'); set user = \"NAME\" in its recipe")
+            time.sleep(0.25)
+
+
+def connect_booted(image: Image, process: QemuProcess, files: MachineFiles, ssh_port: int,
+                   timeout: float) -> tuple[Channel, str]:
+    """SSH to a guest that has just booted, within ``timeout`` seconds: the channel and the
+    account it is logged in as. An imported image is ready once cloud-init has finished."""
+    from .channel import connect, tcp
+
+    deadline = time.monotonic() + timeout
+    user = image.user or "root"
+
+    def alive() -> None:
+        process.check_alive("QEMU exited while the guest was booting")
+
+    try:
+        if image.kind == "disk":
+            user = BootWatch(image, files.console_log).wait(deadline, alive)
+        channel = connect(tcp(("127.0.0.1", ssh_port)), cache_key().load(), image.host_key,
+                          timeout=max(0.0, deadline - time.monotonic()), alive=alive, user=user)
+    except ChannelError as exc:
+        raise BootError(f"{image.name} did not come up: {exc}",
+                        console_tail=files.console_tail()) from exc
+    if image.kind == "disk":
+        settle(channel, image, max(30.0, deadline - time.monotonic()))
+    return channel, user
+
+
+def settle(channel: Channel, image: Image, timeout: float) -> None:
+    """Wait for cloud-init to finish (and boot jobs with it); BootError when it failed."""
+    result = channel.run("cloud-init status --wait --long 2>&1; echo \"exit=$?\"",
+                         timeout=timeout)
+    text = result.stdout
+    if "status: done" not in text:
+        raise BootError(f"cloud-init did not finish cleanly in image {image.name}:\n"
+                        f"{text.strip()[-1500:]}")
+    channel.run("systemctl is-system-running --wait >/dev/null 2>&1; sync", timeout=timeout)
+
+
+def set_clock(channel: Channel, user: str) -> str | None:
+    """Give a restored guest the host's time (it resumes at the time it was saved); why
+    that failed, if it did."""
+    sudo = "" if user == "root" else "sudo -n "
+    result = channel.run(f"{sudo}date -u -s @{time.time():.3f} >/dev/null", timeout=30)
+    return None if result.exit_status == 0 else f"date -s failed: {result.stderr.strip()}"
+
+
+def start_agent(channel: Channel, user: str, agent_socket: Path) -> bool:
+    """Start the sandbox's guest agent in a booted imported image, in memory only (a
+    transient unit running a copy in /run, a tmpfs: nothing is written to its disk), so
+    that the golden snapshot saved next holds it waiting and every clone gets its own clock
+    and randomness from it, as clones of recipe images do. False when it could not start
+    (no python3, no sudo without a password): clones then get the clock over SSH."""
+    from .agent import Agent
+    from .errors import SandboxError
+    from .image import GUEST_AGENT
+
+    sudo = "" if user == "root" else "sudo -n "
+    result = channel.run(f"{sudo}tee /run/sandbox-agent >/dev/null && {sudo}systemd-run "
+                         "--quiet --unit=sandbox-agent python3 /run/sandbox-agent",
+                         input=GUEST_AGENT.read_bytes(), timeout=60)
+    why = f"{result.stderr.strip()[-300:]}" if result.exit_status != 0 else None
+    if why is None:
+        try:
+            Agent(agent_socket, timeout=30).request("ping")
+            return True
+        except SandboxError as exc:
+            why = str(exc)
+    warnings.warn(f"the sandbox's agent could not start in this image ({why}): its clones get "
+                  "the host's clock over SSH, and fresh randomness only where the guest kernel "
+                  "has the vmgenid driver", SandboxWarning, stacklevel=4)
+    return False
