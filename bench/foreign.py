@@ -1,9 +1,10 @@
 """Benchmark: bring your own image. The suite's "foreign" cloud image (tests/images/
 foreign-build.sh: GRUB, cloud-init, OpenSSH, none of the sandbox's parts) imported as qcow2,
-VMDK and VDI; cold firmware boot to ready under SeaBIOS and OVMF; golden clone to first
+VMDK and VDI; cold firmware boot to ready under SeaBIOS and OVMF; every format under both
+firmwares through `sandbox run` and a pytest test with the vm marker; golden clone to first
 command for it and for debian-12; the clone identity check.
 
-    .venv/bin/python bench/foreign.py [--clones 10] [--json]
+    .venv/bin/python bench/foreign.py [--clones 10] [--matrix 0] [--json]
 
 Import is timed from an empty entry (each image is removed first). "Ready" is SSH letting the
 login account in and cloud-init reporting done. The identity check runs two clones of one
@@ -47,43 +48,67 @@ def first_command(image: str) -> float:
         return time.monotonic() - started
 
 
+MARKER_TEST = """
+import pytest
+
+@pytest.mark.parametrize("name", {names!r})
+def test_on(name, request):
+    request.applymarker(pytest.mark.vm(image=name))
+    vm = request.getfixturevalue("vm")
+    assert vm.succeed("cat /etc/hostname").strip() == name
+"""
+
+
 def main() -> None:
-    args, note, machine = focused_start(__doc__)
+    args, note, machine = focused_start(__doc__, matrix=(int, 1, "1: every format x firmware "
+                                                         "through sandbox run and pytest"))
     results: dict[str, object] = {"machine": machine}
     with note.stage("the foreign image (built once, then cached)"):
         raw = foreign_disk()
     folder = Path(tempfile.mkdtemp(prefix="bench-foreign-"))
     os.environ["SANDBOX_IMAGES_PATH"] = str(folder)
-    names = {"qcow2": "bench-foreign-qcow2", "vmdk": "bench-foreign-vmdk",
-             "vdi": "bench-foreign-vdi"}
-    imports = {}
+    combos = {f"bench-{fmt}-{boot}": (fmt, boot) for fmt in ("qcow2", "vmdk", "vdi")
+              for boot in ("bios", "uefi")}
+    imports: dict[str, float] = {}
+    runs: dict[str, str] = {}
     try:
-        for fmt, name in names.items():
-            disk = convert(raw, fmt, folder / f"foreign.{fmt}")
-            recipe = parse_recipe(write_recipe(folder, name, disk, "bios"))
+        disks = {fmt: convert(raw, fmt, folder / f"foreign.{fmt}")
+                 for fmt in ("qcow2", "vmdk", "vdi")}
+        for name, (fmt, boot) in combos.items():
+            recipe = parse_recipe(write_recipe(folder, name, disks[fmt], boot))
             forget(name)  # timed from an empty entry
             started = time.monotonic()
             build_image(recipe)
-            imports[fmt] = time.monotonic() - started
-        uefi = parse_recipe(write_recipe(folder, "bench-foreign-uefi", folder / "foreign.qcow2",
-                                         "uefi"))
-        build_image(uefi)
+            imports.setdefault(fmt, time.monotonic() - started)
         cold = {}
-        for boot, name in (("bios", names["qcow2"]), ("uefi", "bench-foreign-uefi")):
+        for boot in ("bios", "uefi"):
             with note.stage(f"cold {boot} boot to ready"):
                 started = time.monotonic()
-                with sandbox.launch(name, cold=True) as vm:
+                with sandbox.launch(f"bench-qcow2-{boot}", cold=True) as vm:
                     cold[boot] = time.monotonic() - started
                     vm.succeed("true")
-        with note.stage("golden snapshots"):
-            sandbox.launch(names["qcow2"]).close()
-            sandbox.launch("debian-12").close()
+        chosen = combos if args.matrix else {"bench-qcow2-bios": ("qcow2", "bios")}
+        for name in chosen:
+            with note.stage(f"sandbox run --image {name} -- cat /etc/hostname"):
+                started = time.monotonic()
+                run = subprocess.run([sys.executable, "-m", "sandbox.cli", "run", "--image",
+                                      name, "--", "cat", "/etc/hostname"], capture_output=True,
+                                     text=True, check=False, timeout=900)
+                runs[name] = (f"{run.stdout.strip() or run.stderr.strip()[-200:]}, exit "
+                              f"{run.returncode}, {time.monotonic() - started:.0f} s (golden "
+                              "snapshot made)")
+        (folder / "test_marker.py").write_text(MARKER_TEST.format(names=list(chosen)))
+        marked = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                 str(folder / "test_marker.py")], capture_output=True,
+                                text=True, check=False, cwd=folder, timeout=1800)
+        marker = marked.stdout.strip().splitlines()[-1]
+        sandbox.launch("debian-12").close()  # its golden snapshot exists before timing
         with note.stage(f"{args.clones} clones of each, interleaved"):
             foreign_times, debian_times = [], []
             for _ in range(args.clones):
-                foreign_times.append(first_command(names["qcow2"]))
+                foreign_times.append(first_command("bench-qcow2-bios"))
                 debian_times.append(first_command("debian-12"))
-        with sandbox.launch(names["qcow2"]) as a, sandbox.launch(names["qcow2"]) as b:
+        with sandbox.launch("bench-qcow2-bios") as a, sandbox.launch("bench-qcow2-bios") as b:
             samples = [vm.succeed("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; "
                                   "echo; date +%s.%N") for vm in (a, b)]
             now = time.time()
@@ -92,11 +117,11 @@ def main() -> None:
         randoms = [s.split()[0] for s in samples]
         offsets = [float(s.split()[1]) - now for s in samples]
     finally:
-        for name in [*names.values(), "bench-foreign-uefi"]:
+        for name in combos:
             forget(name)
         subprocess.run(["rm", "-rf", str(folder)], check=False)
     results.update(
-        import_s=imports, cold_ready_s=cold,
+        import_s=imports, cold_ready_s=cold, runs=runs, marker_tests=marker,
         foreign_p50_s=statistics.median(foreign_times),
         foreign_p95_s=percentile(foreign_times, 95),
         debian_p50_s=statistics.median(debian_times), debian_p95_s=percentile(debian_times, 95),
@@ -111,6 +136,8 @@ def main() -> None:
           for fmt, s in imports.items()),
         *((f"cold {boot} boot -> ready (SSH, cloud-init done)", f"{s:.1f} s")
           for boot, s in cold.items()),
+        *((f"sandbox run --image {name}", text) for name, text in runs.items()),
+        (f"pytest, @pytest.mark.vm(image=...) x {len(chosen)}", marker),
         (f"foreign clone -> first command (p50 / p95 of {args.clones})",
          f"{results['foreign_p50_s']:.3f} s / {results['foreign_p95_s']:.3f} s"),
         (f"debian-12 clone -> first command (p50 / p95 of {args.clones})",
