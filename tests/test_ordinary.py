@@ -249,6 +249,56 @@ def test_an_ordinary_account_builds_clones_tests_and_keeps_named_machines(
         account.remove(work)
 
 
+APPLIANCE_TEST = '''
+import pytest
+
+@pytest.mark.vm(image="appliance")
+def test_on_the_appliance(vm):
+    assert vm.succeed("cat /etc/hostname; id -un") == "appliance\\ndebian\\n"
+'''
+
+
+def test_an_ordinary_account_imports_a_disk_image_and_runs_it(
+        account: Account, account_bin: Path) -> None:
+    """Bring your own image as an ordinary account, package from the wheel: a raw disk made
+    elsewhere (the suite's foreign cloud image) imported, booted by firmware, cloned."""
+    from .foreign import foreign_disk
+
+    shared = shared_tmp()
+    work = account.make_workdir()
+    try:
+        disk = shared / "appliance.raw"
+        subprocess.run(["cp", "--sparse=always", str(foreign_disk()), str(disk)], check=True)
+        disk.chmod(0o644)
+        cache, project = work / "cache", work / "project"
+        account.run(["mkdir", str(cache), str(project)], check=True)
+        extra = {"PATH": str(account_bin), "SANDBOX_CACHE_DIR": str(cache)}
+        if account.is_me:
+            extra["SANDBOX_RUNTIME_DIR"] = str(work / "run")
+        env = account.env(**extra)
+
+        def sandbox(*args: str) -> subprocess.CompletedProcess[str]:
+            return account.run([str(account_bin / "sandbox"), *args], env=env, cwd=project)
+
+        imported = sandbox("image", "import", str(disk), "--name", "appliance")
+        assert imported.returncode == 0, imported.stderr
+        assert "imported from raw" in imported.stderr
+        ran = sandbox("run", "--image", "appliance", "--", "sh", "-c",
+                      "cat /etc/hostname; id -un; sudo -n id -u")
+        assert (ran.returncode, ran.stdout) == (0, "appliance\ndebian\n0\n"), ran.stderr
+        account.write(project / "test_appliance.py", APPLIANCE_TEST)
+        suite = account.run([str(account_bin / "pytest"), "-p", "no:cacheprovider",
+                             "test_appliance.py"], env=env, cwd=project)
+        assert "1 passed" in suite.stdout, suite.stdout + suite.stderr
+        seeds = list(cache.glob("images/appliance-*/seed.iso"))
+        assert len(seeds) == 1 and seeds[0].stat().st_uid == account.uid
+        assert oct(seeds[0].stat().st_mode)[-3:] == "400"  # it holds the pinned host key
+        assert qemu_of(account.uid, str(cache)) == []
+    finally:
+        account.remove(work)
+        subprocess.run(["rm", "-rf", str(shared)], check=False)
+
+
 def test_the_wheel_in_a_fresh_virtualenv_runs_vms_from_any_directory(
         built_image: dict[str, Any], wheelhouse: Path, tmp_path: Path) -> None:
     """pip install of the wheel into another project's virtualenv: the recipes come with
