@@ -309,8 +309,40 @@ def test_seed_volume_holds_the_sandbox_part_and_the_recipes_merged(tmp_path: Pat
     assert files["meta-data"] == "instance-id: i-1\nlocal-hostname: box\n"
     parts = [p for p in email.message_from_string(files["user-data"]).walk()
              if not p.is_multipart()]
-    ours = json.loads(parts[0].get_payload().removeprefix("#cloud-config\n"))
+    ours = json.loads(str(parts[0].get_payload()).removeprefix("#cloud-config\n"))
     assert ours["users"][1]["name"] == "ops" and "NOPASSWD" in ours["users"][1]["sudo"]
     assert ours["users"][1]["ssh_authorized_keys"] == ["ssh-ed25519 AAAA test"]
     assert ours["ssh_keys"]["ed25519_public"] == public and ours["ssh_pwauth"] is False
     assert parts[1]["Merge-Type"] == MERGE and "packages: [htop]" in parts[1].get_payload()
+
+
+def test_an_image_without_cloud_init_fails_at_its_login_prompt(foreign: dict[str, Any],
+                                                               tmp_path: Path) -> None:
+    """The foreign disk with cloud-init disabled (/etc/cloud/cloud-init.disabled written into
+    its root filesystem with debugfs): it boots to a login prompt, and the sandbox says why
+    it cannot use it instead of waiting out the boot timeout."""
+    from sandbox.golden import golden_root
+
+    offset_mib = 65  # the root partition's start (tests/images/foreign-build.sh)
+    root = tmp_path / "root.img"
+    subprocess.run(["dd", f"if={foreign['raw']}", f"of={root}", "bs=1M", f"skip={offset_mib}",
+                    "conv=sparse", "status=none"], check=True)
+    subprocess.run(["/usr/sbin/debugfs", "-w", "-R",
+                    "write /dev/null /etc/cloud/cloud-init.disabled", str(root)],
+                   check=True, capture_output=True)
+    disk = tmp_path / "no-cloud-init.raw"
+    subprocess.run(["cp", "--sparse=always", str(foreign["raw"]), str(disk)], check=True)
+    subprocess.run(["dd", f"if={root}", f"of={disk}", "bs=1M", f"seek={offset_mib}",
+                    "conv=notrunc,sparse", "status=none"], check=True)
+    root.unlink()
+    name = f"no-cloud-init-{os.getpid()}"
+    write_recipe(foreign["folder"], name, disk, "bios")
+    started = time.monotonic()
+    try:
+        with pytest.raises(ImageError, match="login prompt without cloud-init"):
+            sandbox.launch(name, boot_timeout=300)
+        print(f"refused after {time.monotonic() - started:.0f} s")
+        assert time.monotonic() - started < 200  # at the prompt, not at the boot timeout
+        assert not [p for p in golden_root().iterdir() if p.name.startswith(".tmp-")]
+    finally:
+        with_cli("image", "rm", name)
