@@ -383,7 +383,10 @@ def remove_images(name: str) -> list[str]:
     removed = []
     for image in find_images(name):
         remove_image(image)
-        removed.append(f"removed {image.name} {image.digest[:16]}")
+        source = image.manifest.get("source")
+        removed.append(f"removed {image.name} {image.digest[:16]}" + (
+            f" (imported from {source}, sha256 {image.manifest['source_sha256']})"
+            if source else ""))
     for golden in list_goldens():
         if golden.manifest["image"] == name:
             discard_golden(golden)

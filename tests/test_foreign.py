@@ -111,7 +111,8 @@ def test_image_import_writes_a_recipe(foreign: dict[str, Any], tmp_path: Path) -
                                capture_output=True, text=True, cwd=tmp_path, check=False)
         assert again.returncode != 0 and "exists already" in again.stderr
     finally:
-        with_cli("image", "rm", "imported-vdi")
+        removed = with_cli("image", "rm", "imported-vdi")
+    assert f"(imported from {foreign['disks']['vdi']}, sha256 {recipe.sha256})" in removed.stdout
 
 
 def test_bad_disks_are_named_and_leave_nothing(tmp_path: Path) -> None:
