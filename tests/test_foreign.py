@@ -61,8 +61,10 @@ def with_cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[st
                           text=True, timeout=timeout, cwd=ROOT, check=False)
 
 
-def leftovers() -> list[str]:
-    return [p.name for p in images_dir().iterdir() if p.name.startswith(".tmp-")]
+def leftovers(*names: str, root: Path | None = None) -> list[str]:
+    """Half-made cache entries of these images (another xdist worker may be making others)."""
+    return [p.name for p in (root or images_dir()).iterdir()
+            if p.name.startswith(tuple(f".tmp-{name}-" for name in names))]
 
 
 # -- importing ------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ def test_bad_disks_are_named_and_leave_nothing(tmp_path: Path) -> None:
     missing = parse_recipe(write_recipe(tmp_path, "missing", tmp_path / "nope.qcow2", "bios"))
     with pytest.raises(ImageError, match="no such file"):
         build_image(missing)
-    assert leftovers() == []
+    assert leftovers("bad-notes", "bad-blank", "bad-old", "wrong-sum", "missing") == []
 
 
 def test_uefi_without_firmware_is_named(tmp_path: Path, foreign: dict[str, Any],
@@ -144,7 +146,7 @@ def test_uefi_without_firmware_is_named(tmp_path: Path, foreign: dict[str, Any],
     recipe = parse_recipe(write_recipe(tmp_path, "uefi-nofw", foreign["disks"]["qcow2"], "uefi"))
     with pytest.raises(HostError, match="apt-get install ovmf"):
         build_image(recipe)
-    assert leftovers() == []
+    assert leftovers("uefi-nofw") == []
 
 
 def test_recipe_fields_of_disk_recipes_are_checked(tmp_path: Path) -> None:
@@ -227,7 +229,7 @@ def test_url_download_is_checked_resumed_and_kept(foreign: dict[str, Any], tmp_p
                      sha256=f'"{"2" * 64}"')
         unreachable = with_cli("image", "build", str(tmp_path / "no-host.toml"), timeout=120)
         assert unreachable.returncode != 0 and "cannot download" in unreachable.stderr
-        assert leftovers() == []
+        assert leftovers("from-url", "bad-sum", "no-host") == []
     finally:
         server.shutdown()
 
@@ -344,6 +346,6 @@ def test_an_image_without_cloud_init_fails_at_its_login_prompt(foreign: dict[str
             sandbox.launch(name, boot_timeout=300)
         print(f"refused after {time.monotonic() - started:.0f} s")
         assert time.monotonic() - started < 200  # at the prompt, not at the boot timeout
-        assert not [p for p in golden_root().iterdir() if p.name.startswith(".tmp-")]
+        assert leftovers(name, root=golden_root()) == []
     finally:
         with_cli("image", "rm", name)
