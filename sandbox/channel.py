@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shlex
 import socket
 import stat
@@ -35,6 +36,13 @@ __all__ = ["Channel", "CommandResult", "PreludeSocket", "TranscriptEntry", "comm
 PING_TIMEOUT = 10.0
 #: How long an SFTP transfer may wait for the guest without any progress.
 SFTP_IDLE_TIMEOUT = 60.0
+#: The first line of every command: wait for the client's go (one newline on stdin), and
+#: end quietly at end-of-file without it. dropbear before 2024.86 (Debian 12's) may close
+#: a session it has just opened when any of its children exits at that moment (a SIGCHLD
+#: before the exec request: "Channel closed." here), yet still start the command on it,
+#: and then abort the whole connection when that command writes output. A command that
+#: waits for a go it never gets writes nothing; the session is simply opened again.
+GO = "IFS= read -r sandbox_go || exit 0"
 
 
 def tcp(address: tuple[str, int]) -> Callable[[float], socket.socket]:
@@ -146,12 +154,47 @@ class Channel:
             self._transport.close()
             self._transport = None
 
-    def _session(self, timeout: float = 30.0) -> paramiko.Channel:
-        try:
-            return self.transport.open_session(timeout=max(0.1, min(30.0, timeout)))
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise ChannelError(f"could not open an SSH session to the guest within "
-                               f"{min(30.0, timeout):g} s: {exc}") from exc
+    def _exec(self, command: str, timeout: float = 30.0) -> paramiko.Channel:
+        """A session running ``command`` (started: it got its go; see GO)."""
+        chan = self._open(lambda chan: chan.exec_command(f"{GO}\n{command}"), timeout)
+        chan.sendall(b"\n")
+        return chan
+
+    def _subsystem(self, name: str) -> paramiko.Channel:
+        """A session running the SSH server's ``name`` subsystem (which waits for input)."""
+        return self._open(lambda chan: chan.invoke_subsystem(name), 30.0)
+
+    def _open(self, start: Callable[[paramiko.Channel], None],
+              timeout: float) -> paramiko.Channel:
+        """A session, opened and ``start``-ed; opened again when the server closed it at once
+        (see GO), which paramiko reports as "Unable to open channel." or "Channel closed.",
+        for up to ``timeout`` seconds (at most 30)."""
+        limit = max(0.1, min(30.0, timeout))
+        deadline = time.monotonic() + limit
+        for attempt in itertools.count():
+            if attempt:  # children exiting meanwhile close sessions: let them be reaped
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(min(0.2, 0.005 * 2 ** attempt))
+            transport = self.transport
+            try:
+                chan = transport.open_session(timeout=max(0.1, deadline - time.monotonic()))
+            except paramiko.ChannelException as exc:  # refused, with a reason
+                raise ChannelError(f"the guest's SSH server refused a session: {exc}") from exc
+            except paramiko.SSHException as exc:
+                if str(exc).startswith("Timeout") or not transport.is_active():
+                    raise ChannelError(f"could not open an SSH session to the guest within "
+                                       f"{limit:g} s: {exc}") from exc
+                continue
+            try:
+                start(chan)
+                return chan
+            except paramiko.SSHException:
+                chan.close()
+                if not transport.is_active():
+                    raise
+        raise ChannelError(f"the guest's SSH server closed or refused every session opened "
+                           f"within {limit:g} s before it could start ({attempt} tries)")
 
     def answers(self, timeout: float = PING_TIMEOUT) -> bool:
         """Whether the SSH server still answers a request (a keepalive that it must reply
@@ -183,16 +226,19 @@ class Channel:
         command = command_string(cmd)
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
-        chan = self._session(timeout if timeout is not None else 30.0)
         try:
-            chan.exec_command(wrap(command, env))
+            chan = self._exec(wrap(command, env), timeout if timeout is not None else 30.0)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ChannelError(f"SSH failed while starting {command!r}: {exc}") from exc
+        try:
             feeder = self._feed(chan, input)
             out, err, pid = collect(chan, deadline, stdout, stderr,
                                      lambda: self._check(watch, command))
             if feeder is not None:
                 feeder.join(timeout=5)
         except Deadline as late:
-            self._kill_session(late.pid)
+            if self._kill_session(late.pid):
+                chan.status_event.wait(5)  # its server side ends once the tree is reaped
             raise CommandTimeout(command, timeout or 0, late.stdout.decode(errors="replace"),
                                  late.stderr.decode(errors="replace")) from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -241,23 +287,26 @@ class Channel:
         thread.start()
         return thread
 
-    def _kill_session(self, pid: int | None) -> None:
+    def _kill_session(self, pid: int | None) -> bool:
         """Kill the timed-out command's process tree: stop it all first, then SIGKILL, so
-        nothing forks away in between. (The SSH server may not give each command a session
-        of its own, so the tree is walked rather than the session killed.)"""
+        nothing forks away in between; whether that was done. (The SSH server may not give
+        each command a session of its own, so the tree is walked rather than the session
+        killed.)"""
         if pid is None:
-            return
+            return False
         tree = 't() { for c in $(pgrep -P "$1"); do t "$c"; done; echo "$1"; }'
         script = (f"{tree}; kill -STOP $(t {pid}) 2>/dev/null; "
                   f"kill -KILL $(t {pid}) 2>/dev/null; true")
         try:
-            chan = self._session()
-            chan.settimeout(10)
-            chan.exec_command(script)
-            chan.recv_exit_status()
-            chan.close()
+            chan = self._exec(script)
+            try:
+                chan.shutdown_write()
+                chan.status_event.wait(10)
+            finally:
+                chan.close()
         except Exception:  # noqa: BLE001 - best effort: the timeout is what gets reported
-            pass
+            return False
+        return True
 
     # -- files ------------------------------------------------------------------------------
 
@@ -265,12 +314,12 @@ class Channel:
     def sftp(self) -> paramiko.SFTPClient:
         with self._lock:
             if self._sftp is None:
-                self._sftp = paramiko.SFTPClient.from_transport(self.transport)
-                if self._sftp is None:
-                    raise ChannelError("the guest refused an SFTP session")
-                sftp_channel = self._sftp.get_channel()
-                if sftp_channel is not None:
-                    sftp_channel.settimeout(SFTP_IDLE_TIMEOUT)
+                try:
+                    sftp_channel = self._subsystem("sftp")
+                except (paramiko.SSHException, OSError, EOFError) as exc:
+                    raise ChannelError(f"the guest refused an SFTP session: {exc}") from exc
+                sftp_channel.settimeout(SFTP_IDLE_TIMEOUT)
+                self._sftp = paramiko.SFTPClient(sftp_channel)
             return self._sftp
 
     def put(self, local: Path, remote: str) -> None:
@@ -294,11 +343,13 @@ class Channel:
 
     def push(self, local_dir: Path, remote_dir: str, timeout: float) -> None:
         """The contents of ``local_dir`` into ``remote_dir`` as one tar stream (modes kept)."""
-        chan = self._session()
+        try:
+            chan = self._exec(f"mkdir -p {shlex.quote(remote_dir)} && "
+                              f"tar -x -p -f - -C {shlex.quote(remote_dir)}")
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise ChannelError(f"push of {local_dir} to {remote_dir} failed: {exc}") from exc
         try:
             chan.settimeout(timeout)
-            chan.exec_command(f"mkdir -p {shlex.quote(remote_dir)} && "
-                              f"tar -x -p -f - -C {shlex.quote(remote_dir)}")
             with chan.makefile("wb") as stream, \
                     tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 for entry in sorted(local_dir.iterdir()):

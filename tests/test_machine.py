@@ -89,6 +89,31 @@ def test_many_channels_at_once(shared_vm: sandbox.Machine) -> None:
     assert sorted(results, key=int) == [str(i) for i in range(8)]
 
 
+def test_commands_keep_running_while_others_end(shared_vm: sandbox.Machine) -> None:
+    """Sessions open while other commands' shells exit: Debian 12's dropbear closes a session
+    that a child's exit interrupts before its exec request (and used to take the connection
+    down with it); every command must still run exactly once."""
+    ran: list[str] = []
+    failures: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            for j in range(25):
+                ran.append(shared_vm.succeed(f"echo {i}-{j} | tee -a /tmp/ran").strip())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    expected = sorted(f"{i}-{j}" for i in range(8) for j in range(25))
+    assert sorted(ran) == expected
+    assert sorted(shared_vm.succeed("cat /tmp/ran && rm /tmp/ran").split()) == expected
+
+
 # -- files ------------------------------------------------------------------------------------
 
 
