@@ -88,8 +88,15 @@ def command_string(cmd: str | Sequence[str]) -> str:
     return line
 
 
+def as_root(command: str, user: str) -> str:
+    """``command`` as run by root, for a guest account ``user`` (an imported image's user
+    has password-less sudo, which its seed gives it)."""
+    return command if user == "root" else f"sudo -n sh -c {shlex.quote(command)}"
+
+
 def wrap(command: str, env: Mapping[str, str] | None) -> str:
-    """What the guest's login shell runs: first report the shell's pid (so a timed-out
+    """What the guest's login shell runs (after its go: sandbox.channel.GO): first report
+    the shell's pid (so a timed-out
     command's process tree can be killed), export ``env``, then ``command``.
 
     One line each: the shell runs the first line before it parses the command, so even a

@@ -103,7 +103,7 @@ def reserve(machine: Machine, index: int, path: Path) -> Membership:
         def line(command: str) -> str:
             vm = attach(peer, monitor=False)
             try:
-                return vm.succeed(command, timeout=60)
+                return vm.succeed_as_root(command, timeout=60)
             finally:
                 vm.disconnect()
         return line

@@ -32,9 +32,11 @@ from typing import TYPE_CHECKING
 
 from . import switch
 from .agent import Agent
+from .commands import as_root
 from .errors import SandboxError
 from .paths import module_process
 from .pids import process_start_ticks
+from .plan import lan_pci_address
 from .runs import current_run
 from .waits import wait_until
 
@@ -166,7 +168,8 @@ class Network:
                 raise NetworkError(f"network {self.name} has a machine named {name!r} already")
             host = free_host(self.subnet, {address for _, _, address in self._members.values()})
             peers = [Peer(n, address, m.files.agent_socket  # type: ignore[union-attr]
-                          if m.agent_answered else None, functools.partial(m.succeed, timeout=60))
+                          if m.agent_answered else None, functools.partial(m.succeed_as_root,
+                                                                           timeout=60))
                      for n, (m, _, address) in self._members.items()]
             self._members[name] = (machine, index, str(self.subnet.network_address + host))
         return Membership(self.path, index, self.subnet, host, peers)
@@ -256,8 +259,9 @@ class Membership:
     def link(self) -> dict[str, object]:
         """The NIC's settings, as the guest agent takes them."""
         third = self.subnet.network_address.packed[2]
-        return {"dev": f"eth{self.index + 1}", "mac": f"52:54:{third:02x}:00:00:{self.host:02x}",
-                "mtu": 1500, "address": self.ip, "netmask": str(self.subnet.netmask)}
+        return {"pci": lan_pci_address(self.index),
+                "mac": f"52:54:{third:02x}:00:00:{self.host:02x}", "mtu": 1500,
+                "address": self.ip, "netmask": str(self.subnet.netmask)}
 
 
 def hosts_line(entries: list[tuple[str, str]]) -> str:
@@ -270,14 +274,15 @@ def hosts_line(entries: list[tuple[str, str]]) -> str:
 
 def setup_line(memberships: list[Membership], hosts: list[tuple[str, str]]) -> str:
     """The shell line that does over SSH what the guest agent does while a clone resumes."""
-    commands = []
-    for m in memberships:
-        link = m.link
-        commands += [f"link set dev {link['dev']} address {link['mac']} mtu 1500 up",
-                     f"addr flush dev {link['dev']}",  # a template's clone had one already
-                     f"addr add {m.ip}/{m.subnet.prefixlen} dev {link['dev']}"]
-    return hosts_line(hosts) + " && printf '%s\\n' " + " ".join(
-        f"'{c}'" for c in commands) + " | ip -batch -"
+    names, commands = [], []
+    for n, m in enumerate(memberships):
+        link, dev = m.link, f"$d{n}"  # the NIC's name, found by its PCI address
+        names.append(f"d{n}=$(ls /sys/bus/pci/devices/{link['pci']}/virtio*/net)")
+        commands += [f"link set dev {dev} address {link['mac']} mtu 1500 up",
+                     f"addr flush dev {dev}",  # a template's clone had one already
+                     f"addr add {m.ip}/{m.subnet.prefixlen} dev {dev}"]
+    return " && ".join([hosts_line(hosts), *names]) + " && printf '%s\\n' " + " ".join(
+        f'"{c}"' for c in commands) + " | ip -batch -"
 
 
 def lans_of(spec: MachineSpec) -> tuple[Path, ...]:
@@ -307,6 +312,7 @@ class NetworkedMachine:
     """Machine mixin: its private networks."""
 
     name: str
+    user: str
     spec: MachineSpec
     qemu: QemuProcess | None
     files: MachineFiles | None
@@ -353,9 +359,13 @@ class NetworkedMachine:
         for m in self._memberships:
             switch.request(m.directory, "join", port=str(self.files.lan_socket(m.index)))
         if self._memberships and (answer or {}).get("network") != "ok":
-            self.succeed(setup_line(self._memberships, self._hosts()), timeout=60)
+            self.succeed_as_root(setup_line(self._memberships, self._hosts()), timeout=60)
         for told in self._telling:
             told.result()
+
+    def succeed_as_root(self, command: str, timeout: float) -> str:
+        """Run ``command`` as root in the guest (through sudo for an imported image's user)."""
+        return self.succeed(as_root(command, self.user), timeout=timeout)
 
     def _leave_networks(self) -> None:
         for path in self.spec.networks:
@@ -371,6 +381,12 @@ class NetworkedMachine:
         """This machine's address on ``network``."""
         self._lan(network)
         return self.addresses[str(network.path)]
+
+    def interface(self, network: Network) -> str:
+        """The name of this machine's NIC on ``network`` in the guest (``eth1`` in the
+        built-in images; an imported image's kernel may call it ``ens16`` or ``enp0s16``)."""
+        pci = lan_pci_address(int(self._lan(network).removeprefix("lan")))
+        return self.succeed(f"ls /sys/bus/pci/devices/{pci}/virtio*/net", timeout=60).strip()
 
     def block(self, network: Network) -> None:
         """Take this machine's link on ``network`` down (the guest sees no carrier)."""

@@ -118,6 +118,16 @@ def create_overlay(backing: Path, overlay: Path) -> Path:
 
 # -- the plan -------------------------------------------------------------------------------
 
+#: The PCI slot of the NIC on private network 0 (network N: this + N). Fixed, so the guest
+#: finds its NICs by PCI address whatever its kernel names them (eth1, ens16, enp0s16).
+LAN_SLOT = 0x10
+
+
+def lan_pci_address(index: int) -> str:
+    """The PCI address of the NIC on private network number ``index``, as Linux names it."""
+    return f"0000:00:{LAN_SLOT + index:02x}.0"
+
+
 
 @dataclass(frozen=True)
 class QemuPlan:
@@ -215,7 +225,8 @@ class QemuPlan:
             netdev = (f"dgram,id={lan},local.type=unix,local.path={self.files.lan_socket(index)},"
                       f"remote.type=unix,remote.path={switch}" if switch is not None
                       else f"hubport,id={lan},hubid={100 + index}")
-            arguments += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={lan},id={lan}"]
+            arguments += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={lan},id={lan},"
+                                                        f"bus=pcie.0,addr={LAN_SLOT + index:#x}"]
         return arguments
 
     def shape(self) -> list[str]:

@@ -18,6 +18,8 @@ from .sizes import parse_size
 NETWORKS = ("restricted", "user")
 #: "auto": KVM where it really works (sandbox.host probes it), else TCG.
 ACCELS = ("auto", "kvm", "tcg")
+#: Private networks per machine: their NICs take fixed PCI slots (sandbox.plan.LAN_SLOT).
+MAX_NETWORKS = 8
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ class MachineSpec:
             object.__setattr__(self, "networks", tuple(paths))
             if len(set(self.networks)) != len(self.networks):
                 raise SandboxError("a machine can be on each network once")
+            if len(self.networks) > MAX_NETWORKS:
+                raise SandboxError(f"a machine can be on at most {MAX_NETWORKS} networks (one "
+                                   f"NIC each), not {len(self.networks)}")
         if isinstance(self.qemu_args, str):
             object.__setattr__(self, "qemu_args", tuple(shlex.split(self.qemu_args)))
 

@@ -21,27 +21,31 @@ import pytest
 import sandbox
 from sandbox.errors import HostError, ImageError, RecipeError
 from sandbox.image import build_image, images_dir
+from sandbox.network import setup_line
 from sandbox.recipe import parse_recipe
 
 from .conftest import ROOT
 from .foreign import convert, foreign_disk, write_recipe
+from .test_network import SERVE, probe, serve
 
 pytest_plugins = ["pytester"]
 
 
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The foreign image in three formats, and recipes for them: bios (qcow2), uefi (VMDK),
-    vdi (VDI, BIOS); SANDBOX_IMAGES_PATH points at the recipes while the module runs."""
+    """The foreign image in four formats, and recipes for them: bios (qcow2), uefi (VMDK),
+    vdi (VDI, BIOS), vhdx (VHDX, BIOS); SANDBOX_IMAGES_PATH points at the recipes while the
+    module runs."""
     folder = tmp_path_factory.mktemp("foreign")
     raw = foreign_disk()
-    disks = {fmt: convert(raw, fmt, folder / f"foreign.{fmt}") for fmt in ("qcow2", "vmdk", "vdi")}
+    disks = {fmt: convert(raw, fmt, folder / f"foreign.{fmt}")
+             for fmt in ("qcow2", "vmdk", "vdi", "vhdx")}
     tag = f"{os.getpid()}"
-    names = {"bios": f"foreign-bios-{tag}", "uefi": f"foreign-uefi-{tag}",
-             "vdi": f"foreign-vdi-{tag}"}
+    names = {kind: f"foreign-{kind}-{tag}" for kind in ("bios", "uefi", "vdi", "vhdx")}
     write_recipe(folder, names["bios"], disks["qcow2"], "bios")
     write_recipe(folder, names["uefi"], disks["vmdk"], "uefi")
     write_recipe(folder, names["vdi"], disks["vdi"], "bios")
+    write_recipe(folder, names["vhdx"], disks["vhdx"], "bios")
     old = os.environ.get("SANDBOX_IMAGES_PATH")
     os.environ["SANDBOX_IMAGES_PATH"] = str(folder)
     try:
@@ -70,9 +74,9 @@ def leftovers(*names: str, root: Path | None = None) -> list[str]:
 # -- importing ------------------------------------------------------------------------------
 
 
-def test_three_formats_import_to_the_same_disk(foreign: dict[str, Any]) -> None:
+def test_four_formats_import_to_the_same_disk(foreign: dict[str, Any]) -> None:
     images = {}
-    for kind, fmt in (("bios", "qcow2"), ("uefi", "vmdk"), ("vdi", "vdi")):
+    for kind, fmt in (("bios", "qcow2"), ("uefi", "vmdk"), ("vdi", "vdi"), ("vhdx", "vhdx")):
         started = time.monotonic()
         result = with_cli("image", "build", foreign["names"][kind])
         assert result.returncode == 0, result.stderr
@@ -83,7 +87,7 @@ def test_three_formats_import_to_the_same_disk(foreign: dict[str, Any]) -> None:
         assert manifest["source_sha256"] == hashlib.sha256(
             foreign["disks"][fmt].read_bytes()).hexdigest()
         assert oct((images[kind].path / "seed.iso").stat().st_mode)[-3:] == "400"
-    for kind in ("uefi", "vdi"):  # what the guest sees is the same disk, whatever the format
+    for kind in ("uefi", "vdi", "vhdx"):  # the guest sees the same disk, whatever the format
         same = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2",
                                str(images["bios"].disk), str(images[kind].disk)],
                               capture_output=True, text=True, check=False)
@@ -268,6 +272,66 @@ def test_clones_of_an_imported_image_have_their_own_clock_and_randomness(
         assert first.source is not None and first.source.manifest["agent"] is True
         first.succeed("touch /tmp/only-first")
         second.fail("test -e /tmp/only-first")
+
+
+def test_imported_images_join_private_networks(foreign: dict[str, Any],
+                                               built_image: dict[str, Any]) -> None:
+    """Two clones of the foreign image and one of debian-12 on one network: the foreign
+    kernel names its NIC by PCI slot (enp0s16), the agent finds it by its PCI address; all
+    reach each other by name. The SSH way (cold boots, no agent) works for its user too."""
+    name = foreign["names"]["bios"]
+    with sandbox.Network() as net, sandbox.launch(name, name="fa", networks=[net]) as fa, \
+            sandbox.launch(name, name="fb", networks=[net]) as fb, \
+            sandbox.launch("debian-12", name="deb", networks=[net]) as deb:
+        assert fa.agent_answered and fb.agent_answered
+        assert fa.interface(net) == fb.interface(net) != "eth1"
+        assert deb.interface(net) == "eth1"
+        for vm in (fa, fb, deb):
+            assert vm.succeed("getent hosts fa fb deb").split() == [
+                fa.address(net), "fa", fb.address(net), "fb", deb.address(net), "deb"]
+            assert vm.succeed(f"ip -4 -o addr show dev {vm.interface(net)} | wc -l") == "1\n"
+        serve(deb, "from-deb")
+        assert probe(fa, "deb").stdout.strip() == "from-deb"
+        fb.succeed_as_root(f"echo from-fb > /root/answer && {SERVE}", timeout=60)
+        fb.wait_for_port(7000, timeout=30)
+        assert probe(deb, "fb").stdout.strip() == "from-fb"
+        assert probe(fa, "fb").stdout.strip() == "from-fb"
+        # What a cold-booted machine gets over SSH (through sudo for user debian), applied
+        # again: one address, the same names, still reachable.
+        fa.succeed_as_root(setup_line(fa._memberships, fa._hosts()), timeout=60)
+        assert fa.succeed(f"ip -4 -o addr show dev {fa.interface(net)} | wc -l") == "1\n"
+        assert probe(fa, "fb").stdout.strip() == "from-fb"
+        fb.block(net)
+        assert probe(fa, "fb").exit_status != 0
+        fb.unblock(net)
+        assert fa.wait_until_succeeds("python3 -c \"import socket; socket.create_connection("
+                                      "('fb', 7000), 1)\"", timeout=30) == ""
+
+
+def test_a_template_of_an_imported_image_machine(foreign: dict[str, Any]) -> None:
+    """A machine of the foreign image, prepared and saved as a template: its clones start
+    with its files and processes, as user debian, with their own clock and randomness."""
+    name, template = foreign["names"]["bios"], f"foreign-template-{os.getpid()}"
+    try:
+        with sandbox.launch(name) as vm:
+            vm.succeed("echo prepared > ~/state && (sleep 4711 >/dev/null 2>&1 &)")
+            saved = vm.save_template(template)
+            assert vm.succeed("cat ~/state") == "prepared\n"  # it runs on
+        assert saved.manifest["user"] == "debian" and saved.manifest["agent"] is True
+        with sandbox.launch(template=template) as first, \
+                sandbox.launch(template=template) as second:
+            for clone in (first, second):
+                assert clone.succeed("whoami; cat ~/state") == "debian\nprepared\n"
+                clone.succeed("pgrep -f 'sleep 4711'")
+            samples = [vm.succeed("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; "
+                                  "echo; date +%s.%N") for vm in (first, second)]
+            now = time.time()
+            assert samples[0].split()[0] != samples[1].split()[0]
+            assert all(abs(float(s.split()[1]) - now) < 5 for s in samples), (samples, now)
+            first.succeed("echo changed > ~/state")
+            assert second.succeed("cat ~/state") == "prepared\n"
+    finally:
+        sandbox.remove_template(template)
 
 
 def test_pytest_marker_runs_on_the_imported_image(foreign: dict[str, Any],
