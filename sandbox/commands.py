@@ -96,8 +96,8 @@ def as_root(command: str, user: str) -> str:
 
 def wrap(command: str, env: Mapping[str, str] | None) -> str:
     """What the guest's login shell runs (after its go: sandbox.channel.GO): first report
-    the shell's pid (so a timed-out
-    command's process tree can be killed), export ``env``, then ``command``.
+    the shell's pid (so a timed-out command's process tree can be killed), export ``env``,
+    then ``command``.
 
     One line each: the shell runs the first line before it parses the command, so even a
     command with a syntax error reports its pid and gets its own error message.
