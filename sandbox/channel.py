@@ -86,6 +86,36 @@ class PreludeSocket:
         return getattr(self._sock, name)
 
 
+def _request(chan: paramiko.Channel, kind: str, value: str) -> None:
+    """``chan.exec_command(value)`` (``kind`` "exec") or ``chan.invoke_subsystem(value)``
+    ("subsystem"), except that the request never follows this client's CLOSE of the
+    session on the wire. paramiko answers a server's CLOSE from its own thread; a request
+    sent between its check that the session is open and that answer reaches dropbear after
+    it forgot the session, and dropbear ends the whole connection ("Unknown channel").
+    Here the check and the send happen under the transport's send lock, which the answer
+    needs too."""
+    transport = chan.get_transport()
+    assert transport is not None
+    message = paramiko.Message()
+    message.add_byte(paramiko.common.cMSG_CHANNEL_REQUEST)
+    message.add_int(chan.remote_chanid)
+    message.add_string(kind)
+    message.add_boolean(True)
+    message.add_string(value)
+    chan._event_pending()  # type: ignore[attr-defined]
+    while True:  # as Transport._send_user_message: not while keys are being exchanged
+        transport.clear_to_send.wait(0.1)
+        if not transport.is_active():
+            raise paramiko.SSHException("the SSH connection closed")
+        with transport.clear_to_send_lock:
+            if transport.clear_to_send.is_set():
+                if chan.closed:
+                    raise paramiko.SSHException("Channel closed.")
+                transport._send_message(message)  # type: ignore[attr-defined]
+                break
+    chan._wait_for_event()  # type: ignore[attr-defined]
+
+
 def _first(preferred: tuple[str, ...], available: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*(p for p in preferred if p in available), *available]))
 
@@ -156,13 +186,13 @@ class Channel:
 
     def _exec(self, command: str, timeout: float = 30.0) -> paramiko.Channel:
         """A session running ``command`` (started: it got its go; see GO)."""
-        chan = self._open(lambda chan: chan.exec_command(f"{GO}\n{command}"), timeout)
+        chan = self._open(lambda chan: _request(chan, "exec", f"{GO}\n{command}"), timeout)
         chan.sendall(b"\n")
         return chan
 
     def _subsystem(self, name: str) -> paramiko.Channel:
         """A session running the SSH server's ``name`` subsystem (which waits for input)."""
-        return self._open(lambda chan: chan.invoke_subsystem(name), 30.0)
+        return self._open(lambda chan: _request(chan, "subsystem", name), 30.0)
 
     def _open(self, start: Callable[[paramiko.Channel], None],
               timeout: float) -> paramiko.Channel:
