@@ -377,19 +377,23 @@ def remove_stale(image: Image) -> list[str]:
     return removed
 
 
-def remove_images(name: str) -> list[str]:
-    """Remove every built version of image ``name`` and the golden snapshots made from it
-    (they could not be cloned without it); what was removed, one line each."""
-    removed = []
+def remove_images(name: str, keep: Path | None = None) -> list[str]:
+    """Remove every built version of image ``name`` but the one at ``keep``, and the golden
+    snapshots made from them (they could not be cloned without them); what was removed,
+    one line each."""
+    removed, kept = [], None
     for image in find_images(name):
+        if image.path == keep:
+            kept = image
+            continue
         remove_image(image)
         source = image.manifest.get("source")
         removed.append(f"removed {image.name} {image.digest[:16]}" + (
             f" (imported from {source}, sha256 {image.manifest['source_sha256']})"
             if source else ""))
     for golden in list_goldens():
-        if golden.manifest["image"] == name:
+        if golden.manifest["image"] == name and (
+                kept is None or golden.manifest.get("image_digest") != kept.digest):
             discard_golden(golden)
             removed.append(f"removed golden snapshot {golden.path.name}")
     return removed
-

@@ -31,7 +31,7 @@ from typing import Any
 
 from .access import TOOL_PACKAGES, unprivileged_build_problems
 from .entries import entry_lock, publish, remove_entry
-from .errors import HostError, ImageError
+from .errors import HostError, ImageError, SandboxError
 from .keys import cache_key
 from .paths import SYSTEM_TOOL_DIRS, cache_dir, find_tool, tool_env
 from .progress import QUIET, Reporter
@@ -158,6 +158,15 @@ def image_key(recipe: Recipe) -> str:
 def image_path(recipe: Recipe, key: str | None = None) -> Path:
     """Where the image of ``recipe`` (content address ``key``) is, or will be, cached."""
     return images_dir() / f"{recipe.name}-{(key or image_key(recipe))[:16]}"
+
+
+def current_path(recipe: Recipe) -> Path | None:
+    """Where the version of ``recipe`` that would be built now is cached; None when that
+    cannot be told (a disk recipe whose disk is gone or unreadable)."""
+    try:
+        return image_path(recipe)
+    except (SandboxError, OSError):
+        return None
 
 
 def cached_image(recipe: Recipe) -> Image | None:

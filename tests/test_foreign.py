@@ -121,6 +121,33 @@ def test_image_import_writes_a_recipe(foreign: dict[str, Any], tmp_path: Path) -
     assert f"(imported from {foreign['disks']['vdi']}, sha256 {recipe.sha256})" in removed.stdout
 
 
+def test_image_rm_old_keeps_the_version_the_recipe_builds_now(foreign: dict[str, Any],
+                                                             tmp_path: Path) -> None:
+    """Two versions of one image (the recipe changed between imports): `image list` tells
+    which is current, `image rm --old` removes the other and keeps the current one."""
+    name = f"versions-{os.getpid()}"
+    recipe = write_recipe(foreign["folder"], name, foreign["disks"]["qcow2"], "bios")
+    try:
+        assert with_cli("image", "build", name).returncode == 0
+        first = sandbox.image.find_images(name)[0]
+        recipe.write_text(recipe.read_text().replace('memory = "1G"', 'memory = "2G"'))
+        assert with_cli("image", "build", name).returncode == 0
+        second = next(i for i in sandbox.image.find_images(name) if i.path != first.path)
+        listed = {row["digest"]: row["current"] for row in json.loads(
+            with_cli("image", "list", "--format", "json").stdout) if row["name"] == name}
+        assert listed == {first.digest: False, second.digest: True}
+        result = with_cli("image", "rm", name, "--old")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [f"removed {name} {first.digest[:16]}"
+                                              f" (imported from {foreign['disks']['qcow2']},"
+                                              f" sha256 {first.manifest['source_sha256']})"]
+        assert [i.path for i in sandbox.image.find_images(name)] == [second.path]
+        again = with_cli("image", "rm", name, "--old")
+        assert again.stdout.strip() == f"{name}: no old versions"
+    finally:
+        with_cli("image", "rm", name)
+
+
 def test_bad_disks_are_named_and_leave_nothing(tmp_path: Path) -> None:
     text = tmp_path / "notes.img"
     text.write_text("not a disk\n" * 1000)

@@ -55,19 +55,28 @@ def image_build(recipe: str, force: bool, quiet: bool) -> None:
 @friendly
 def image_list(fmt: str) -> None:
     """The known recipes (built-in, ./images, SANDBOX_IMAGES_PATH) and the images built."""
-    from ..image import list_images
-    from ..recipe import known_recipes
+    from ..errors import SandboxError
+    from ..image import current_path, list_images
+    from ..recipe import known_recipes, parse_recipe
 
     recipes = known_recipes()
     images = list_images()
+    current = {}
+    for name, path in recipes.items():
+        try:
+            current[name] = current_path(parse_recipe(path))
+        except SandboxError:  # a broken recipe: listed, its images' state unknown
+            current[name] = None
     rows = [{"name": i.name, "digest": i.digest, "path": str(i.path), "size": i.size,
              "built_at": i.manifest["built_at"],
+             "current": None if current.get(i.name) is None else i.path == current[i.name],
              "recipe": str(recipes.get(i.name) or i.manifest.get("recipe_path")),
              "source": i.manifest.get("source"), "source_sha256": i.manifest.get("source_sha256"),
              "boot": i.boot}
             for i in images]
     rows += [{"name": name, "digest": None, "path": None, "size": None, "built_at": None,
-              "recipe": str(path), "source": None, "source_sha256": None, "boot": None}
+              "current": None, "recipe": str(path), "source": None, "source_sha256": None,
+              "boot": None}
              for name, path in recipes.items() if not any(i.name == name for i in images)]
     rows.sort(key=lambda row: (row["name"], row["built_at"] or ""))
     emit(rows, fmt, [
@@ -75,6 +84,7 @@ def image_list(fmt: str) -> None:
         ("DIGEST", 16, lambda r: r["digest"][:16] if r["digest"] else "-"),
         ("SIZE", -7, lambda r: format_size(r["size"]) if r["size"] is not None else "-"),
         ("BUILT", 24, lambda r: r["built_at"] or "not built"),
+        ("CURRENT", 7, lambda r: {True: "yes", False: "old"}.get(r["current"], "-")),
         ("BOOT", 6, lambda r: r["boot"] or "-"),
         ("SOURCE", 0, lambda r: f"{r['source']} (sha256 {r['source_sha256'][:16]})"
          if r["source"] else r["recipe"]),
@@ -96,13 +106,27 @@ def image_inspect(name: str) -> None:
 
 @image.command("rm")
 @click.argument("name")
+@click.option("--old", is_flag=True, help="Keep the version NAME's recipe builds now; remove "
+              "the others (earlier recipes, earlier sandbox versions) and their snapshots.")
 @friendly
-def image_rm(name: str) -> None:
+def image_rm(name: str, old: bool) -> None:
     """Remove every built version of image NAME, and its golden snapshots, from the cache."""
     from ..golden import remove_images
+    from ..image import current_path
+    from ..recipe import find_recipe
 
-    for line in remove_images(name):
+    keep = None
+    if old:
+        keep = current_path(find_recipe(name))
+        if keep is None:
+            raise click.ClickException(f"which version of {name} is current cannot be told "
+                                       "(its disk is missing): remove them all with "
+                                       f"sandbox image rm {name}")
+    lines = remove_images(name, keep)
+    for line in lines:
         click.echo(line)
+    if old and not lines:
+        click.echo(f"{name}: no old versions")
 
 
 @image.command("import")
