@@ -14,7 +14,7 @@ import pytest
 from sandbox.commands import CommandResult, command_string, wrap
 from sandbox.errors import SandboxError
 from sandbox.pids import kill_tagged, process_alive, process_start_ticks
-from sandbox.plan import MachineFiles, QemuPlan
+from sandbox.plan import MachineFiles, QemuPlan, lan_pci_address
 from sandbox.runs import orphaned_runs
 from sandbox.sizes import format_size, parse_size
 from sandbox.spec import MachineSpec
@@ -48,6 +48,18 @@ def test_spec_rejects_unknown_option_by_name() -> None:
 def test_spec_rejects_bad_values(kwargs: dict[str, object]) -> None:
     with pytest.raises(SandboxError):
         MachineSpec.from_kwargs(**kwargs)
+
+
+def test_a_machine_is_on_at_most_eight_networks_each_at_its_own_pci_slot() -> None:
+    eight = tuple(f"/run/net{i}" for i in range(8))
+    assert MachineSpec(networks=eight).networks == eight
+    with pytest.raises(SandboxError, match="at most 8 networks .* not 9"):
+        MachineSpec(networks=(*eight, "/run/net8"))
+    command = plan(lans=(None, None)).command()
+    devices = [a for a in command if a.startswith("virtio-net-pci,netdev=lan")]
+    assert devices == ["virtio-net-pci,netdev=lan0,id=lan0,bus=pcie.0,addr=0x10",
+                       "virtio-net-pci,netdev=lan1,id=lan1,bus=pcie.0,addr=0x11"]
+    assert [lan_pci_address(i) for i in (0, 7)] == ["0000:00:10.0", "0000:00:17.0"]
 
 
 def plan(**kwargs: object) -> QemuPlan:
