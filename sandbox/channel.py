@@ -142,6 +142,10 @@ class Channel:
         self._lock = threading.Lock()
         self._ping_lock = threading.Lock()
         self._pinged = 0.0
+        #: Sessions the server closed before their command or subsystem started, which were
+        #: opened again (see GO): a figure for the benchmark and for debugging.
+        self.sessions_reopened = 0
+        self._count_lock = threading.Lock()
 
     # -- connection -------------------------------------------------------------------------
 
@@ -215,6 +219,8 @@ class Channel:
                 if str(exc).startswith("Timeout") or not transport.is_active():
                     raise ChannelError(f"could not open an SSH session to the guest within "
                                        f"{limit:g} s: {exc}") from exc
+                with self._count_lock:
+                    self.sessions_reopened += 1
                 continue
             try:
                 start(chan)
@@ -223,6 +229,8 @@ class Channel:
                 chan.close()
                 if not transport.is_active():
                     raise
+            with self._count_lock:
+                self.sessions_reopened += 1
         raise ChannelError(f"the guest's SSH server closed or refused every session opened "
                            f"within {limit:g} s before it could start ({attempt} tries)")
 
