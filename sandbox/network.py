@@ -363,8 +363,9 @@ class NetworkedMachine:
         for told in self._telling:
             told.result()
 
-    def succeed_as_root(self, command: str, timeout: float) -> str:
-        """Run ``command`` as root in the guest (through sudo for an imported image's user)."""
+    def succeed_as_root(self, command: str, timeout: float | None = None) -> str:
+        """:meth:`succeed` as root: through ``sudo -n sh -c`` when the machine's account is
+        not root (an imported image's default user)."""
         return self.succeed(as_root(command, self.user), timeout=timeout)
 
     def _leave_networks(self) -> None:
