@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import console
+from .commands import as_root
 from .errors import (
     BootError,
     ChannelError,
@@ -362,8 +363,7 @@ def settle(channel: Channel, image: Image, timeout: float) -> None:
 def set_clock(channel: Channel, user: str) -> str | None:
     """Give a restored guest the host's time (it resumes at the time it was saved); why
     that failed, if it did."""
-    sudo = "" if user == "root" else "sudo -n "
-    result = channel.run(f"{sudo}date -u -s @{time.time():.3f} >/dev/null", timeout=30)
+    result = channel.run(as_root(f"date -u -s @{time.time():.3f} >/dev/null", user), timeout=30)
     return None if result.exit_status == 0 else f"date -s failed: {result.stderr.strip()}"
 
 
@@ -377,9 +377,8 @@ def start_agent(channel: Channel, user: str, agent_socket: Path) -> bool:
     from .errors import SandboxError
     from .image import GUEST_AGENT
 
-    sudo = "" if user == "root" else "sudo -n "
-    result = channel.run(f"{sudo}tee /run/sandbox-agent >/dev/null && {sudo}systemd-run "
-                         "--quiet --unit=sandbox-agent python3 /run/sandbox-agent",
+    result = channel.run(as_root("tee /run/sandbox-agent >/dev/null && systemd-run --quiet "
+                                 "--unit=sandbox-agent python3 /run/sandbox-agent", user),
                          input=GUEST_AGENT.read_bytes(), timeout=60)
     why = f"{result.stderr.strip()[-300:]}" if result.exit_status != 0 else None
     if why is None:
