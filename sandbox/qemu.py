@@ -312,10 +312,12 @@ class QemuProcess:
             if status in ("failed", "cancelled"):
                 raise SnapshotError(f"{what} failed: {info.get('error-desc', status)}"
                                     f"{self.stderr_tail()}")
-            try:
-                self.check_alive(f"QEMU exited while {what}")
-            except BootError as exc:
-                raise SnapshotError(str(exc)) from exc
+            if self.process is not None and self.process.poll() is not None:
+                # QEMU 7.2 exits when an incoming migration fails, which races the
+                # "failed" status above: both say "<what> failed". The guest's console
+                # says nothing of a migration; QEMU's own words do.
+                raise SnapshotError(f"{what} failed: QEMU exited with status "
+                                    f"{self.process.returncode}{self.stderr_tail()}")
             return status == "completed"
 
         wait_until(finished, timeout=timeout, interval=0.005, error=SnapshotError,

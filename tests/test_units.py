@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from sandbox.commands import CommandResult, command_string, wrap
-from sandbox.errors import SandboxError
+from sandbox.errors import SandboxError, SnapshotError
 from sandbox.pids import kill_tagged, process_alive, process_start_ticks
 from sandbox.plan import MachineFiles, QemuPlan, lan_pci_address
+from sandbox.qemu import QemuProcess
 from sandbox.runs import orphaned_runs
 from sandbox.sizes import format_size, parse_size
 from sandbox.spec import MachineSpec
@@ -193,3 +194,27 @@ def test_a_rebuilt_image_meets_no_old_golden_snapshot(tmp_path: Path) -> None:
     shape = plan()
     assert golden_key(first, shape) == golden_key(Image(tmp_path, dict(manifest)), shape)
     assert golden_key(first, shape) != golden_key(rebuilt, shape)
+
+
+class _ExitedDuringLoad(QemuProcess):
+    """A QEMU that exited (as 7.2 does when an incoming migration fails) while its monitor
+    still reported the migration as active."""
+
+    def qmp(self, command: str, **arguments: object) -> dict[str, object]:
+        assert command == "query-migrate"
+        return {"status": "active"}
+
+
+def test_a_migration_that_ends_with_qemu_exiting_fails_like_a_failed_one(
+        tmp_path: Path) -> None:
+    files = MachineFiles(tmp_path)
+    files.qemu_log.write_text("qemu-system-x86_64: Not a migration stream\n")
+    files.console_log.write_text("sandbox login: \n")
+    process = _ExitedDuringLoad(None, files)
+    process.process = subprocess.Popen(["sh", "-c", "exit 1"])
+    process.process.wait()
+    with pytest.raises(SnapshotError) as raised:
+        process._wait_migration("loading the golden snapshot", timeout=5)
+    assert str(raised.value) == ("loading the golden snapshot failed: QEMU exited with "
+                                 "status 1\nQEMU said:\nqemu-system-x86_64: Not a migration "
+                                 "stream")
