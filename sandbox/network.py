@@ -272,12 +272,18 @@ def hosts_line(entries: list[tuple[str, str]]) -> str:
     return f"sed -i {deletes} /etc/hosts && printf '{lines}' >> /etc/hosts"
 
 
+def nic_name_command(pci: str) -> str:
+    """The shell command that prints the name of the guest's NIC at PCI address ``pci``
+    (as the guest agent's nic_name finds it)."""
+    return f"ls /sys/bus/pci/devices/{pci}/virtio*/net"
+
+
 def setup_line(memberships: list[Membership], hosts: list[tuple[str, str]]) -> str:
     """The shell line that does over SSH what the guest agent does while a clone resumes."""
     names, commands = [], []
     for n, m in enumerate(memberships):
         link, dev = m.link, f"$d{n}"  # the NIC's name, found by its PCI address
-        names.append(f"d{n}=$(ls /sys/bus/pci/devices/{link['pci']}/virtio*/net)")
+        names.append(f"d{n}=$({nic_name_command(str(link['pci']))})")
         commands += [f"link set dev {dev} address {link['mac']} mtu 1500 up",
                      f"addr flush dev {dev}",  # a template's clone had one already
                      f"addr add {m.ip}/{m.subnet.prefixlen} dev {dev}"]
@@ -387,7 +393,7 @@ class NetworkedMachine:
         """The name of this machine's NIC on ``network`` in the guest (``eth1`` in the
         built-in images; an imported image's kernel may call it ``ens16`` or ``enp0s16``)."""
         pci = lan_pci_address(int(self._lan(network).removeprefix("lan")))
-        return self.succeed(f"ls /sys/bus/pci/devices/{pci}/virtio*/net", timeout=60).strip()
+        return self.succeed(nic_name_command(pci), timeout=60).strip()
 
     def block(self, network: Network) -> None:
         """Take this machine's link on ``network`` down (the guest sees no carrier)."""

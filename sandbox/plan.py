@@ -128,7 +128,6 @@ def lan_pci_address(index: int) -> str:
     return f"0000:00:{LAN_SLOT + index:02x}.0"
 
 
-
 @dataclass(frozen=True)
 class QemuPlan:
     """Everything needed to start one QEMU process for one machine."""
