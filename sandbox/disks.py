@@ -2,12 +2,21 @@
 once) imported into the image cache.
 
 Import: the source's sha256 (checked against the recipe's when given; a file's digest is
-remembered by its size, time and inode, so it is hashed once), ``qemu-img info`` to learn
+remembered by its inode, size and times, so it is hashed once), ``qemu-img info`` to learn
 its format (qcow2, raw, VMDK, VDI or VHDX), ``qemu-img convert`` into the entry's
 ``disk.qcow2``, a look at its first sectors (a partition table or a boot sector must be
 there), and a cloud-init NoCloud seed (:mod:`sandbox.seed`) with an SSH host key of the
 entry's own, which the sandbox pins. Machines boot it through firmware (SeaBIOS, or OVMF for
 ``boot = "uefi"``).
+
+A disk image is untrusted input. Its format may name other files: a qcow2 backing file or
+external data file, a VMDK descriptor's extents. qemu-img would read those files of this host
+and flatten them into the image, where the guest (and whoever made the disk) could read
+them. Only self-contained disks are imported: any such reference is refused, and the source
+is opened with its backing file disabled, so nothing but the file the user named is read.
+What an import may cost is bounded too: a download's size and time, the converted disk's
+size (``qemu-img measure``, checked against the free space before converting) and the
+conversion's time.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -39,8 +49,10 @@ from .errors import (
 from .keys import cache_key
 from .paths import cache_dir, find_tool
 from .progress import QUIET, Reporter
+from .qemu import dies_with
 from .recipe import Recipe
 from .seed import host_key_pair, user_data, write_seed
+from .sizes import format_size, parse_size
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -53,7 +65,33 @@ IMPORT_VERSION = "1"
 SUPPORTED_FORMATS = ("qcow2", "raw", "vmdk", "vdi", "vhdx")
 #: Where Debian's ``ovmf`` package puts a UEFI firmware image that QEMU takes with -bios.
 OVMF_PATHS = (Path("/usr/share/ovmf/OVMF.fd"), Path("/usr/share/qemu/OVMF.fd"))
+#: How long one read of a download may wait for data.
 DOWNLOAD_TIMEOUT = 30.0
+#: VMDK subformats whose data lives in the one file that holds the descriptor.
+SINGLE_FILE_VMDK = ("monolithicSparse", "streamOptimized")
+#: Free space an import leaves in the cache beyond the converted disk.
+IMPORT_HEADROOM = 1 << 30
+
+
+def import_limits() -> tuple[int, float, float]:
+    """(largest disk, whole download's seconds, conversion's seconds) an import may take:
+    ``SANDBOX_IMPORT_MAX_SIZE`` (default 64G: bytes downloaded, and bytes the converted disk
+    needs), ``SANDBOX_DOWNLOAD_TIMEOUT`` (default 3600) and ``SANDBOX_IMPORT_TIMEOUT``
+    (default 1800)."""
+    return (int(_setting("SANDBOX_IMPORT_MAX_SIZE", "64G", parse_size, "a size like 64G")),
+            _setting("SANDBOX_DOWNLOAD_TIMEOUT", "3600", float, "a number of seconds"),
+            _setting("SANDBOX_IMPORT_TIMEOUT", "1800", float, "a number of seconds"))
+
+
+def _setting(name: str, default: str, parse: Callable[[str], float], what: str) -> float:
+    text = os.environ.get(name, default)
+    try:
+        value = parse(text)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise HostError(f"{name}={text!r} is not {what} above zero; fix or unset it")
+    return value
 
 
 def ovmf_firmware() -> Path:
@@ -87,9 +125,12 @@ def source_sha256(recipe: Recipe) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of ``path``, remembered by (device, inode, size, modification time)."""
+    """sha256 of ``path``, remembered by (device, inode, size, modification and change
+    time): rewriting a file in place and setting its modification time back (``cp -p``,
+    ``rsync -t --inplace``) still changes its change time, which no one can set back."""
     info = path.stat()
-    stamp = f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{path}"
+    stamp = (f"{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:"
+             f"{info.st_ctime_ns}:{path}")
     memo = cache_dir() / "digests" / hashlib.sha256(stamp.encode()).hexdigest()
     with contextlib.suppress(OSError):
         return memo.read_text().strip()
@@ -106,7 +147,10 @@ def file_sha256(path: Path) -> str:
 
 def download(url: str, sha256: str, *, reporter: Reporter = QUIET) -> Path:
     """The file at ``url`` in the download cache (fetched once; an interrupted download
-    resumes where it stopped), checked against ``sha256``."""
+    resumes where it stopped), checked against ``sha256``. A body larger than the import
+    size limit, or one that takes longer than the download timeout, is not kept waiting for:
+    the server's bytes are untrusted until their digest matches."""
+    limit, seconds, _ = import_limits()
     folder = cache_dir() / "downloads"
     folder.mkdir(mode=0o700, exist_ok=True)
     final = folder / sha256
@@ -114,6 +158,7 @@ def download(url: str, sha256: str, *, reporter: Reporter = QUIET) -> Path:
         return final
     partial = folder / f"{sha256}.part"
     have = partial.stat().st_size if partial.exists() else 0
+    deadline = time.monotonic() + seconds
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         response = urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT)
@@ -132,13 +177,30 @@ def download(url: str, sha256: str, *, reporter: Reporter = QUIET) -> Path:
             if have and response.status != 206:  # the server ignored the range: start over
                 have = 0
             size = response.headers.get("Content-Length")
-            total = int(size) + have if size is not None else None
+            total = int(size) + have if size is not None and size.isdigit() else None
+            if total is not None:
+                _check_room(url, total, limit, "the download")
             with partial.open("ab" if have else "wb") as out, \
                     reporter.progress(f"downloading {url}", total, have) as advance:
+                got = have
                 try:
-                    while chunk := response.read(1 << 20):
+                    while chunk := response.read1(1 << 20):  # what has come, so
+                        got += len(chunk)                     # the deadline is seen
+                        if got > limit:
+                            out.close()
+                            partial.unlink()
+                            raise ImageError(
+                                f"the download of {url} is larger than "
+                                f"{format_size(limit)}, the largest disk the sandbox imports "
+                                "(it was discarded); raise SANDBOX_IMPORT_MAX_SIZE if the "
+                                "disk is really that large")
                         out.write(chunk)
                         advance(len(chunk))
+                        if time.monotonic() > deadline:
+                            raise ImageError(
+                                f"downloading {url} took longer than {seconds:.0f} s "
+                                f"(SANDBOX_DOWNLOAD_TIMEOUT; {format_size(got)} so far, kept): "
+                                "run again to resume it, or raise SANDBOX_DOWNLOAD_TIMEOUT")
                 except OSError as exc:
                     raise ImageError(f"downloading {url} was interrupted ({exc}); run again "
                                      "to resume it") from None
@@ -156,6 +218,20 @@ def download(url: str, sha256: str, *, reporter: Reporter = QUIET) -> Path:
                          "sha256 is wrong (the download was discarded)")
     partial.replace(final)
     return final
+
+
+def _check_room(what: str, size: int, limit: int, how: str) -> None:
+    """ImageError unless ``size`` bytes of ``what`` are within the import size limit and
+    fit in the cache's free space (leaving some over)."""
+    if size > limit:
+        raise ImageError(f"{how} of {what} needs {format_size(size)}, more than "
+                         f"{format_size(limit)}, the largest disk the sandbox imports; raise "
+                         "SANDBOX_IMPORT_MAX_SIZE if the disk is really that large")
+    free = shutil.disk_usage(cache_dir()).free
+    if size + IMPORT_HEADROOM > free:
+        raise ImageError(f"{how} of {what} needs {format_size(size)}, and the cache "
+                         f"{cache_dir()} has {format_size(free)} free; free some space "
+                         "(sandbox image rm NAME) or point SANDBOX_CACHE_DIR at a larger disk")
 
 
 def write_disk_recipe(disk: Path, *, name: str | None, boot: str, user: str, memory: str,
@@ -208,10 +284,22 @@ def import_into(recipe: Recipe, key: str, digest: str, work: Path,
     source = (download(recipe.disk, digest, reporter=reporter) if recipe.disk_is_url
               else recipe.disk_path)
     fmt = disk_format(qemu_img, source)
+    spec = source_spec(fmt, source)
+    info = _qemu_img_json(qemu_img, ["info", spec], source)
+    check_self_contained(info, fmt, source)
+    limit, _, seconds = import_limits()
+    needed = int(_qemu_img_json(qemu_img, ["measure", "-O", "qcow2", spec], source)["required"])
+    _check_room(str(source), needed, limit, "the converted disk")
     with reporter.stage(f"{recipe.name}: converting {fmt} to qcow2 (qemu-img convert)"):
-        converted = subprocess.run(
-            [qemu_img, "convert", "-f", fmt, "-O", "qcow2", str(source), str(work / "disk.qcow2")],
-            capture_output=True, text=True, check=False)
+        try:
+            converted = subprocess.run(
+                [qemu_img, "convert", "-O", "qcow2", spec, str(work / "disk.qcow2")],
+                capture_output=True, text=True, timeout=seconds, check=False,
+                preexec_fn=dies_with(os.getpid()))
+        except subprocess.TimeoutExpired:
+            raise ImageError(f"converting {source} ({fmt}, {format_size(needed)}) took longer "
+                             f"than {seconds:.0f} s; raise SANDBOX_IMPORT_TIMEOUT if this host "
+                             "is that slow") from None
     if converted.returncode != 0:
         raise ImageError(f"qemu-img could not convert {source} ({fmt}): "
                          f"{converted.stderr.strip()[-500:]}")
@@ -242,17 +330,66 @@ def import_into(recipe: Recipe, key: str, digest: str, work: Path,
 
 def disk_format(qemu_img: str, source: Path) -> str:
     """The format qemu-img sees in ``source``, if it is one the sandbox imports."""
-    info = subprocess.run([qemu_img, "info", "--output=json", str(source)],
-                          capture_output=True, text=True, timeout=120, check=False)
-    if info.returncode != 0:
-        raise ImageError(f"{source} is not a disk image qemu-img can read: "
-                         f"{info.stderr.strip()[-300:]}")
-    fmt = str(json.loads(info.stdout).get("format"))
+    fmt = str(_qemu_img_json(qemu_img, ["info", str(source)], source).get("format"))
     if fmt not in SUPPORTED_FORMATS:
         raise ImageError(f"{source} is a {fmt} image, which the sandbox does not import; "
                          f"convert it to one of {', '.join(SUPPORTED_FORMATS)} (qemu-img "
                          "convert -O qcow2 ...)")
     return fmt
+
+
+def source_spec(fmt: str, source: Path) -> str:
+    """How qemu-img opens an imported disk: its format given (never probed again), the one
+    file named, and no backing file even if the image's header names one."""
+    return "json:" + json.dumps({"driver": fmt, "backing": None,
+                                 "file": {"driver": "file", "filename": str(source)}})
+
+
+def check_self_contained(info: dict[str, Any], fmt: str, source: Path) -> None:
+    """ImageError when ``qemu-img info`` shows that the image's data is not all in
+    ``source``: a backing file, an external data file, a VMDK whose extents are other files.
+    Each of those would make qemu-img read another file of this host into the image."""
+    why = ("the sandbox imports only self-contained disks, since qemu-img would copy that "
+           "file of this host into the guest's disk. Where the disk came from, flatten it "
+           "into one file (qemu-img convert -O qcow2 DISK flat.qcow2, with files you trust) "
+           "and import that")
+    backing = info.get("backing-filename") or info.get("full-backing-filename")
+    if backing:
+        raise ImageError(f"{source} is a {fmt} image with a backing file "
+                         f"(backing-filename: {backing}); {why}")
+    data = info.get("format-specific", {}).get("data", {})
+    if data.get("data-file"):
+        raise ImageError(f"{source} is a {fmt} image with an external data file "
+                         f"(data-file: {data['data-file']}); {why}")
+    if fmt == "vmdk":
+        extents = [str(e.get("filename")) for e in data.get("extents", [])]
+        if (data.get("create-type") not in SINGLE_FILE_VMDK
+                or any(Path(e) != source for e in extents)):
+            raise ImageError(f"{source} is a {data.get('create-type')} VMDK whose data is in "
+                             f"other files (extents: {', '.join(extents) or 'none'}); {why}")
+
+
+def _qemu_img_json(qemu_img: str, args: list[str], source: Path) -> dict[str, Any]:
+    """``qemu-img ARGS --output=json``, parsed; ImageError when qemu-img cannot read the
+    disk."""
+    try:
+        result = subprocess.run([qemu_img, args[0], "--output=json", *args[1:]],
+                                capture_output=True, text=True, timeout=120, check=False,
+                                preexec_fn=dies_with(os.getpid()))
+    except subprocess.TimeoutExpired:
+        raise ImageError(f"qemu-img {args[0]} of {source} took longer than 120 s; is it on a "
+                         "file system that answers?") from None
+    if result.returncode != 0:
+        raise ImageError(f"{source} is not a disk image qemu-img can read: "
+                         f"{result.stderr.strip()[-300:]}")
+    try:
+        answer = json.loads(result.stdout)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise ImageError(f"qemu-img {args[0]} of {source} gave no JSON object: "
+                         f"{result.stdout.strip()[:200]!r}")
+    return answer
 
 
 def check_bootable(qemu_img: str, disk: Path, source: Path) -> None:
@@ -325,9 +462,10 @@ class BootWatch:
 
 
 def connect_booted(image: Image, process: QemuProcess, files: MachineFiles, ssh_port: int,
-                   timeout: float) -> tuple[Channel, str]:
-    """SSH to a guest that has just booted, within ``timeout`` seconds: the channel and the
-    account it is logged in as. An imported image is ready once cloud-init has finished."""
+                   timeout: float) -> tuple[Channel, str, list[str]]:
+    """SSH to a guest that has just booted, within ``timeout`` seconds: the channel, the
+    account it is logged in as, and the errors cloud-init reported (an imported image is
+    ready once cloud-init has finished; see :func:`settle`)."""
     from .channel import connect, tcp
 
     deadline = time.monotonic() + timeout
@@ -344,20 +482,49 @@ def connect_booted(image: Image, process: QemuProcess, files: MachineFiles, ssh_
     except ChannelError as exc:
         raise BootError(f"{image.name} did not come up: {exc}",
                         console_tail=files.console_tail()) from exc
+    errors: list[str] = []
     if image.kind == "disk":
-        settle(channel, image, max(30.0, deadline - time.monotonic()))
-    return channel, user
+        errors = settle(channel, image, max(30.0, deadline - time.monotonic()))
+    return channel, user, errors
 
 
-def settle(channel: Channel, image: Image, timeout: float) -> None:
-    """Wait for cloud-init to finish (and boot jobs with it); BootError when it failed."""
+#: ``cloud-init status --long``: its status, and the lines of its error report (cloud-init
+#: 22's ``detail:``, 23's ``errors:`` and ``recoverable_errors:``).
+_STATUS = re.compile(r"^status: *(\S+)", re.MULTILINE)
+_STATUS_DETAIL = re.compile(r"^(detail|errors|recoverable_errors):\s*(.*?)(?=^\S+:|\Z)",
+                            re.MULTILINE | re.DOTALL)
+
+
+def settle(channel: Channel, image: Image, timeout: float) -> list[str]:
+    """Wait for cloud-init to finish (and boot jobs with it); what it reported as errors.
+
+    SSH already lets the user in, so a module that failed (a locale that was never
+    generated, a package mirror out of reach) is a SandboxWarning carrying cloud-init's
+    detail, not a refusal; a recipe with ``cloud_init_errors = "fail"`` makes it a BootError.
+    cloud-init not finishing at all is always a BootError."""
     result = channel.run("cloud-init status --wait --long 2>&1; echo \"exit=$?\"",
                          timeout=timeout)
-    text = result.stdout
-    if "status: done" not in text:
-        raise BootError(f"cloud-init did not finish cleanly in image {image.name}:\n"
-                        f"{text.strip()[-1500:]}")
+    text = console.printable(result.stdout).strip()
+    found = _STATUS.search(text)
+    status = found.group(1) if found else "unknown"
+    if status not in ("done", "error", "degraded"):
+        raise BootError(f"cloud-init did not finish in image {image.name} (status: {status}):\n"
+                        f"{text[-1500:]}")
+    errors = [line.strip() for match in _STATUS_DETAIL.finditer(text)
+              for line in match.group(2).splitlines()
+              if line.strip() and line.strip() not in ("[]", "{}", "-")]
+    if status != "done" and not errors:
+        errors = [f"status: {status}"]
+    if errors:
+        detail = "\n  ".join(errors)[-1500:]
+        if image.cloud_init_errors == "fail":
+            raise BootError(f"cloud-init reported errors in image {image.name} "
+                            f"(cloud_init_errors = \"fail\" in its recipe):\n  {detail}")
+        warnings.warn(f"cloud-init reported errors in image {image.name}; the machine is used "
+                      "anyway, since SSH lets its user in (set cloud_init_errors = \"fail\" in "
+                      f"the recipe to refuse it):\n  {detail}", SandboxWarning, stacklevel=5)
     channel.run("systemctl is-system-running --wait >/dev/null 2>&1; sync", timeout=timeout)
+    return errors
 
 
 def set_clock(channel: Channel, user: str) -> str | None:

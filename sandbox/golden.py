@@ -284,8 +284,8 @@ def make(image: Image, spec: MachineSpec, accel: str, target: Path) -> dict[str,
         if ssh_port is None:
             raise BootError("QEMU started without the SSH port forward",
                             console_tail=files.console_tail())
-        channel, user = connect_booted(image, process, files, ssh_port,
-                                       spec.boot_timeout - (time.monotonic() - started))
+        channel, user, cloud_init_errors = connect_booted(
+            image, process, files, ssh_port, spec.boot_timeout - (time.monotonic() - started))
         booted = time.monotonic()
         prelude = None
         # An imported image has none of the sandbox's parts: its agent is started in memory.
@@ -313,7 +313,8 @@ def make(image: Image, spec: MachineSpec, accel: str, target: Path) -> dict[str,
             port.close()
         shutil.rmtree(files.dir, ignore_errors=True)
     return {"boot_seconds": round(booted - started, 2), "user": user,
-            "agent": agent,
+            "agent": agent, **({"cloud_init_errors": cloud_init_errors} if cloud_init_errors
+                               else {}),
             "save_seconds": round(saved - saving, 3),
             "state_bytes": (target / "state").stat().st_size}
 

@@ -97,6 +97,11 @@ class Image:
         return str(self.manifest.get("user", "root"))
 
     @property
+    def cloud_init_errors(self) -> str:
+        """What cloud-init's module errors do when an imported image boots ("warn", "fail")."""
+        return str(self.manifest.get("recipe", {}).get("cloud_init_errors", "warn"))
+
+    @property
     def seed(self) -> Path | None:
         return self.path / "seed.iso" if self.kind == "disk" else None
 

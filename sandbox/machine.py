@@ -156,8 +156,8 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         self.qemu.launch(die_with_parent=self.die_with_parent)
         self._find_ssh_port()
         timeout = self.spec.boot_timeout - (time.monotonic() - started)
-        self._channel, self.user = connect_booted(self.image, self.qemu, self.files,
-                                                  self.ssh_port, timeout)
+        self._channel, self.user, _ = connect_booted(self.image, self.qemu, self.files,
+                                                     self.ssh_port, timeout)
 
     def _clone_or_boot(self, started: float) -> None:
         assert self.image is not None and self.accel is not None

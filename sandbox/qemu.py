@@ -81,7 +81,9 @@ MONITOR_TIMEOUT = 30.0
 QMP_TIMEOUT = 30.0
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
+def dies_with(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child die when ``parent`` (the spawning thread's
+    process) does, even by SIGKILL: QEMU, qemu-img and the like never outlive their run."""
     def setup() -> None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
@@ -134,7 +136,7 @@ class QemuProcess:
             self.process = _spawner.submit(
                 subprocess.Popen, command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(os.getpid()) if die_with_parent else None).result()
+                preexec_fn=dies_with(os.getpid()) if die_with_parent else None).result()
         self._console = self.files.console_log
         console.tend(self._console)  # bounded on disk while this process runs QEMU
         deadline = time.monotonic() + MONITOR_TIMEOUT

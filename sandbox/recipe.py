@@ -70,6 +70,9 @@ class Recipe:
     #: The account that gets the cache's key ("": cloud-init's default user).
     user: str = ""
     cloud_init_user_data: str = ""
+    #: What a cloud-init module error does at boot: "warn" (a SandboxWarning; the machine is
+    #: used, since SSH lets the user in) or "fail" (a BootError).
+    cloud_init_errors: str = "warn"
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -101,6 +104,8 @@ class Recipe:
         data.pop("path")
         for key in (_DEBIAN_ONLY if self.kind == "disk" else _DISK_ONLY):
             data.pop(key)
+        if data.get("cloud_init_errors") == "warn":  # the default: keys made before it stay
+            data.pop("cloud_init_errors")
         base = self.path.parent if self.path else Path.cwd()
         data["files"] = [
             {"path": f.path, "mode": f.mode,
@@ -118,12 +123,14 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "description": str, "suite": str, "mirror": str, "components": list, "packages": list,
     "files": list, "customize": list, "kernel_cmdline": str, "memory": (str, int),
     "cpus": int, "disk_size": (str, int), "name": str, "disk": str, "sha256": str,
-    "boot": str, "user": str, "cloud_init": dict,
+    "boot": str, "user": str, "cloud_init": dict, "cloud_init_errors": str,
 }
 #: Fields of recipes built from Debian packages, which a disk recipe cannot have.
 _DEBIAN_ONLY = ("suite", "mirror", "components", "packages", "files", "customize",
                 "kernel_cmdline", "disk_size")
-_DISK_ONLY = ("disk", "sha256", "boot", "user", "cloud_init_user_data")
+_DISK_ONLY = ("disk", "sha256", "boot", "user", "cloud_init_user_data", "cloud_init_errors")
+#: File names taken as disk images (not recipes) where an image is asked for by path.
+DISK_SUFFIXES = (".qcow2", ".img", ".raw", ".vmdk", ".vdi", ".vhdx")
 _USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _FILE_FIELDS = {"path", "content", "source", "mode"}
 
@@ -219,6 +226,7 @@ def parse_recipe(path: Path) -> Recipe:
         boot=raw.get("boot", "bios"),
         user=raw.get("user", ""),
         cloud_init_user_data=raw.get("cloud_init", {}).get("user_data", ""),
+        cloud_init_errors=raw.get("cloud_init_errors", "warn"),
         path=path.resolve(),
     )
 
@@ -226,7 +234,7 @@ def parse_recipe(path: Path) -> Recipe:
 def _check_disk_fields(where: str, raw: dict[str, Any]) -> None:
     """The fields of a recipe that imports a disk image (``disk = ...``)."""
     if "disk" not in raw:
-        for key in ("sha256", "boot", "user", "cloud_init"):
+        for key in ("sha256", "boot", "user", "cloud_init", "cloud_init_errors"):
             if key in raw:
                 raise RecipeError(f"{where}: field {key!r} belongs to a recipe with 'disk' "
                                   "(a disk image to import); add 'disk' or remove it")
@@ -250,6 +258,9 @@ def _check_disk_fields(where: str, raw: dict[str, Any]) -> None:
     if raw.get("boot", "bios") not in ("bios", "uefi"):
         raise RecipeError(f"{where}: field 'boot' must be \"bios\" or \"uefi\", got "
                           f"{raw['boot']!r}")
+    if raw.get("cloud_init_errors", "warn") not in ("warn", "fail"):
+        raise RecipeError(f"{where}: field 'cloud_init_errors' must be \"warn\" or \"fail\", "
+                          f"got {raw['cloud_init_errors']!r}")
     if "user" in raw and not _USER.match(raw["user"]):
         raise RecipeError(f"{where}: field 'user' {raw['user']!r} is not an account name")
     cloud_init = raw.get("cloud_init", {})
@@ -297,7 +308,11 @@ def known_recipes() -> dict[str, Path]:
 
 
 def find_recipe(name_or_path: str) -> Recipe:
-    """A recipe by name (``debian-12``) or by path (``./my.toml``)."""
+    """A recipe by name (``debian-12``) or by path (``./my.toml``); a disk image's path
+    (``./disk.qcow2``) gives a recipe made on the fly that imports it (BIOS boot,
+    cloud-init's default user)."""
+    if name_or_path.lower().endswith(DISK_SUFFIXES):
+        return disk_recipe(Path(name_or_path))
     if name_or_path.endswith(".toml") or "/" in name_or_path:
         return parse_recipe(Path(name_or_path))
     known = known_recipes()
@@ -308,3 +323,14 @@ def find_recipe(name_or_path: str) -> Recipe:
         raise RecipeError(f"unknown image {name_or_path!r}.{hint} Known images: {names}. "
                           "Add images/<name>.toml or pass a path to a recipe file.")
     return parse_recipe(known[name_or_path])
+
+
+def disk_recipe(disk: Path) -> Recipe:
+    """The recipe that imports disk image ``disk`` as it is: named after the file, keyed
+    by its path and content like any recipe's disk."""
+    if not disk.is_file():
+        raise RecipeError(f"{disk}: no such disk image file (an image is a recipe name, a "
+                          "recipe's .toml path, or the path of a disk image file)")
+    name = re.sub(r"[^a-z0-9._-]+", "-", disk.name.split(".")[0].lower()).strip("-._")
+    return Recipe(name=name or "disk", description=f"the disk image {disk.name}",
+                  disk=str(disk.resolve()), path=None)

@@ -4,10 +4,12 @@ SeaBIOS and OVMF, set up by cloud-init, cloned from golden snapshots (real guest
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 
 import sandbox
-from sandbox.errors import HostError, ImageError, RecipeError
+from sandbox.errors import BootError, HostError, ImageError, RecipeError, SandboxWarning
 from sandbox.image import build_image, images_dir
 from sandbox.network import setup_line
 from sandbox.recipe import parse_recipe
@@ -440,3 +442,203 @@ def test_an_image_without_cloud_init_fails_at_its_login_prompt(foreign: dict[str
         assert leftovers(name, root=golden_root()) == []
     finally:
         with_cli("image", "rm", name)
+
+
+# -- untrusted disks (every import below was accepted before these checks) ------------------
+
+
+def bootable_raw(path: Path, text: bytes = b"", size: int = 1 << 20) -> Path:
+    """A raw disk with an MBR signature (what the import's boot check looks for) and
+    ``text`` after it."""
+    data = bytearray(size)
+    data[510:512] = b"\x55\xaa"
+    data[1024:1024 + len(text)] = text
+    path.write_bytes(bytes(data))
+    return path
+
+
+def qemu_img(*args: str, cwd: Path | None = None) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True, cwd=cwd)
+
+
+def test_a_disk_naming_other_host_files_is_refused(tmp_path: Path) -> None:
+    """A qcow2 backing file (absolute, or relative like a download's ../keys/...), a qcow2
+    external data file and a VMDK descriptor's extent would each make qemu-img copy a file
+    of this host into the guest's disk. Each is refused, naming the field and the file."""
+    secret = bootable_raw(tmp_path / "secret.raw", b"HOST-SECRET-" * 8)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    absolute = tmp_path / "absolute.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(absolute))
+    relative = downloads / "relative.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "../secret.raw", "-F", "raw", relative.name,
+             cwd=downloads)
+    data_file = tmp_path / "data-file.qcow2"
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", "-o",
+             f"data_file={tmp_path / 'data.raw'}", str(secret), str(data_file))
+    flat = tmp_path / "descriptor.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(flat), "1M")
+    text = flat.read_text(errors="replace")
+    flat.write_text(re.sub(r'RW \d+ FLAT "[^"]+" 0', f'RW 2048 FLAT "{secret}" 0', text))
+    cases = [(absolute, f"with a backing file \\(backing-filename: {secret}\\)"),
+             (relative, "with a backing file \\(backing-filename: ../secret.raw\\)"),
+             (data_file, f"with an external data file \\(data-file: {tmp_path}/data.raw\\)"),
+             (flat, f"monolithicFlat VMDK whose data is in other files \\(extents: {secret}\\)")]
+    for disk, message in cases:
+        recipe = parse_recipe(write_recipe(tmp_path, f"refer-{disk.stem}", disk, "bios"))
+        with pytest.raises(ImageError, match=message) as info:
+            build_image(recipe)
+        assert "imports only self-contained disks" in str(info.value)
+    assert leftovers("refer-absolute", "refer-relative", "refer-data-file",
+                     "refer-descriptor") == []
+    for image in sandbox.image.list_images():  # nothing of the secret reached the cache
+        assert not image.name.startswith("refer-")
+
+
+def test_imports_are_bounded_in_size_and_time(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compressed qcow2 that expands 100:1 is measured before it is converted; a
+    conversion that runs too long is stopped; both say which setting to raise."""
+    plain = bootable_raw(tmp_path / "plain.raw", b"\x01" * (60 << 20), size=64 << 20)
+    bomb = tmp_path / "bomb.qcow2"
+    qemu_img("convert", "-q", "-c", "-f", "raw", "-O", "qcow2", str(plain), str(bomb))
+    plain.unlink()
+    assert bomb.stat().st_size < (2 << 20)
+    recipe = parse_recipe(write_recipe(tmp_path, "bomb", bomb, "bios"))
+    monkeypatch.setenv("SANDBOX_IMPORT_MAX_SIZE", "32M")
+    with pytest.raises(ImageError, match=r"the converted disk of .*bomb.qcow2 needs 6[0-9.]+M, "
+                                         r"more than 32M, .* raise SANDBOX_IMPORT_MAX_SIZE"):
+        build_image(recipe)
+    monkeypatch.setenv("SANDBOX_IMPORT_MAX_SIZE", "1G")
+    monkeypatch.setenv("SANDBOX_IMPORT_TIMEOUT", "0.001")
+    with pytest.raises(ImageError, match="took longer than 0 s; raise SANDBOX_IMPORT_TIMEOUT"):
+        build_image(recipe)
+    monkeypatch.setenv("SANDBOX_IMPORT_TIMEOUT", "soon")
+    with pytest.raises(HostError, match="SANDBOX_IMPORT_TIMEOUT='soon' is not a number"):
+        build_image(recipe)
+    assert leftovers("bomb") == []
+
+
+class _Endless(http.server.BaseHTTPRequestHandler):
+    """An endless body with no length (``/endless``), or one byte every half second
+    (``/drip``): each stops by itself after a while, so nothing here runs for ever."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (the handler's name)
+        self.send_response(200)
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            if self.path == "/endless":
+                for _ in range(256):  # 256 MiB at most
+                    self.wfile.write(b"\x07" * (1 << 20))
+            else:
+                for _ in range(60):
+                    self.wfile.write(b"\x07")
+                    self.wfile.flush()
+                    time.sleep(0.5)
+
+
+def test_a_download_is_bounded_in_size_and_time(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(tmp_path / "cache"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        monkeypatch.setenv("SANDBOX_IMPORT_MAX_SIZE", "8M")
+        endless = parse_recipe(write_recipe(tmp_path, "endless", f"{url}/endless", "bios",
+                                            sha256=f'"{"3" * 64}"'))
+        with pytest.raises(ImageError, match="larger than 8M, the largest disk the sandbox "
+                                             "imports \\(it was discarded\\)"):
+            build_image(endless)
+        assert list((tmp_path / "cache" / "downloads").iterdir()) == []
+        monkeypatch.setenv("SANDBOX_DOWNLOAD_TIMEOUT", "2")
+        drip = parse_recipe(write_recipe(tmp_path, "drip", f"{url}/drip", "bios",
+                                         sha256=f'"{"4" * 64}"'))
+        started = time.monotonic()
+        with pytest.raises(ImageError, match="took longer than 2 s .*run again to resume it"):
+            build_image(drip)
+        assert time.monotonic() - started < 10
+    finally:
+        server.shutdown()
+
+
+def test_the_digest_of_a_disk_rewritten_in_place_is_computed_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other bytes of the same size written into the same file, its modification time set
+    back (as ``cp -p`` or ``rsync -t --inplace`` do): the pinned sha256 no longer matches."""
+    from sandbox.disks import file_sha256
+
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(tmp_path / "cache"))
+    disk = bootable_raw(tmp_path / "disk.raw", b"first")
+    before = disk.stat()
+    first = file_sha256(disk)
+    with disk.open("r+b") as handle:
+        handle.seek(1024)
+        handle.write(b"other")
+    os.utime(disk, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert disk.stat().st_mtime_ns == before.st_mtime_ns
+    assert disk.stat().st_ino == before.st_ino and disk.stat().st_size == before.st_size
+    assert file_sha256(disk) == hashlib.sha256(disk.read_bytes()).hexdigest() != first
+    recipe = parse_recipe(write_recipe(tmp_path, "pinned", disk, "bios",
+                                       sha256=f'"{first}"'))
+    with pytest.raises(ImageError, match="the file changed, or the recipe's sha256 is wrong"):
+        build_image(recipe)
+
+
+def test_a_disk_given_by_path_is_imported_as_it_is(foreign: dict[str, Any],
+                                                   tmp_path: Path) -> None:
+    """``sandbox run --image ./disk.qcow2``: the disk is imported on the fly (named after
+    the file, keyed by its content) and runs; a path to nothing says what an image is."""
+    disk = tmp_path / "Path Disk.qcow2"
+    os.link(foreign["disks"]["qcow2"], disk)
+    try:
+        result = subprocess.run([sys.executable, "-m", "sandbox.cli", "run", "--image",
+                                 f"./{disk.name}", "--", "cat", "/etc/hostname"],
+                                capture_output=True, text=True, cwd=tmp_path, timeout=900,
+                                check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.strip() == "path-disk"
+        [image] = sandbox.image.find_images("path-disk")
+        assert image.manifest["source"] == str(disk)
+        assert image.manifest["source_sha256"] == hashlib.sha256(disk.read_bytes()).hexdigest()
+    finally:
+        with_cli("image", "rm", "path-disk")
+    with pytest.raises(RecipeError, match="no such disk image file .*the path of a disk image"):
+        sandbox.launch(str(tmp_path / "missing.vmdk"))
+
+
+CLOUD_INIT_FAILS = '"#cloud-config\\nruncmd:\\n  - [false]\\n"'
+
+
+def test_a_cloud_init_module_error_is_a_warning_unless_the_recipe_says_fail(
+        foreign: dict[str, Any]) -> None:
+    """cloud-init's runcmd fails (so its scripts-user module reports an error); login works.
+    By default the machine is used with a SandboxWarning carrying cloud-init's detail, which
+    the golden snapshot's manifest records; cloud_init_errors = "fail" refuses it."""
+    name = f"ci-errors-{os.getpid()}"
+    strict = f"ci-strict-{os.getpid()}"
+    folder = foreign["folder"]
+    (folder / f"{name}.toml").write_text(
+        f'disk = "{foreign["disks"]["qcow2"]}"\nmemory = "1G"\n'
+        f"[cloud_init]\nuser_data = {CLOUD_INIT_FAILS}\n")
+    (folder / f"{strict}.toml").write_text(
+        f'disk = "{foreign["disks"]["qcow2"]}"\nmemory = "1G"\ncloud_init_errors = "fail"\n'
+        f"[cloud_init]\nuser_data = {CLOUD_INIT_FAILS}\n")
+    try:
+        warned = pytest.warns(SandboxWarning, match=r"cloud-init reported errors in image "
+                                                    rf"{name}; the machine is used anyway"
+                                                    r"(.|\n)*scripts.user")
+        with warned, sandbox.launch(name) as vm:
+            assert vm.succeed("whoami").strip() == "debian"
+            assert "status: error" in vm.run("cloud-init status").stdout
+            assert vm.source is not None
+            assert any("scripts" in line for line in vm.source.manifest["cloud_init_errors"])
+        with pytest.raises(BootError, match=r"cloud-init reported errors in image "
+                                            rf"{strict} \(cloud_init_errors = \"fail\""):
+            sandbox.launch(strict)
+    finally:
+        with_cli("image", "rm", name)
+        with_cli("image", "rm", strict)
