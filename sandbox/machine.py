@@ -42,7 +42,7 @@ from .plan import MachineFiles, QemuPlan, create_overlay, plan_for, run_tag
 from .progress import QUIET, Reporter
 from .qemu import QemuProcess
 from .runs import current_run
-from .spec import MachineSpec
+from .spec import MachineSpec, check_machine_name
 from .states import SavedStates
 from .waits import GuestWaits, trim
 
@@ -69,7 +69,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         #: QEMU is killed when this process dies (off for named and kept machines).
         self.die_with_parent = die_with_parent
         with _names_lock:
-            self.name = name or f"vm{next(_names)}"
+            self.name = check_machine_name(name) if name else f"vm{next(_names)}"
         #: The machine's directory and QEMU tag when sandbox.named gives them (else: a
         #: directory in this process's run, tagged with the run).
         self.home = home

@@ -230,3 +230,40 @@ def test_vm_template_is_made_once_for_all_workers_and_runs(
         assert len([t for t in sandbox.templates() if t.name == name]) == 1
     finally:
         sandbox.remove_template(name)
+
+
+def test_a_comma_in_the_runtime_directory_and_names_refused_before_a_start(
+        pytester: pytest.Pytester, built_image: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU's option strings end a value at a comma: a runtime directory with one still
+    runs clones (from the usual cache), and a machine name that would break out of its
+    option, or out of the run directory, is refused before anything starts."""
+    import shutil
+    import tempfile
+
+    runtime = Path(tempfile.mkdtemp(prefix="a,b-"))
+    monkeypatch.setenv("SANDBOX_RUNTIME_DIR", str(runtime))
+    pytester.makepyfile(f"""
+        import pathlib
+        import pytest
+        from sandbox.errors import MachineNameError
+
+        def test_clone_under_a_comma(vm_factory):
+            vm = vm_factory(name="db")
+            assert "," in str(vm.dir) and vm.succeed("echo ok") == "ok\\n"
+            vm.snapshot("s1")
+            vm.restore("s1")
+            assert vm.succeed("hostname") != ""
+
+        @pytest.mark.parametrize("name", ["db,x=y", "../x"])
+        def test_bad_name(vm_factory, name):
+            with pytest.raises(MachineNameError, match="use 1 to 63 letters"):
+                vm_factory(name=name)
+            runs = list(pathlib.Path({str(runtime)!r}).glob("run-*/*"))
+            assert runs == [] or all(p.name == "owner.json" for p in runs), runs
+    """)
+    try:
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v")
+        result.assert_outcomes(passed=3)
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
