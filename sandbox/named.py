@@ -149,15 +149,16 @@ def unique_name(stem: str) -> str:
 def keep(machine: Machine, name: str) -> None:
     """Hand a running machine over to the named machines instead of closing it: it keeps
     running after this process exits (``sandbox ssh NAME``, ``sandbox down NAME``). Only for
-    machines started with ``die_with_parent=False``."""
-    if machine.die_with_parent:
+    machines started with ``keepable=True`` (or ``die_with_parent=False``)."""
+    if machine.die_with_parent and not machine.keepable:
         raise SandboxError(f"{machine.name} dies with this process and cannot be kept; start "
-                           "it with die_with_parent=False (--sandbox-keep-on-failure)")
+                           "it with keepable=True (--sandbox-keep-on-failure)")
     assert machine.dir is not None
     target = machines_dir() / check_name(name)
     machine.dir.rename(target)
     machine.moved(target, name)
     write_state(machine)
+    machine.detach()  # only now: a kill before this point takes the machine along
     machine.disconnect()
 
 

@@ -263,3 +263,46 @@ def test_another_account_can_neither_read_the_cache_nor_hold_its_locks(
         assert stat.S_IMODE(lock.stat().st_mode) == 0o600
     finally:
         subprocess.run(["rm", "-rf", str(open_tmp)], check=False)
+
+
+def test_a_killed_kvm_probe_leaves_no_qemu(built_image: dict[str, object],
+                                           tmp_path: Path) -> None:
+    """``sandbox doctor --refresh`` SIGKILLed while its probe QEMUs run: they go with it (on
+    the hosts the probe is for, the one under KVM would hang for ever)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from sandbox.image import cached_image
+    from sandbox.recipe import find_recipe
+
+    from .conftest import IMAGE, ROOT, env_with, qemu_processes
+
+    image = cached_image(find_recipe(IMAGE))
+    assert image is not None
+    runtime = Path(tempfile.mkdtemp(prefix="probe-run-"))
+    env = env_with(SANDBOX_CACHE_DIR=str(tmp_path / "cache"), SANDBOX_RUNTIME_DIR=str(runtime),
+                   SANDBOX_PROBE_KERNEL=str(image.kernel))
+    doctor = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "doctor", "--refresh"],
+                              env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(qemu_processes(str(runtime))) < (2 if os.access("/dev/kvm", os.W_OK) else 1):
+            assert doctor.poll() is None and time.monotonic() < deadline, "no probe QEMU ran"
+            time.sleep(0.02)
+        os.kill(doctor.pid, signal.SIGKILL)
+        doctor.wait()
+        deadline = time.monotonic() + 5
+        while qemu_processes(str(runtime)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert qemu_processes(str(runtime)) == [], "a probe QEMU outlived sandbox doctor"
+    finally:
+        if doctor.poll() is None:
+            doctor.kill()
+        for pid in qemu_processes(str(runtime)):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -232,6 +232,55 @@ def test_vm_template_is_made_once_for_all_workers_and_runs(
         sandbox.remove_template(name)
 
 
+def test_keep_on_failure_keeps_nothing_of_a_killed_run(pytester: pytest.Pytester,
+                                                       built_image: dict[str, Any],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--sandbox-keep-on-failure keeps the VMs of a test that failed, and only those: a
+    pytest SIGKILLed in the middle of a test (which has not failed) leaves no QEMU behind."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from .conftest import qemu_processes
+
+    runtime = Path(tempfile.mkdtemp(prefix="keep-run-"))
+    monkeypatch.setenv("SANDBOX_RUNTIME_DIR", str(runtime))
+    started = pytester.path / "started"
+    pytester.makepyfile(f"""
+        import pathlib, time
+
+        def test_still_running(vm_factory):
+            a, b = vm_factory(), vm_factory()
+            a.succeed("true")
+            pathlib.Path({str(started)!r}).write_text("up")
+            time.sleep(600)
+    """)
+    run = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                            "--sandbox-keep-on-failure"], cwd=pytester.path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not started.exists():
+            assert run.poll() is None and time.monotonic() < deadline, "the VMs never started"
+            time.sleep(0.1)
+        assert len(qemu_processes(str(runtime))) == 2
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+        deadline = time.monotonic() + 5
+        while qemu_processes(str(runtime)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert qemu_processes(str(runtime)) == [], "a VM outlived its killed pytest"
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for pid in qemu_processes(str(runtime)):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
 def test_a_comma_in_the_runtime_directory_and_names_refused_before_a_start(
         pytester: pytest.Pytester, built_image: dict[str, Any],
         monkeypatch: pytest.MonkeyPatch) -> None:
