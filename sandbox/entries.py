@@ -17,6 +17,7 @@ from typing import TypeVar
 import filelock
 
 from .errors import SandboxError
+from .paths import private_lock
 
 T = TypeVar("T")
 
@@ -30,8 +31,8 @@ def entry_lock(final: Path, on_wait: Callable[[], None] | None = None,
     """Hold the lock of entry ``final``; ``on_wait`` is called if another holder makes us wait
     (up to ``timeout`` seconds)."""
     locks = final.parent / ".locks"
-    locks.mkdir(exist_ok=True)
-    lock = filelock.FileLock(str(locks / f"{final.name}.lock"))
+    locks.mkdir(mode=0o700, exist_ok=True)
+    lock = private_lock(locks / f"{final.name}.lock")
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:

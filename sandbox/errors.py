@@ -105,3 +105,8 @@ def _tail(text: str, lines: int = 30) -> str:
     if len(parts) <= lines:
         return "\n".join(parts)
     return f"[... {len(parts) - lines} lines cut ...]\n" + "\n".join(parts[-lines:])
+
+
+class MachineNameError(SandboxError):
+    """A machine name breaks the rule for names (it becomes a directory, a QEMU tag and a
+    socket path): up to 63 letters, digits, '.', '_', '-', starting with a letter or digit."""

@@ -113,7 +113,7 @@ class Golden:
         if header != b"QFI\xfb":
             raise SnapshotError("its disk is not a qcow2 image")
 
-    def start_clone(self, plan: QemuPlan, *, die_with_parent: bool,
+    def start_clone(self, plan: QemuPlan, *, die_with_parent: bool, detachable: bool = False,
                     identity: dict[str, object] | None = None) -> Clone:
         """A running clone: QEMU started on ``plan`` (its disk a fresh overlay on this
         snapshot's, its RAM this snapshot's file mapped copy-on-write), the device state
@@ -128,7 +128,7 @@ class Golden:
         process = QemuProcess(plan, files)
         started = time.monotonic()
         try:
-            process.launch(die_with_parent=die_with_parent)
+            process.launch(die_with_parent=die_with_parent, detachable=detachable)
         except BootError as exc:  # QEMU refused its files (a ram file of the wrong size...)
             process.stop()
             raise SnapshotError(f"QEMU could not start on it: {exc}") from exc

@@ -202,16 +202,30 @@ def _probe_kvm(qemu: str, kernel: Path) -> tuple[float | None, str, str]:
 
 def _boot_banner(qemu: str, kernel: Path, accel: str, cpu: str,
                  timeout: float) -> tuple[float | None, str]:
-    """Seconds until the kernel banner appears on the serial port, or None and why not."""
-    with tempfile.TemporaryDirectory(prefix="probe-", dir=runtime_dir()) as tmp:
-        console = Path(tmp) / "console"
-        command = [qemu, "-accel", accel, "-cpu", cpu, "-m", "256", "-nodefaults",
+    """Seconds until the kernel banner appears on the serial port, or None and why not.
+
+    The probe's QEMU lives like a machine's (under KVM on the hosts the probe is for, it
+    hangs for ever): in a directory of this process's run with a pid file, tagged with the
+    run, and killed by a parent-death signal when this process dies (``sandbox doctor``
+    killed mid-probe), or by the next run's reaper."""
+    from .plan import MachineFiles, qemu_option, run_tag
+    from .qemu import spawn
+    from .runs import current_run
+
+    run = current_run()
+    directory = Path(tempfile.mkdtemp(prefix=f"probe-{accel}-", dir=run.path))
+    files = MachineFiles(directory)
+    try:
+        console = directory / "console"
+        command = [qemu, "-name", qemu_option(run_tag(run.id, directory.name)),
+                   "-accel", accel, "-cpu", cpu, "-m", "256", "-nodefaults",
                    "-no-user-config", "-display", "none", "-no-reboot",
-                   "-serial", f"file:{console}", "-kernel", str(kernel),
+                   "-chardev", f"file,id=console0,path={qemu_option(console)}",
+                   "-serial", "chardev:console0", "-pidfile", str(files.pidfile),
+                   "-kernel", str(kernel),
                    "-append", "console=ttyS0 earlyprintk=serial panic=-1"]
         start = time.monotonic()
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE)
+        process = spawn(command, die_with_parent=True, stderr=subprocess.PIPE)
         try:
             while time.monotonic() - start < timeout:
                 if console.exists() and _BANNER in console.read_bytes():
@@ -230,6 +244,8 @@ def _boot_banner(qemu: str, kernel: Path, accel: str, cpu: str,
             process.wait()
             if process.stderr:
                 process.stderr.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def probe_kernel() -> Path:

@@ -6,12 +6,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import filelock
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .paths import cache_dir
+from .paths import cache_dir, private_lock
 
 
 @dataclass(frozen=True)
@@ -30,7 +29,7 @@ def cache_key() -> KeyPair:
     private = directory / "id_ed25519"
     public = directory / "id_ed25519.pub"
     if not public.exists():
-        with filelock.FileLock(str(directory / ".lock")):
+        with private_lock(directory / ".lock"):
             if not public.exists():
                 key = Ed25519PrivateKey.generate()
                 pem = key.private_bytes(serialization.Encoding.PEM,

@@ -42,7 +42,7 @@ from .plan import MachineFiles, QemuPlan, create_overlay, plan_for, run_tag
 from .progress import QUIET, Reporter
 from .qemu import QemuProcess
 from .runs import current_run
-from .spec import MachineSpec
+from .spec import MachineSpec, check_machine_name
 from .states import SavedStates
 from .waits import GuestWaits, trim
 
@@ -63,13 +63,17 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
 
     def __init__(self, spec: MachineSpec | None = None, *, name: str | None = None,
                  reporter: Reporter = QUIET, die_with_parent: bool = True,
-                 home: Path | None = None, tag: str | None = None) -> None:
+                 home: Path | None = None, tag: str | None = None,
+                 keepable: bool = False) -> None:
         self.spec = spec or MachineSpec()
         self.reporter = reporter
         #: QEMU is killed when this process dies (off for named and kept machines).
         self.die_with_parent = die_with_parent
+        #: QEMU dies with this process all the same, until :meth:`detach` lets it outlive
+        #: it (a machine that may be kept: --sandbox-keep-on-failure).
+        self.keepable = keepable
         with _names_lock:
-            self.name = name or f"vm{next(_names)}"
+            self.name = check_machine_name(name) if name else f"vm{next(_names)}"
         #: The machine's directory and QEMU tag when sandbox.named gives them (else: a
         #: directory in this process's run, tagged with the run).
         self.home = home
@@ -153,7 +157,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         assert self.image is not None and self.files is not None
         self.qemu = QemuProcess(self._plan(create_overlay(self.image.disk, self.files.overlay)),
                                 self.files)
-        self.qemu.launch(die_with_parent=self.die_with_parent)
+        self.qemu.launch(die_with_parent=self.die_with_parent, detachable=self.keepable)
         self._find_ssh_port()
         timeout = self.spec.boot_timeout - (time.monotonic() - started)
         self._channel, self.user, _ = connect_booted(self.image, self.qemu, self.files,
@@ -183,7 +187,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         plan = self._plan(create_overlay(golden.disk, self.files.overlay), ram_file=golden.ram,
                           incoming=True)
         clone = golden.start_clone(plan, die_with_parent=self.die_with_parent,
-                                   identity=self.network_identity())
+                                   detachable=self.keepable, identity=self.network_identity())
         self.qemu, self._port_socket, self.source = clone.process, clone.port_socket, golden
         self.user = golden.user
         self.restore_seconds = clone.restore_seconds
@@ -245,6 +249,12 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         if self.qemu is not None:
             self.qemu.files = self.files
         self.name = name
+
+    def detach(self) -> None:
+        """Let this keepable machine's QEMU outlive this process (it is being kept)."""
+        if self.qemu is not None:
+            self.qemu.detach()
+        self.die_with_parent = self.keepable = False
 
     def disconnect(self) -> None:
         """Drop this handle (SSH, QMP) and leave the machine running; for named machines."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import time
@@ -26,13 +25,12 @@ from .paths import runtime_dir
 from .pids import kill_tagged, process_alive, process_start_ticks
 from .plan import MachineFiles, named_tag, named_tag_marker
 from .progress import QUIET, Reporter
-from .spec import MachineSpec
+from .spec import MachineSpec, check_machine_name
 from .waits import wait_until
 
 if TYPE_CHECKING:
     from .machine import Machine
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 #: How long `down` waits for a busy monitor before it stops the machine by signal.
 DOWN_GRACE = 3.0
 #: How long an `up` that died while starting may leave its directory before prune clears it.
@@ -46,9 +44,7 @@ def machines_dir() -> Path:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise SandboxError(f"machine name {name!r}: use up to 63 letters, digits, '.', '_', '-'")
-    return name
+    return check_machine_name(name)
 
 
 @dataclass(frozen=True)
@@ -153,15 +149,16 @@ def unique_name(stem: str) -> str:
 def keep(machine: Machine, name: str) -> None:
     """Hand a running machine over to the named machines instead of closing it: it keeps
     running after this process exits (``sandbox ssh NAME``, ``sandbox down NAME``). Only for
-    machines started with ``die_with_parent=False``."""
-    if machine.die_with_parent:
+    machines started with ``keepable=True`` (or ``die_with_parent=False``)."""
+    if machine.die_with_parent and not machine.keepable:
         raise SandboxError(f"{machine.name} dies with this process and cannot be kept; start "
-                           "it with die_with_parent=False (--sandbox-keep-on-failure)")
+                           "it with keepable=True (--sandbox-keep-on-failure)")
     assert machine.dir is not None
     target = machines_dir() / check_name(name)
     machine.dir.rename(target)
     machine.moved(target, name)
     write_state(machine)
+    machine.detach()  # only now: a kill before this point takes the machine along
     machine.disconnect()
 
 

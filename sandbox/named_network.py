@@ -18,12 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import filelock
-
 from . import switch
 from .errors import SandboxError
 from .network import Membership, NetworkError, Peer, check_hostname, free_host
-from .paths import module_process, runtime_dir
+from .paths import module_process, private_lock, runtime_dir
 from .plan import MachineFiles
 from .waits import wait_until
 
@@ -51,7 +49,7 @@ def ensure(name: str) -> Path:
                            "'-', starting with a letter or digit")
     path = networks_dir() / name
     path.mkdir(mode=0o700, exist_ok=True)
-    with filelock.FileLock(str(path / "lock"), timeout=30):
+    with private_lock(path / "lock", timeout=30):
         try:
             switch.request(path, "ping", timeout=1)
             return path
@@ -90,7 +88,7 @@ def reserve(machine: Machine, index: int, path: Path) -> Membership:
     members.mkdir(mode=0o700, exist_ok=True)
     subnet = subnet_of(path.name)
     machines = runtime_dir() / "machines"
-    with filelock.FileLock(str(path / "lock"), timeout=30):
+    with private_lock(path / "lock", timeout=30):
         current = {p.stem: json.loads(p.read_text())["address"] for p in members.glob("*.json")
                    if (machines / p.stem).exists()}
         if machine.name in current:

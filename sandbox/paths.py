@@ -9,25 +9,30 @@ Two places belong to the account that runs the sandbox and to no one else:
   directory, else ``<tmp>/sandbox-<uid>``, or ``SANDBOX_RUNTIME_DIR``.
 
 Both are checked before use, as ssh-agent and tmux check their socket directories: a real
-directory (not a symbolic link) owned by this account. The runtime directory must also be
-closed to other accounts (mode 0700): a directory that another local user made first, or a
-link planted in its place, would let that user redirect this account's sockets and pid
-files. Such a place is refused with an error that names the path and the fix.
+directory (not a symbolic link) owned by this account and closed to other accounts (mode
+0700). A directory that another local user made first, or a link planted in its place, would
+let that user redirect this account's sockets and pid files, read golden snapshots' guest RAM
+or hold the cache's locks. Such a place is refused with an error that names the path and the
+fix; only a cache of this account's own that an earlier release left open (0755) is closed
+in place, with a one-time notice. Lock files are made 0600 (:func:`private_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import stat
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
+import filelock
 import platformdirs
 
-from .errors import HostError
+from .errors import HostError, SandboxWarning
 
 APP = "pytest-qemu-sandbox"
 #: The runtime directory's name inside $XDG_RUNTIME_DIR: short, since a unix socket path
@@ -61,18 +66,24 @@ def account_name(uid: int) -> str:
 
 
 def cache_dir() -> Path:
-    """Images, golden snapshots, keys and host probe results (``SANDBOX_CACHE_DIR``)."""
+    """Images, golden snapshots, keys and host probe results (``SANDBOX_CACHE_DIR``).
+
+    Made private (mode 0700): golden snapshots hold guest RAM (prepared secrets, an imported
+    image's SSH host key), and its lock files must be out of other accounts' reach (one that
+    holds a lock stalls every start). A cache of this account's that is open to others (made
+    by an earlier release) is closed once, with a notice; a link or another account's
+    directory is refused."""
     override = os.environ.get("SANDBOX_CACHE_DIR")
     path = Path(override) if override else Path(platformdirs.user_cache_dir(APP))
     how = ("point SANDBOX_CACHE_DIR at a directory of your own" if override else
            "set SANDBOX_CACHE_DIR to a directory of your own")
-    _make_dir(path, "cache directory", how)
+    _make_dir(path, "cache directory", how, mode=0o700)
     try:
-        info = os.stat(path)
+        info = os.lstat(path)
     except OSError as exc:
         raise HostError(f"the cache directory {path} cannot be used ({exc.strerror}); "
                         f"{how}") from None
-    if info.st_uid != os.getuid():
+    if stat.S_ISDIR(info.st_mode) and info.st_uid != os.getuid():
         raise HostError(
             f"the cache directory {path} belongs to {account_name(info.st_uid)}, not to you "
             f"({account_name(os.getuid())}): a cache serves one account (its images carry "
@@ -80,7 +91,41 @@ def cache_dir() -> Path:
             f"own cache (unset SANDBOX_CACHE_DIR to get "
             f"{platformdirs.user_cache_dir(APP)}), or take this one over with: "
             f"sudo chown -R {account_name(os.getuid())}: {path}")
+    if stat.S_ISLNK(info.st_mode):
+        target = os.path.realpath(path)
+        how = (f"point SANDBOX_CACHE_DIR at the directory itself "
+               f"(SANDBOX_CACHE_DIR={target}) if it is yours, or at another directory of "
+               f"your own")
+    elif stat.S_ISDIR(info.st_mode) and info.st_mode & 0o077:
+        _close_cache(path, stat.S_IMODE(info.st_mode))
+        return path
+    check_private_dir(path, "cache directory", how)
     return path
+
+
+def _close_cache(path: Path, mode: int) -> None:
+    """Make this account's open cache (an earlier release made it 0755) private, once."""
+    try:
+        os.chmod(path, 0o700, follow_symlinks=False)
+    except OSError as exc:
+        raise HostError(f"the cache directory {path} is open to other accounts (mode "
+                        f"{mode:04o}) and could not be made private ({exc.strerror}); make "
+                        f"it private with chmod 700 {path}") from None
+    warnings.warn(SandboxWarning(
+        f"the cache directory {path} was open to other accounts (mode {mode:04o}: they could "
+        f"read golden snapshots' guest RAM and hold its locks); it is now private (mode "
+        f"0700). Nothing else changes; this notice is shown once."), stacklevel=3)
+
+
+def private_lock(path: Path, timeout: float = -1) -> filelock.FileLock:
+    """A lock file only this account can open (mode 0600; one made looser by an earlier
+    release is closed). Kept in a private directory, no other account can take it: flock
+    works on a read-only descriptor, so a readable lock file is one anyone can hold."""
+    with contextlib.suppress(OSError):
+        info = os.lstat(path)
+        if info.st_mode & 0o077 and info.st_uid == os.getuid() and stat.S_ISREG(info.st_mode):
+            os.chmod(path, 0o600)
+    return filelock.FileLock(str(path), timeout=timeout, mode=0o600)
 
 
 def runtime_dir() -> Path:

@@ -20,6 +20,18 @@ if TYPE_CHECKING:
     from .image import Image
     from .spec import MachineSpec
 
+# -- option values ---------------------------------------------------------------------------
+
+
+def qemu_option(value: object) -> str:
+    """``value`` as a value inside a QEMU option string (``-drive file=VALUE,if=none``):
+    QEMU's option parser ends a value at a comma and reads ",," as one, so commas are
+    doubled. Every path or name put into an option string goes through here (a comma in
+    the cache or runtime directory would otherwise break every start, or add options).
+    Not for plain arguments (-kernel, -initrd, -bios, -append, -pidfile: taken as they are)."""
+    return str(value).replace(",", ",,")
+
+
 # -- the tag rule ---------------------------------------------------------------------------
 # QEMU carries a tag in -name, so that the reaper can tell this project's processes (and
 # whose run they belong to) apart from any other process named by a stale pid file.
@@ -168,12 +180,13 @@ class QemuPlan:
         if self.ram_file is not None:
             share = "on" if self.ram_shared else "off"
             memory = ["-object", f"memory-backend-file,id=ram0,size={self.memory_mib}M,"
-                                 f"mem-path={self.ram_file},share={share}"]
+                                 f"mem-path={qemu_option(self.ram_file)},share={share}"]
             machine += ",memory-backend=ram0"
         files = self.files
+        q = qemu_option
         return [
             self.binary,
-            "-name", f"{self.tag},debug-threads=on",
+            "-name", f"{q(self.tag)},debug-threads=on",
             "-machine", machine,
             *memory,
             "-accel", accel,
@@ -182,7 +195,7 @@ class QemuPlan:
             "-smp", str(self.cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
             *self._boot_arguments(),
-            "-drive", f"file={self.disk},if=none,id=disk0,format=qcow2,discard=unmap",
+            "-drive", f"file={q(self.disk)},if=none,id=disk0,format=qcow2,discard=unmap",
             "-device", "virtio-blk-pci,drive=disk0" + (",bootindex=0" if self.seed else ""),
             # Port 0: the host kernel picks a free port, so parallel machines never race
             # for one; the chosen port is read back with "info usernet".
@@ -194,14 +207,14 @@ class QemuPlan:
             # and shows as the run state guest-panicked (Debian's kernels load pvpanic-mmio).
             "-device", "pvpanic", "-action", "panic=pause",
             "-device", "virtio-serial-pci,id=vser0",
-            "-chardev", f"socket,id=agent0,path={files.agent_socket},server=on,wait=off",
+            "-chardev", f"socket,id=agent0,path={q(files.agent_socket)},server=on,wait=off",
             "-device", "virtserialport,bus=vser0.0,chardev=agent0,name=org.sandbox.agent",
-            "-chardev", f"socket,id=ssh0,path={files.ssh_socket},server=on,wait=off",
+            "-chardev", f"socket,id=ssh0,path={q(files.ssh_socket)},server=on,wait=off",
             "-device", "virtserialport,bus=vser0.0,chardev=ssh0,name=org.sandbox.ssh",
             # append: a clone's log starts with the golden boot's console, copied in first.
-            "-chardev", f"file,id=console0,path={files.console_log},append=on",
+            "-chardev", f"file,id=console0,path={q(files.console_log)},append=on",
             "-serial", "chardev:console0",
-            "-qmp", f"unix:{files.qmp_socket},server=on,wait=off",
+            "-qmp", f"unix:{q(files.qmp_socket)},server=on,wait=off",
             "-pidfile", str(files.pidfile),
             *(["-incoming", "defer"] if self.incoming else []),
             *self.extra,
@@ -214,16 +227,18 @@ class QemuPlan:
         # vmgenid: on every restore the guest sees a new generation ID, and Linux (5.18+)
         # then reseeds its random number generator: clones never share random output.
         return [*(["-bios", str(self.uefi)] if self.uefi else []),
-                "-drive", f"file={self.seed},if=none,id=seed0,format=raw,readonly=on",
+                "-drive", f"file={qemu_option(self.seed)},if=none,id=seed0,format=raw,"
+                          "readonly=on",
                 "-device", "virtio-blk-pci,drive=seed0", "-device", "vmgenid,guid=auto"]
 
     def _lan_arguments(self) -> list[str]:
         arguments = []
         for index, switch in enumerate(self.lans):
             lan = f"lan{index}"
-            netdev = (f"dgram,id={lan},local.type=unix,local.path={self.files.lan_socket(index)},"
-                      f"remote.type=unix,remote.path={switch}" if switch is not None
-                      else f"hubport,id={lan},hubid={100 + index}")
+            local = qemu_option(self.files.lan_socket(index))
+            netdev = (f"dgram,id={lan},local.type=unix,local.path={local},"
+                      f"remote.type=unix,remote.path={qemu_option(switch)}"
+                      if switch is not None else f"hubport,id={lan},hubid={100 + index}")
             arguments += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={lan},id={lan},"
                                                         f"bus=pcie.0,addr={LAN_SLOT + index:#x}"]
         return arguments

@@ -167,8 +167,10 @@ def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Machine
     def factory(name: str | None = None, **overrides: Any) -> Machine:
         shape = {**base, **overrides}
         config.hook.pytest_sandbox_spec(shape=shape, node=node)
+        # With keep-on-failure, a machine still dies with this process (a killed pytest
+        # leaves nothing) until its test has failed and it is kept (named.keep detaches it).
         machine = Machine(MachineSpec.from_kwargs(**shape), name=name,
-                          reporter=_reporter(config), die_with_parent=not keep)
+                          reporter=_reporter(config), keepable=keep)
         machine.start()
         machines.append(machine)
         mine.append(machine)

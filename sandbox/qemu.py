@@ -15,6 +15,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from . import console
 from .errors import BootError, SandboxError, SnapshotError
-from .pids import process_alive
+from .pids import process_alive, process_start_ticks
 from .plan import MachineFiles, QemuPlan
 from .waits import wait_until
 
@@ -91,6 +92,70 @@ def dies_with(parent: int) -> Callable[[], None]:
     return setup
 
 
+def spawn(command: list[str], *, die_with_parent: bool, stdout: Any = subprocess.DEVNULL,
+          stderr: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    """Start ``command`` (a QEMU) in a session of its own, from the long-lived spawner
+    thread, with a parent-death signal (SIGKILL) unless ``die_with_parent`` is False: every
+    QEMU of this project is started here (machines, golden boots, the KVM probe)."""
+    return _spawner.submit(
+        subprocess.Popen, command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+        start_new_session=True,
+        preexec_fn=dies_with(os.getpid()) if die_with_parent else None).result()
+
+
+class Lifeline:
+    """This process's end of :mod:`sandbox.lifeline`: QEMUs that must die with this process
+    until it lets them go (machines that may be kept), held by a helper process that kills
+    them when this process dies. The helper starts with the first QEMU held."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._helper: subprocess.Popen[str] | None = None
+        self._held: dict[int, int | None] = {}
+
+    def hold(self, pid: int) -> None:
+        with self._lock:
+            self._held[pid] = process_start_ticks(pid)
+            self._send(f"hold {pid} {self._held[pid]}")
+
+    def release(self, pid: int) -> None:
+        with self._lock:
+            if pid in self._held:
+                del self._held[pid]
+                self._send(f"release {pid}")
+
+    def _send(self, line: str) -> None:
+        for _ in range(2):
+            if self._helper is None or self._helper.poll() is not None:
+                self._helper = subprocess.Popen(
+                    [sys.executable, "-I", "-S", str(Path(__file__).with_name("lifeline.py"))],
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    start_new_session=True, cwd="/", text=True)
+                assert self._helper.stdin is not None
+                # A new helper (the first, or one after its predecessor died): all of them.
+                self._helper.stdin.write("".join(f"hold {pid} {ticks}\n"
+                                                 for pid, ticks in self._held.items()))
+            assert self._helper.stdin is not None
+            try:
+                self._helper.stdin.write(line + "\n")
+                self._helper.stdin.flush()
+                return
+            except (BrokenPipeError, ValueError):
+                self._helper = None
+        raise SandboxError("the QEMU lifeline helper (sandbox/lifeline.py) exits at once")
+
+    def drop_in_child(self) -> None:
+        """A forked child: its copy of the pipe must not keep the helper waiting."""
+        if self._helper is not None and self._helper.stdin is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._helper.stdin.fileno())
+        self._helper, self._held = None, {}
+
+
+_lifeline = Lifeline()
+os.register_at_fork(after_in_child=_lifeline.drop_in_child)
+
+
 def _refused(exc: BaseException) -> bool:
     while exc is not None:
         if isinstance(exc, ConnectionRefusedError):
@@ -119,6 +184,14 @@ class QemuProcess:
         self._qmp: QEMUMonitorProtocol | None = None
         self._qmp_lock = threading.Lock()
         self._console: Path | None = None
+        #: The pid the lifeline holds (a detachable QEMU not yet detached).
+        self._held: int | None = None
+
+    def detach(self) -> None:
+        """Let a detachable QEMU outlive this process (a machine being kept)."""
+        if self._held is not None:
+            _lifeline.release(self._held)
+            self._held = None
 
     @property
     def pid(self) -> int | None:
@@ -128,15 +201,18 @@ class QemuProcess:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def launch(self, *, die_with_parent: bool) -> None:
-        """Start QEMU from the plan and connect to its monitor."""
+    def launch(self, *, die_with_parent: bool, detachable: bool = False) -> None:
+        """Start QEMU from the plan and connect to its monitor. ``detachable``: it dies with
+        this process until :meth:`detach` (through :class:`Lifeline`, not a parent-death
+        signal, which cannot be taken back)."""
         assert self.plan is not None
         command = self.plan.command()
         with self.files.qemu_log.open("wb") as log:
-            self.process = _spawner.submit(
-                subprocess.Popen, command, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,
-                preexec_fn=dies_with(os.getpid()) if die_with_parent else None).result()
+            self.process = spawn(command, die_with_parent=die_with_parent and not detachable,
+                                 stdout=log, stderr=log)
+        if detachable:
+            self._held = self.process.pid
+            _lifeline.hold(self.process.pid)
         self._console = self.files.console_log
         console.tend(self._console)  # bounded on disk while this process runs QEMU
         deadline = time.monotonic() + MONITOR_TIMEOUT
@@ -347,5 +423,6 @@ class QemuProcess:
                 except subprocess.TimeoutExpired:
                     continue
         self.release()
+        self.detach()  # stopped: nothing left to hold
         self.process = None
         self.files.remove_runtime_files()

@@ -6,11 +6,12 @@ options are made from them.
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .errors import SandboxError
+from .errors import MachineNameError, SandboxError
 from .sizes import parse_size
 
 #: "restricted": no egress, the guest reaches nothing, only forwarded ports reach it.
@@ -20,6 +21,18 @@ NETWORKS = ("restricted", "user")
 ACCELS = ("auto", "kvm", "tcg")
 #: Private networks per machine: their NICs take fixed PCI slots (sandbox.plan.LAN_SLOT).
 MAX_NETWORKS = 8
+#: A machine's name becomes its directory, part of its QEMU tag and of its socket paths.
+MACHINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def check_machine_name(name: str) -> str:
+    """``name`` if it is a valid machine name (vm_factory(name=...), launch(name=...),
+    sandbox up NAME), else MachineNameError naming the rule."""
+    if not isinstance(name, str) or not MACHINE_NAME.fullmatch(name):
+        raise MachineNameError(f"machine name {name!r}: use 1 to 63 letters, digits, '.', '_' "
+                               f"or '-', starting with a letter or digit (the name becomes "
+                               f"the machine's directory and part of its QEMU command line)")
+    return name
 
 
 @dataclass(frozen=True)

@@ -189,3 +189,120 @@ def test_a_failed_probe_is_reported_but_not_kept(
     assert not list((tmp_path / "cache" / "host").glob("accel-*.json"))
     host.accel_verdict()
     assert len(calls) == 2  # probed again, not answered from a cache
+
+
+def test_cache_dir_is_made_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(tmp_path / "deep" / "cache"))
+    path = cache_dir()
+    assert stat.S_IMODE(path.lstat().st_mode) == 0o700
+
+
+def test_an_open_cache_of_mine_is_closed_once_with_a_notice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from sandbox.errors import SandboxWarning
+
+    made_by_an_earlier_release = tmp_path / "cache"
+    made_by_an_earlier_release.mkdir()
+    made_by_an_earlier_release.chmod(0o755)
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(made_by_an_earlier_release))
+    with pytest.warns(SandboxWarning, match=r"was open to other accounts \(mode 0755.*it is "
+                                            r"now private \(mode 0700\).*shown once"):
+        assert cache_dir() == made_by_an_earlier_release
+    assert stat.S_IMODE(made_by_an_earlier_release.stat().st_mode) == 0o700
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache_dir() == made_by_an_earlier_release  # no second notice
+
+
+def test_a_cache_that_is_a_symlink_is_refused_with_its_target(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "real-cache"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "cache"
+    link.symlink_to(target)
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(link))
+    with pytest.raises(HostError, match=rf"the cache directory {link} is a symbolic link .*"
+                                        rf"refusing to follow it.*SANDBOX_CACHE_DIR={target}"):
+        cache_dir()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700  # and nothing was changed through it
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a second account, which only root can make")
+def test_another_account_can_neither_read_the_cache_nor_hold_its_locks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache where other accounts can reach it (under /tmp, a traversable home): a golden
+    snapshot's RAM cannot be read, and its lock cannot be held by them (flock works on a
+    read-only descriptor: a readable lock file would stall every start of ours)."""
+    import subprocess
+    import tempfile
+
+    from sandbox.entries import entry_lock, publish
+
+    from .ordinary import ordinary_account
+
+    account = ordinary_account()
+    open_tmp = Path(tempfile.mkdtemp(prefix="sandbox-open-"))
+    open_tmp.chmod(0o755)
+    try:
+        monkeypatch.setenv("SANDBOX_CACHE_DIR", str(open_tmp / "cache"))
+        golden = cache_dir() / "golden"
+        golden.mkdir()
+        entry = golden / "g1"
+        with entry_lock(entry):
+            publish(entry, lambda work: (work / "ram").write_bytes(b"guest secret"))
+        lock = golden / ".locks" / "g1.lock"
+        read = account.run(["cat", str(entry / "ram")])
+        assert read.returncode != 0 and "guest secret" not in read.stdout, read
+        held = account.run(["flock", "--nonblock", "--shared", str(lock), "true"])
+        assert held.returncode != 0, held
+        assert "Permission denied" in held.stderr, held.stderr
+        with entry_lock(entry, timeout=1):  # ours, at once
+            pass
+        assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+    finally:
+        subprocess.run(["rm", "-rf", str(open_tmp)], check=False)
+
+
+def test_a_killed_kvm_probe_leaves_no_qemu(built_image: dict[str, object],
+                                           tmp_path: Path) -> None:
+    """``sandbox doctor --refresh`` SIGKILLed while its probe QEMUs run: they go with it (on
+    the hosts the probe is for, the one under KVM would hang for ever)."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from sandbox.image import cached_image
+    from sandbox.recipe import find_recipe
+
+    from .conftest import IMAGE, ROOT, env_with, qemu_processes
+
+    image = cached_image(find_recipe(IMAGE))
+    assert image is not None
+    runtime = Path(tempfile.mkdtemp(prefix="probe-run-"))
+    env = env_with(SANDBOX_CACHE_DIR=str(tmp_path / "cache"), SANDBOX_RUNTIME_DIR=str(runtime),
+                   SANDBOX_PROBE_KERNEL=str(image.kernel))
+    doctor = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "doctor", "--refresh"],
+                              env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while len(qemu_processes(str(runtime))) < (2 if os.access("/dev/kvm", os.W_OK) else 1):
+            assert doctor.poll() is None and time.monotonic() < deadline, "no probe QEMU ran"
+            time.sleep(0.02)
+        os.kill(doctor.pid, signal.SIGKILL)
+        doctor.wait()
+        deadline = time.monotonic() + 5
+        while qemu_processes(str(runtime)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert qemu_processes(str(runtime)) == [], "a probe QEMU outlived sandbox doctor"
+    finally:
+        if doctor.poll() is None:
+            doctor.kill()
+        for pid in qemu_processes(str(runtime)):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(runtime, ignore_errors=True)

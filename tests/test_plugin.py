@@ -230,3 +230,89 @@ def test_vm_template_is_made_once_for_all_workers_and_runs(
         assert len([t for t in sandbox.templates() if t.name == name]) == 1
     finally:
         sandbox.remove_template(name)
+
+
+def test_keep_on_failure_keeps_nothing_of_a_killed_run(pytester: pytest.Pytester,
+                                                       built_image: dict[str, Any],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--sandbox-keep-on-failure keeps the VMs of a test that failed, and only those: a
+    pytest SIGKILLed in the middle of a test (which has not failed) leaves no QEMU behind."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from .conftest import qemu_processes
+
+    runtime = Path(tempfile.mkdtemp(prefix="keep-run-"))
+    monkeypatch.setenv("SANDBOX_RUNTIME_DIR", str(runtime))
+    started = pytester.path / "started"
+    pytester.makepyfile(f"""
+        import pathlib, time
+
+        def test_still_running(vm_factory):
+            a, b = vm_factory(), vm_factory()
+            a.succeed("true")
+            pathlib.Path({str(started)!r}).write_text("up")
+            time.sleep(600)
+    """)
+    run = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                            "--sandbox-keep-on-failure"], cwd=pytester.path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not started.exists():
+            assert run.poll() is None and time.monotonic() < deadline, "the VMs never started"
+            time.sleep(0.1)
+        assert len(qemu_processes(str(runtime))) == 2
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait()
+        deadline = time.monotonic() + 5
+        while qemu_processes(str(runtime)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert qemu_processes(str(runtime)) == [], "a VM outlived its killed pytest"
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for pid in qemu_processes(str(runtime)):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_comma_in_the_runtime_directory_and_names_refused_before_a_start(
+        pytester: pytest.Pytester, built_image: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU's option strings end a value at a comma: a runtime directory with one still
+    runs clones (from the usual cache), and a machine name that would break out of its
+    option, or out of the run directory, is refused before anything starts."""
+    import shutil
+    import tempfile
+
+    runtime = Path(tempfile.mkdtemp(prefix="a,b-"))
+    monkeypatch.setenv("SANDBOX_RUNTIME_DIR", str(runtime))
+    pytester.makepyfile(f"""
+        import pathlib
+        import pytest
+        from sandbox.errors import MachineNameError
+
+        def test_clone_under_a_comma(vm_factory):
+            vm = vm_factory(name="db")
+            assert "," in str(vm.dir) and vm.succeed("echo ok") == "ok\\n"
+            vm.snapshot("s1")
+            vm.restore("s1")
+            assert vm.succeed("hostname") != ""
+
+        @pytest.mark.parametrize("name", ["db,x=y", "../x"])
+        def test_bad_name(vm_factory, name):
+            with pytest.raises(MachineNameError, match="use 1 to 63 letters"):
+                vm_factory(name=name)
+            runs = list(pathlib.Path({str(runtime)!r}).glob("run-*/*"))
+            assert runs == [] or all(p.name == "owner.json" for p in runs), runs
+    """)
+    try:
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v")
+        result.assert_outcomes(passed=3)
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)

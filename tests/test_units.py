@@ -218,3 +218,59 @@ def test_a_migration_that_ends_with_qemu_exiting_fails_like_a_failed_one(
     assert str(raised.value) == ("loading the golden snapshot failed: QEMU exited with "
                                  "status 1\nQEMU said:\nqemu-system-x86_64: Not a migration "
                                  "stream")
+
+
+def _qemu_option_fields(text: str) -> list[str]:
+    """How QEMU's option parser splits an option string: at single commas, ",," is one."""
+    fields, current, index = [], "", 0
+    while index < len(text):
+        if text[index] == ",":
+            if text[index + 1:index + 2] == ",":
+                current, index = current + ",", index + 2
+                continue
+            fields.append(current)
+            current, index = "", index + 1
+            continue
+        current, index = current + text[index], index + 1
+    return [*fields, current]
+
+
+def test_commas_in_names_and_paths_stay_inside_their_option_values() -> None:
+    """A comma in the cache or runtime directory (or a tag) would end an option value and
+    start a new option: every value in an option string has its commas doubled."""
+    run = Path("/tmp/a,b-xyz/run-1/db,x=y")
+    command = plan(tag="sandbox-1-db,x=y", files=MachineFiles(run), disk=run / "overlay.qcow2",
+                   ram_file=Path("/c,1/golden/g/ram"), seed=Path("/c,1/images/i/seed.iso"),
+                   lans=(Path("/tmp/a,b-xyz/networks/n/switch.sock"), None)).command()
+    option_strings = ("-name", "-object", "-drive", "-chardev", "-netdev", "-qmp", "-device")
+    values = [field for index, argument in enumerate(command[1:])
+              if command[index] in option_strings
+              for field in _qemu_option_fields(argument)]
+    assert not [v for v in values if v.startswith("x=")], values  # no option was added
+    for wanted in ("sandbox-1-db,x=y", "mem-path=/c,1/golden/g/ram",
+                   f"file={run}/overlay.qcow2", "file=/c,1/images/i/seed.iso",
+                   f"path={run}/agent.sock", f"path={run}/ssh.sock",
+                   f"path={run}/console.log", f"unix:{run}/qmp.sock",
+                   f"local.path={run}/lan0.sock",
+                   "remote.path=/tmp/a,b-xyz/networks/n/switch.sock"):
+        assert wanted in values, (wanted, values)
+    # Plain arguments are taken as they are: no doubling there.
+    assert command[command.index("-pidfile") + 1] == f"{run}/qemu.pid"
+    direct = plan(kernel=Path("/c,1/vmlinuz"), initrd=Path("/c,1/initrd.img")).command()
+    assert direct[direct.index("-kernel") + 1] == "/c,1/vmlinuz"
+    assert direct[direct.index("-initrd") + 1] == "/c,1/initrd.img"
+
+
+@pytest.mark.parametrize("name", ["db,x=y", "../x", "a/b", ".hidden", "-x", "a b", "x" * 64, "db\n",
+                                  "é"])
+def test_machine_names_are_checked_before_anything_starts(name: str) -> None:
+    from sandbox.errors import MachineNameError
+    from sandbox.machine import Machine, launch
+    from sandbox.named import check_name
+
+    rule = r"use 1 to 63 letters, digits, '\.', '_' or '-', starting with a letter or digit"
+    for attempt in (lambda: Machine(name=name), lambda: launch(name=name),
+                    lambda: check_name(name)):
+        with pytest.raises(MachineNameError, match=rule):
+            attempt()
+    assert Machine(name="db-1.a_b").name == "db-1.a_b"
