@@ -1,13 +1,30 @@
 """One exception hierarchy for everything the sandbox can report.
 
 Every error says what went wrong and, where there is one, what to do next.
+
+Guest text (command output, a unit's status, the console, anything a guest sent) goes into
+a message only through :func:`guest_text`, which shows terminal control characters escaped
+instead of passing them to whoever reads the message; and every message is filtered so
+once more when it is shown (``str()``), for guest text that reached one some other way.
 """
 
 from __future__ import annotations
 
+from .console import printable
+
+
+def guest_text(text: str, lines: int | None = None) -> str:
+    """Guest-controlled ``text`` for a message: control sequences removed, other control,
+    bidirectional and surrogate characters escaped (see :func:`sandbox.console.printable`);
+    its last ``lines`` lines when given, with a note of how many were cut."""
+    return printable(text) if lines is None else _tail(printable(text), lines)
+
 
 class SandboxError(Exception):
     """Base of every error raised by pytest-qemu-sandbox."""
+
+    def __str__(self) -> str:
+        return printable(super().__str__())
 
 
 class HostError(SandboxError):
@@ -34,7 +51,7 @@ class BootError(SandboxError):
         if exit_status is not None:
             parts.append(f"QEMU exit status: {exit_status}")
         if console_tail:
-            parts.append("console tail:\n" + console_tail)
+            parts.append("console tail:\n" + guest_text(console_tail))
         super().__init__("\n".join(parts))
 
 
@@ -48,12 +65,13 @@ class GuestPanic(ChannelError):
 
     def __init__(self, message: str, *, console_tail: str = "") -> None:
         self.console_tail = console_tail
-        super().__init__(f"{message}\nconsole tail:\n{console_tail}" if console_tail
+        super().__init__(f"{message}\nconsole tail:\n{guest_text(console_tail)}" if console_tail
                          else message)
 
 
 class CommandFailed(SandboxError):
-    """A guest command exited with a status other than the one expected."""
+    """A guest command exited with a status other than the one expected. ``stdout`` and
+    ``stderr`` are the output as the guest sent it; the message shows it escaped."""
 
     def __init__(self, command: str, status: int, stdout: str, stderr: str,
                  expected: str = "zero") -> None:
@@ -65,12 +83,13 @@ class CommandFailed(SandboxError):
         self.output = stdout + stderr
         super().__init__(
             f"command {command!r} exited with status {status} (expected {expected})\n"
-            f"--- stdout ---\n{_tail(stdout)}\n--- stderr ---\n{_tail(stderr)}"
+            f"--- stdout ---\n{guest_text(stdout, 30)}\n--- stderr ---\n{guest_text(stderr, 30)}"
         )
 
 
 class CommandTimeout(SandboxError):
-    """A guest command did not finish in time; its guest processes were killed."""
+    """A guest command did not finish in time; its guest processes were killed. ``stdout``
+    and ``stderr`` are the output as the guest sent it; the message shows it escaped."""
 
     def __init__(self, command: str, timeout: float, stdout: str = "", stderr: str = "") -> None:
         self.command = command
@@ -79,7 +98,8 @@ class CommandTimeout(SandboxError):
         self.stderr = stderr
         super().__init__(
             f"command {command!r} did not finish within {timeout:g} s and was killed\n"
-            f"--- stdout so far ---\n{_tail(stdout)}\n--- stderr so far ---\n{_tail(stderr)}"
+            f"--- stdout so far ---\n{guest_text(stdout, 30)}\n"
+            f"--- stderr so far ---\n{guest_text(stderr, 30)}"
         )
 
 
@@ -99,9 +119,19 @@ class TemplateError(SnapshotError):
 class SandboxWarning(UserWarning):
     """Something was worked around (a golden snapshot rebuilt, a cold boot instead)."""
 
+    def __str__(self) -> str:
+        return printable(super().__str__())
+
 
 def _tail(text: str, lines: int = 30) -> str:
     parts = text.rstrip("\n").splitlines()
     if len(parts) <= lines:
         return "\n".join(parts)
     return f"[... {len(parts) - lines} lines cut ...]\n" + "\n".join(parts[-lines:])
+
+
+class GuestDataError(SandboxError):
+    """The guest sent something the sandbox does not take: more than a size limit, not
+    within a deadline, or not in the form expected (an agent answer that is not JSON, a
+    file for ``get`` that is too large or not a regular file). The message names the limit
+    and how to raise it where there is a way."""
