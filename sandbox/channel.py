@@ -451,7 +451,7 @@ def _check_regular(remote: str, mode: int | None) -> None:
 def _too_large(remote: str, max_size: int, why: str) -> GuestDataError:
     return GuestDataError(f"{remote} in the guest is larger than get's limit, max_size="
                           f"{max_size} bytes ({why}); nothing was written. Pass a larger "
-                          "max_size= to get if the file should be copied whole")
+                          "max_size= to get (sandbox cp --max-size) to copy it whole")
 
 
 def _copy_bounded(source: paramiko.SFTPFile, target: BinaryIO, remote: str, max_size: int,

@@ -224,3 +224,26 @@ def test_ssh_logs_in_as_the_named_machines_user(tmp_path: Path) -> None:
     finally:
         qemu.kill()
         qemu.wait()
+
+
+def test_cp_from_a_guest_is_bounded_and_writes_whole_files_only(
+        built_image: dict[str, Any], tmp_path: Path) -> None:
+    name = "cli-guestdata"
+    up = sandbox_cli("up", name)
+    assert up.returncode == 0, up.stderr
+    try:
+        assert sandbox_cli("exec", name, "--", "head -c 2M /dev/zero > /root/two-mib && "
+                           "ln -s /dev/zero /root/zero").returncode == 0
+        refused = sandbox_cli("cp", "--max-size", "1M", f"{name}:/root/two-mib", str(tmp_path))
+        assert refused.returncode == 2
+        assert "larger than get's limit, max_size=1048576 bytes" in refused.stderr
+        assert "sandbox cp --max-size" in refused.stderr
+        zero = sandbox_cli("cp", f"{name}:/root/zero", str(tmp_path / "zero"))
+        assert zero.returncode == 2 and "is a character device in the guest" in zero.stderr
+        assert list(tmp_path.iterdir()) == []
+        copied = sandbox_cli("cp", f"{name}:/root/two-mib", str(tmp_path))  # into the directory
+        assert copied.returncode == 0, copied.stderr
+        assert (tmp_path / "two-mib").read_bytes() == bytes(2 << 20)
+    finally:
+        down = sandbox_cli("down", name)
+    assert down.returncode == 0, down.stderr
