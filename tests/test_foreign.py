@@ -440,3 +440,35 @@ def test_an_image_without_cloud_init_fails_at_its_login_prompt(foreign: dict[str
         assert leftovers(name, root=golden_root()) == []
     finally:
         with_cli("image", "rm", name)
+
+
+def test_sandbox_ssh_logs_in_as_the_imported_images_user(foreign: dict[str, Any]) -> None:
+    """`sandbox ssh NAME` on a named machine of an imported image: the host's ssh client
+    logs in as the image's user (cloud-init's default, here "debian"), not root."""
+    import fcntl
+    import termios
+
+    from .test_cli import read_until
+
+    machine = f"ssh-user-{os.getpid()}"
+    up = with_cli("up", machine, "--image", foreign["names"]["bios"])
+    assert up.returncode == 0, up.stderr[-3000:]
+    try:
+        main_fd, child_fd = os.openpty()
+        process = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "ssh", machine],
+                                   stdin=child_fd, stdout=child_fd, stderr=child_fd, cwd=ROOT,
+                                   start_new_session=True,
+                                   preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(child_fd)
+        try:
+            os.write(main_fd, b"echo user=$(whoami)=\n")
+            read_until(main_fd, b"user=debian=", 60)
+            os.write(main_fd, b"exit\n")
+            assert process.wait(timeout=60) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+            os.close(main_fd)
+    finally:
+        down = with_cli("down", machine)
+        assert down.returncode == 0, down.stderr
