@@ -462,7 +462,8 @@ def test_sandbox_ssh_logs_in_as_the_imported_images_user(foreign: dict[str, Any]
         os.close(child_fd)
         try:
             os.write(main_fd, b"echo user=$(whoami)=\n")
-            read_until(main_fd, b"user=debian=", 60)
+            seen = read_until(main_fd, b"user=debian=", 60)  # (returns early at the end)
+            assert b"user=debian=" in seen, seen[-500:]  # not "Please login as ... debian"
             os.write(main_fd, b"exit\n")
             assert process.wait(timeout=60) == 0
         finally:
