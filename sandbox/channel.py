@@ -384,7 +384,7 @@ class Channel:
             raise ChannelError(f"{local} is a directory on the host; give get the path of the "
                                "file to write")
         deadline = time.monotonic() + timeout
-        part = local.parent / f".{local.name}.{secrets.token_hex(4)}.part"
+        part = local.parent / f".{local.name[:200]}.{secrets.token_hex(4)}.part"
         try:
             sftp = self.sftp
             _check_regular(remote, sftp.stat(remote).st_mode)
@@ -419,8 +419,9 @@ class Channel:
                 for entry in sorted(local_dir.iterdir()):
                     tar.add(str(entry), arcname=entry.name)
             chan.shutdown_write()
-            errors = _read_tail(chan, PUSH_ERRORS_KEEP, time.monotonic() + timeout)
-            if not chan.status_event.wait(timeout):
+            deadline = time.monotonic() + timeout
+            errors = _read_tail(chan, PUSH_ERRORS_KEEP, deadline)
+            if not chan.status_event.wait(max(0.1, deadline - time.monotonic())):
                 raise TimeoutError(f"tar in the guest did not finish within {timeout:g} s")
             status = chan.recv_exit_status()
         except (OSError, paramiko.SSHException, EOFError) as exc:

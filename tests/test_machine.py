@@ -386,6 +386,15 @@ def test_guest_output_in_errors_is_escaped_and_kept_raw(shared_vm: sandbox.Machi
     assert not _UNSAFE & set(str(late.value)), str(late.value)
 
 
+def test_a_failed_push_shows_the_guests_errors_escaped(shared_vm: sandbox.Machine,
+                                                       tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ChannelError, match="failed in the guest") as raised:
+        shared_vm.push(tmp_path, "/proc/no\x1b]0;pwned\x07\u202edir")
+    text = str(raised.value)
+    assert "No such file" in text and not _UNSAFE & set(text), text
+
+
 def test_a_failed_units_status_is_shown_escaped(shared_vm: sandbox.Machine) -> None:
     shared_vm.succeed("systemd-run --unit=hostile-status "
                       "--description=\"$(printf 'evil\\033]0;pwned\\007\\302\\233""2J')\" "
