@@ -10,13 +10,44 @@ once more when it is shown (``str()``), for guest text that reached one some oth
 
 from __future__ import annotations
 
-from .console import printable
+import re
+
+#: Terminal control sequences, in their 7-bit (ESC ...) and 8-bit (C1) forms: CSI, and the
+#: strings (OSC, DCS, SOS, PM, APC) only where an end (BEL or ST) follows on their line;
+#: then two- and three-character escapes. Removed whole: they are formatting (colours,
+#: titles) a report does without.
+_SEQUENCE = re.compile(r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]"
+                       r"|(?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f])[^\x07\x1b\x9c\n]*"
+                       r"(?:\x07|\x1b\\|\x9c)"
+                       r"|\x1b[ -/]*[0-~]")
+#: What else could steer a terminal or a reader's eye, escaped (shown as \xNN or \uNNNN):
+#: C0 controls but line feed and tab, DEL, C1 controls, lone surrogates and the
+#: bidirectional controls (U+202E and the like, which reorder what is shown). A lone
+#: carriage return (a progress bar's) is dropped.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u061c\u200e\u200f"
+                     "\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\r":
+        return ""
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """Guest-controlled ``text`` made safe for a terminal or a report: terminal control
+    sequences removed, every other control character (C0 but line feed and tab, DEL, C1),
+    lone surrogate and bidirectional control shown escaped (``\\x1b``, ``\\u202e``); line
+    breaks and tabs kept. The one filter for guest text in errors, reports and the CLI;
+    what it returns holds none of those characters, so applying it again changes nothing."""
+    return _UNSAFE.sub(_escape, _SEQUENCE.sub("", text.replace("\r\n", "\n")))
 
 
 def guest_text(text: str, lines: int | None = None) -> str:
-    """Guest-controlled ``text`` for a message: control sequences removed, other control,
-    bidirectional and surrogate characters escaped (see :func:`sandbox.console.printable`);
-    its last ``lines`` lines when given, with a note of how many were cut."""
+    """Guest-controlled ``text`` for a message, through :func:`printable`; its last
+    ``lines`` lines when given, with a note of how many were cut."""
     return printable(text) if lines is None else _tail(printable(text), lines)
 
 

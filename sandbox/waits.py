@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from .errors import CommandTimeout, SandboxError, WaitTimeout
+from .errors import CommandTimeout, SandboxError, WaitTimeout, printable
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -49,8 +49,6 @@ def wait_until(check: Callable[[], T | None], *, timeout: float, what: str,
 def trim(data: str, limit: int = 2000) -> str:
     """Guest output for a report: control sequences removed, cut to about ``limit``
     characters (its head and its longer tail)."""
-    from .console import printable
-
     data = printable(data).rstrip("\n")
     if len(data) <= limit:
         return data

@@ -176,7 +176,7 @@ def snapshot_list(name: str) -> None:
 @friendly
 def logs(name: str, lines: int | None) -> None:
     """The serial console of VM NAME."""
-    from ..console import printable
+    from ..errors import printable
     from ..named import find_named
     from ..plan import MachineFiles
 
