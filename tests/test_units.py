@@ -11,13 +11,14 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sandbox.commands import CommandResult, command_string, wrap
-from sandbox.errors import SandboxError, SnapshotError
+from sandbox.errors import SandboxError, SandboxWarning, SnapshotError
 from sandbox.pids import kill_tagged, process_alive, process_start_ticks
 from sandbox.plan import MachineFiles, QemuPlan, lan_pci_address
 from sandbox.qemu import QemuProcess
@@ -265,6 +266,9 @@ def test_errors_show_guest_output_escaped_and_keep_it_raw() -> None:
         assert "ok" in text and "\\u202ex" in text
     assert failed.stdout == guest and failed.stderr == guest and failed.output == guest * 2
     assert timeout.stdout == guest and timeout.stderr == guest
+    with pytest.warns(SandboxWarning) as warned:  # warnings quote the guest too (the agent's)
+        warnings.warn(f"agent said {guest}", SandboxWarning, stacklevel=1)
+    assert str(warned[0].message) == "agent said ok\\u202ex\\x07\n"
 
 
 def _agent_peer(tmp_path: Path, answer: Callable[[socket.socket], None]) -> Path:
