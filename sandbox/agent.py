@@ -22,20 +22,23 @@ class Agent:
         self._sock: socket.socket | None = None
 
     def request(self, op: str, **fields: object) -> dict[str, object]:
-        """One request and its answer, synchronously; SandboxError when it fails."""
-        from .errors import SandboxError
+        """One request and its answer, synchronously, within ``timeout`` seconds in all;
+        SandboxError when it fails (GuestDataError when the answer is late, too long or
+        not a JSON object)."""
+        from .errors import SandboxError, guest_text
 
+        deadline = time.monotonic() + self.timeout
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout)
                 sock.connect(str(self.path))
                 sock.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
-                data = _read_line(sock)
+                answer = decode(_read_line(sock, deadline, self.timeout))
         except OSError as exc:
             raise SandboxError(f"guest agent request {op!r} failed: {exc}") from exc
-        answer: dict[str, object] = json.loads(data)
-        if not answer.get("ok"):
-            raise SandboxError(f"guest agent request {op!r} failed: {answer.get('error')}")
+        if answer.get("ok") is not True:
+            raise SandboxError(f"guest agent request {op!r} failed: "
+                               f"{guest_text(str(answer.get('error')))[:500]}")
         return answer
 
     def send_identity(self, **fields: object) -> None:
@@ -52,15 +55,21 @@ class Agent:
             self.error = f"could not reach the agent socket: {exc}"
 
     def finish(self) -> None:
-        """Wait for the answer (run in a thread, beside the SSH handshake)."""
+        """Wait for the answer (run in a thread, beside the SSH handshake): at most
+        ``timeout`` seconds from now, however the guest sends it."""
+        from .errors import GuestDataError, guest_text
+
         if self._sock is None:
             return
         try:
-            data = _read_line(self._sock)
-            self.answer = json.loads(data)
-            if not self.answer.get("ok"):
-                self.error = str(self.answer.get("error"))
-        except (OSError, ValueError) as exc:
+            answer = decode(_read_line(self._sock, time.monotonic() + self.timeout,
+                                       self.timeout))
+            if answer.get("ok") is not True:
+                self.error = guest_text(str(answer.get("error")))[:500]
+            self.answer = answer
+        except GuestDataError as exc:
+            self.error = str(exc)
+        except OSError as exc:
             self.error = f"no answer from the guest agent within {self.timeout:g} s ({exc})"
         finally:
             self._sock.close()
@@ -71,14 +80,45 @@ class Agent:
 MAX_LINE = 64 << 10
 
 
-def _read_line(sock: socket.socket) -> bytes:
-    """One answer line from the agent, at most MAX_LINE bytes."""
-    data = b""
-    while not data.endswith(b"\n"):
+def _read_line(sock: socket.socket, deadline: float, timeout: float) -> bytes:
+    """One answer line from the agent: at most MAX_LINE bytes, all of it by ``deadline``
+    (a peer sending a byte at a time gets no more time than one that sends nothing);
+    GuestDataError past either, OSError when the connection fails."""
+    from .errors import GuestDataError
+
+    data = bytearray()
+    while True:
+        end = data.find(b"\n")
+        if end >= 0:
+            return bytes(data[:end + 1])
         if len(data) > MAX_LINE:
-            raise ConnectionError(f"the agent sent over {MAX_LINE} bytes without a line end")
-        chunk = sock.recv(4096)
+            raise GuestDataError(f"the guest agent sent over {MAX_LINE} bytes without a line "
+                                 "end (an answer is a few hundred)")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise GuestDataError(f"the guest agent's answer was not complete within "
+                                 f"{timeout:g} s ({len(data)} bytes so far)")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            continue  # the deadline says so above
         if not chunk:
             raise ConnectionError("the agent closed the connection")
         data += chunk
-    return data
+
+
+def decode(line: bytes) -> dict[str, object]:
+    """An agent answer: one JSON object. GuestDataError for anything else (not UTF-8, not
+    JSON, nested too deep to read, not an object)."""
+    from .errors import GuestDataError
+
+    try:
+        answer = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise GuestDataError(f"the guest agent's answer is not JSON "
+                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(answer, dict):
+        raise GuestDataError(f"the guest agent's answer is not a JSON object but a "
+                             f"{type(answer).__name__}")
+    return answer

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import os
+import secrets
 import shlex
 import socket
 import stat
@@ -25,7 +27,7 @@ from .commands import (
     tail_text,
     wrap,
 )
-from .errors import ChannelError, CommandTimeout
+from .errors import ChannelError, CommandTimeout, GuestDataError, guest_text
 
 __all__ = ["Channel", "CommandResult", "PreludeSocket", "TranscriptEntry", "command_string",
            "connect", "tcp", "wrap"]
@@ -36,6 +38,10 @@ __all__ = ["Channel", "CommandResult", "PreludeSocket", "TranscriptEntry", "comm
 PING_TIMEOUT = 10.0
 #: How long an SFTP transfer may wait for the guest without any progress.
 SFTP_IDLE_TIMEOUT = 60.0
+#: The largest file ``get`` copies unless its caller says otherwise (max_size=).
+GET_MAX_SIZE = 4 << 30
+#: How much of the guest's stderr a failed ``push`` keeps (its end).
+PUSH_ERRORS_KEEP = 64 << 10
 #: The first line of every command: wait for the client's go (one newline on stdin), and
 #: end quietly at end-of-file without it. dropbear before 2024.86 (Debian 12's) may close
 #: a session it has just opened when any of its children exits at that moment (a SIGCHLD
@@ -367,17 +373,37 @@ class Channel:
             self.sftp.chmod(remote, mode)
         except OSError as exc:  # a guest stalled for SFTP_IDLE_TIMEOUT ends here too
             raise ChannelError(f"could not copy {local} into the guest as {remote}: "
-                               f"{exc.strerror or exc!r}") from exc
+                               f"{guest_text(exc.strerror or repr(exc))}") from exc
 
-    def get(self, remote: str, local: Path) -> None:
+    def get(self, remote: str, local: Path, *, max_size: int = GET_MAX_SIZE,
+            timeout: float = 600.0) -> None:
+        """Copy regular file ``remote`` to ``local``: at most ``max_size`` bytes, within
+        ``timeout`` seconds in all, else GuestDataError. The file appears at ``local`` only
+        once it is all there (written beside it under another name, then renamed)."""
+        if local.is_dir():
+            raise ChannelError(f"{local} is a directory on the host; give get the path of the "
+                               "file to write")
+        deadline = time.monotonic() + timeout
+        part = local.parent / f".{local.name[:200]}.{secrets.token_hex(4)}.part"
         try:
-            if stat.S_ISDIR(self.sftp.stat(remote).st_mode or 0):
-                raise ChannelError(f"{remote} is a directory in the guest; get copies one "
-                                   "file (use a tar stream: vm.run('tar -C DIR -c .'))")
-            self.sftp.get(remote, str(local))
+            sftp = self.sftp
+            _check_regular(remote, sftp.stat(remote).st_mode)
+            with sftp.open(remote, "rb") as source:
+                opened = source.stat()  # what was opened: the path may have changed since
+                _check_regular(remote, opened.st_mode)
+                size = opened.st_size or 0
+                if size > max_size:
+                    raise _too_large(remote, max_size, f"it has {size} bytes")
+                source.prefetch(size, max_concurrent_requests=64)
+                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                with os.fdopen(fd, "wb") as target:
+                    _copy_bounded(source, target, remote, max_size, deadline, timeout)
+            os.replace(part, local)
         except OSError as exc:
             raise ChannelError(f"could not copy {remote} from the guest to {local}: "
-                               f"{exc.strerror or exc!r}") from exc
+                               f"{guest_text(exc.strerror or repr(exc))}") from exc
+        finally:
+            part.unlink(missing_ok=True)
 
     def push(self, local_dir: Path, remote_dir: str, timeout: float) -> None:
         """The contents of ``local_dir`` into ``remote_dir`` as one tar stream (modes kept)."""
@@ -393,8 +419,9 @@ class Channel:
                 for entry in sorted(local_dir.iterdir()):
                     tar.add(str(entry), arcname=entry.name)
             chan.shutdown_write()
-            errors = chan.makefile_stderr("rb").read().decode(errors="replace")
-            if not chan.status_event.wait(timeout):
+            deadline = time.monotonic() + timeout
+            errors = _read_tail(chan, PUSH_ERRORS_KEEP, deadline)
+            if not chan.status_event.wait(max(0.1, deadline - time.monotonic())):
                 raise TimeoutError(f"tar in the guest did not finish within {timeout:g} s")
             status = chan.recv_exit_status()
         except (OSError, paramiko.SSHException, EOFError) as exc:
@@ -403,7 +430,64 @@ class Channel:
             chan.close()
         if status != 0:
             raise ChannelError(f"push of {local_dir} to {remote_dir} failed in the guest "
-                               f"(tar status {status}): {errors.strip()}")
+                               f"(tar status {status}): {guest_text(errors.strip(), 30)}")
+
+
+def _check_regular(remote: str, mode: int | None) -> None:
+    """ChannelError for a directory, GuestDataError for anything else but a regular file
+    (a device, such as a link to /dev/zero, or a pipe: neither ends)."""
+    mode = mode or 0
+    if stat.S_ISDIR(mode):
+        raise ChannelError(f"{remote} is a directory in the guest; get copies one file (use a "
+                           "tar stream: vm.run('tar -C DIR -c .'))")
+    if not stat.S_ISREG(mode):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device"
+                if stat.S_ISBLK(mode) else "a pipe" if stat.S_ISFIFO(mode) else "a socket"
+                if stat.S_ISSOCK(mode) else f"not a regular file (mode {mode:o})")
+        raise GuestDataError(f"{remote} is {kind} in the guest (or a link to one); get copies "
+                             "regular files only. For a device's bytes, read a bounded amount: "
+                             f"vm.run('head -c N {remote}')")
+
+
+def _too_large(remote: str, max_size: int, why: str) -> GuestDataError:
+    return GuestDataError(f"{remote} in the guest is larger than get's limit, max_size="
+                          f"{max_size} bytes ({why}); nothing was written. Pass a larger "
+                          "max_size= to get (sandbox cp --max-size) to copy it whole")
+
+
+def _copy_bounded(source: paramiko.SFTPFile, target: BinaryIO, remote: str, max_size: int,
+                  deadline: float, timeout: float) -> None:
+    """``source`` into ``target`` until its end (not its size when opened: a file in /proc
+    says 0, a growing file more later), at most ``max_size`` bytes, by ``deadline``."""
+    copied = 0
+    while True:
+        if time.monotonic() > deadline:
+            raise GuestDataError(f"get of {remote} did not finish within {timeout:g} s "
+                                 f"({copied} bytes copied; nothing was written). Pass a "
+                                 "larger timeout= to get for a slow copy")
+        data = source.read(256 << 10)
+        if not data:
+            return
+        copied += len(data)
+        if copied > max_size:
+            raise _too_large(remote, max_size, "it grew past it while being copied")
+        target.write(data)
+
+
+def _read_tail(chan: paramiko.Channel, keep: int, deadline: float) -> str:
+    """A session's stderr until its end or ``deadline``: its last ``keep`` bytes."""
+    kept = bytearray()
+    while time.monotonic() < deadline:
+        chan.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            data = chan.recv_stderr(1 << 16)
+        except TimeoutError:
+            break
+        if not data:
+            break
+        kept += data
+        del kept[:-keep]
+    return kept.decode(errors="replace")
 
 
 def connect(opener: Callable[[float], Any], key: paramiko.PKey, host_key: str | None, *,

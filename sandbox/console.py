@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from .errors import printable as printable  # the one filter for guest text (re-exported)
+
 #: Console kept on disk unless SANDBOX_CONSOLE_KEEP says otherwise (bytes, or "8M").
 DEFAULT_KEEP = 8 << 20
 #: How often the logs are checked.
@@ -33,18 +35,6 @@ INTERVAL = 1.0
 #: Bytes read for a tail.
 TAIL_BYTES = 64 << 10
 _BLOCK = 4096
-
-#: Terminal control sequences (CSI, OSC ended by BEL or ST, other escapes) and the other
-#: control characters a guest could print to change a reader's terminal.
-_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?"
-                      r"|[\x00-\x08\x0b-\x1f\x7f\x9b\x9d]")
-
-
-def printable(text: str) -> str:
-    """Guest-controlled ``text`` made safe for a terminal or a report: control sequences
-    and characters removed, line breaks and tabs kept."""
-    return _CONTROL.sub("", text.replace("\r\n", "\n"))
-
 
 def keep_bytes() -> int:
     """How much console a log keeps (SANDBOX_CONSOLE_KEEP, at least 64 KiB)."""

@@ -45,6 +45,7 @@ from .errors import (
     ImageError,
     RecipeError,
     SandboxWarning,
+    guest_text,
 )
 from .keys import cache_key
 from .paths import cache_dir, find_tool
@@ -504,7 +505,7 @@ def settle(channel: Channel, image: Image, timeout: float) -> list[str]:
     cloud-init not finishing at all is always a BootError."""
     result = channel.run("cloud-init status --wait --long 2>&1; echo \"exit=$?\"",
                          timeout=timeout)
-    text = console.printable(result.stdout).strip()
+    text = guest_text(result.stdout).strip()
     found = _STATUS.search(text)
     status = found.group(1) if found else "unknown"
     if status not in ("done", "error", "degraded"):
@@ -531,7 +532,8 @@ def set_clock(channel: Channel, user: str) -> str | None:
     """Give a restored guest the host's time (it resumes at the time it was saved); why
     that failed, if it did."""
     result = channel.run(as_root(f"date -u -s @{time.time():.3f} >/dev/null", user), timeout=30)
-    return None if result.exit_status == 0 else f"date -s failed: {result.stderr.strip()}"
+    return (None if result.exit_status == 0 else
+            f"date -s failed: {guest_text(result.stderr.strip()[-300:])}")
 
 
 def start_agent(channel: Channel, user: str, agent_socket: Path) -> bool:
@@ -547,7 +549,7 @@ def start_agent(channel: Channel, user: str, agent_socket: Path) -> bool:
     result = channel.run(as_root("tee /run/sandbox-agent >/dev/null && systemd-run --quiet "
                                  "--unit=sandbox-agent python3 /run/sandbox-agent", user),
                          input=GUEST_AGENT.read_bytes(), timeout=60)
-    why = f"{result.stderr.strip()[-300:]}" if result.exit_status != 0 else None
+    why = guest_text(result.stderr.strip()[-300:]) if result.exit_status != 0 else None
     if why is None:
         try:
             Agent(agent_socket, timeout=30).request("ping")

@@ -39,7 +39,7 @@ from .agent import Agent
 from .channel import PreludeSocket
 from .disks import connect_booted, start_agent
 from .entries import entry_lock, publish, remove_entry
-from .errors import BootError, SandboxError, SandboxWarning, SnapshotError
+from .errors import BootError, GuestDataError, SandboxError, SandboxWarning, SnapshotError
 from .host import qemu_version
 from .image import GUEST_AGENT, Image, find_images, remove_image
 from .paths import cache_dir
@@ -334,20 +334,52 @@ def arm_ssh_port(process: QemuProcess, files: MachineFiles, sock: socket.socket,
         warnings.warn(f"clones will connect over TCP instead of a waiting SSH server ({exc})",
                       SandboxWarning, stacklevel=4)
         return None
-    prelude = b""
-    sock.settimeout(2.0)
-    while True:  # read until the server falls silent: it now waits for the client
+    try:
+        return read_prelude(sock)
+    except GuestDataError as exc:
+        warnings.warn(f"clones will connect over TCP instead of a waiting SSH server ({exc})",
+                      SandboxWarning, stacklevel=4)
+        return None
+
+
+#: The most a waiting SSH server may send before its client speaks (a banner and a key
+#: exchange offer: about 2 KiB), and the time it may take in all.
+PRELUDE_LIMIT = 64 << 10
+PRELUDE_TIMEOUT = 15.0
+
+
+def read_prelude(sock: socket.socket, *, limit: int = PRELUDE_LIMIT,
+                 timeout: float = PRELUDE_TIMEOUT, first: float = 2.0,
+                 quiet: float = 1.0) -> bytes:
+    """What a waiting SSH server sends before its client speaks: read until it falls silent
+    (nothing for ``quiet`` seconds; ``first`` for its first bytes). GuestDataError when it
+    sends over ``limit`` bytes or is not silent within ``timeout`` seconds in all (a server
+    that keeps talking); SnapshotError when it closes the port or sends no SSH banner."""
+    deadline = time.monotonic() + timeout
+    prelude = bytearray()
+    wait = first
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise GuestDataError(f"the waiting SSH server did not fall silent within "
+                                 f"{timeout:g} s ({len(prelude)} bytes)")
+        sock.settimeout(min(wait, left))
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
+            if wait > left:  # cut short by the deadline: it may still be talking
+                continue
             break
         if not chunk:
             raise SnapshotError("the waiting SSH server closed its port")
         prelude += chunk
-        sock.settimeout(1.0)
+        if len(prelude) > limit:
+            raise GuestDataError(f"the waiting SSH server sent over {limit} bytes before its "
+                                 "client spoke (a banner and key exchange offer take about 2 KiB)")
+        wait = quiet
     if not prelude.startswith(b"SSH-"):
-        raise SnapshotError(f"the waiting SSH server sent no banner ({prelude[:40]!r})")
-    return prelude
+        raise SnapshotError(f"the waiting SSH server sent no banner ({bytes(prelude[:40])!r})")
+    return bytes(prelude)
 
 
 def discard_golden(golden: Golden) -> None:

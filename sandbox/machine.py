@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from . import console
-from .channel import Channel, connect, tcp
+from .channel import GET_MAX_SIZE, Channel, connect, tcp
 from .commands import CommandResult, TranscriptEntry
 from .disks import connect_booted, set_clock
 from .errors import (
@@ -403,9 +403,14 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         """Copy one host file into the guest (mode kept)."""
         self.channel.put(Path(local), remote)
 
-    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
-        """Copy one guest file to the host."""
-        self.channel.get(remote, Path(local))
+    def get(self, remote: str, local: str | os.PathLike[str], *, max_size: int = GET_MAX_SIZE,
+            timeout: float | None = None) -> None:
+        """Copy one regular guest file to the host. The guest controls what it sends: past
+        ``max_size`` bytes (default 4 GiB) or ``timeout`` seconds (default: the spec's
+        ``command_timeout``) the copy stops with :class:`GuestDataError`, and ``local`` is
+        only written once the copy is whole."""
+        self.channel.get(remote, Path(local), max_size=max_size,
+                         timeout=self.spec.command_timeout if timeout is None else timeout)
 
     def push(self, local_dir: str | os.PathLike[str], remote_dir: str, *,
              timeout: float | None = None) -> None:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from .errors import CommandTimeout, SandboxError, WaitTimeout
+from .errors import CommandTimeout, SandboxError, WaitTimeout, printable
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -49,8 +49,6 @@ def wait_until(check: Callable[[], T | None], *, timeout: float, what: str,
 def trim(data: str, limit: int = 2000) -> str:
     """Guest output for a report: control sequences removed, cut to about ``limit``
     characters (its head and its longer tail)."""
-    from .console import printable
-
     data = printable(data).rstrip("\n")
     if len(data) <= limit:
         return data
@@ -112,7 +110,7 @@ class GuestWaits:
                             timeout=30).succeeded
 
         def seen() -> str:
-            now = self.run("ss -Htln", timeout=10).stdout.strip() or "(nothing)"
+            now = trim(self.run("ss -Htln", timeout=10).stdout.strip()) or "(nothing)"
             return f"listening now:\n{now}\n{self._console_hint()}"
 
         wait_until(listening, timeout=timeout, interval=0.25, seen=seen,
@@ -122,9 +120,9 @@ class GuestWaits:
         """Wait until a systemd unit is active; fail early when it has failed."""
         state = [""]
 
-        def status() -> str:
-            return self.run(["systemctl", "status", "--no-pager", "-n", "20", unit],
-                            timeout=30).stdout
+        def status() -> str:  # guest text: escaped
+            return trim(self.run(["systemctl", "status", "--no-pager", "-n", "20", unit],
+                                 timeout=30).stdout)
 
         def active() -> bool:
             state[0] = self.run(["systemctl", "is-active", unit], timeout=30).stdout.strip()
@@ -134,7 +132,7 @@ class GuestWaits:
 
         wait_until(active, timeout=timeout, interval=0.5,
                    what=f"{self.name}: unit {unit} was not active",
-                   seen=lambda: f"state {state[0]!r}:\n{status()}")
+                   seen=lambda: f"state {trim(state[0], 100)!r}:\n{status()}")
 
     def wait_for_console(self, regex: str, *, timeout: float = 60) -> re.Match[str]:
         """Wait until the serial console shows a line matching ``regex``; the match."""

@@ -182,3 +182,68 @@ def test_interactive_shell_through_a_pseudo_terminal(built_image: dict[str, Any]
 def test_cp_needs_exactly_one_guest_side(args: list[str]) -> None:
     result = sandbox_cli(*args)
     assert result.returncode == 2 and "exactly one side" in result.stderr
+
+
+def test_ssh_logs_in_as_the_named_machines_user(tmp_path: Path) -> None:
+    """`sandbox ssh NAME` runs the host's ssh client (here a stand-in that records its
+    arguments) as the account the machine logs in as, recorded in its state: an imported
+    image's user, not root."""
+    from sandbox.pids import process_start_ticks
+
+    runtime, image, bin_dir = tmp_path / "runtime", tmp_path / "image", tmp_path / "bin"
+    image.mkdir()
+    (image / "manifest.json").write_text(json.dumps(
+        {"name": "imported", "kind": "disk", "user": "", "host_key": "ssh-ed25519 AAAAkey"}))
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$SSH_ARGV"\nexit 7\n')
+    (bin_dir / "ssh").chmod(0o755)
+    qemu = subprocess.Popen(["sleep", "60"])  # stands in for the machine's live QEMU
+    try:
+        env = dict(os.environ, SANDBOX_RUNTIME_DIR=str(runtime), SSH_ARGV=str(tmp_path / "argv"),
+                   PATH=f"{bin_dir}:{os.environ['PATH']}")
+        assert sandbox_cli("list", env=env).returncode == 0  # makes the runtime directory
+        home = runtime / "machines" / "imp"
+        home.mkdir()
+        (home / "state.json").write_text(json.dumps({
+            "name": "imp", "image": "imported", "image_path": str(image), "pid": qemu.pid,
+            "start_ticks": process_start_ticks(qemu.pid), "ssh_port": 2222, "user": "alice",
+            "spec": {}}))
+        main_fd, child_fd = os.openpty()
+        try:
+            process = subprocess.run([sys.executable, "-m", "sandbox.cli", "ssh", "imp"],
+                                     stdin=child_fd, stdout=child_fd, stderr=subprocess.PIPE,
+                                     env=env, cwd=ROOT, timeout=60, check=False)
+        finally:
+            os.close(child_fd)
+            os.close(main_fd)
+        assert process.returncode == 7, process.stderr
+        argv = (tmp_path / "argv").read_text().splitlines()
+        assert argv[-3:] == ["-l", "alice", "127.0.0.1"] and "-p" in argv and "2222" in argv
+        assert not any(arg == "root" or arg.startswith("root@") for arg in argv), argv
+        assert (home / "known_hosts").read_text() == "[127.0.0.1]:2222 ssh-ed25519 AAAAkey\n"
+    finally:
+        qemu.kill()
+        qemu.wait()
+
+
+def test_cp_from_a_guest_is_bounded_and_writes_whole_files_only(
+        built_image: dict[str, Any], tmp_path: Path) -> None:
+    name = "cli-guestdata"
+    up = sandbox_cli("up", name)
+    assert up.returncode == 0, up.stderr
+    try:
+        assert sandbox_cli("exec", name, "--", "head -c 2M /dev/zero > /root/two-mib && "
+                           "ln -s /dev/zero /root/zero").returncode == 0
+        refused = sandbox_cli("cp", "--max-size", "1M", f"{name}:/root/two-mib", str(tmp_path))
+        assert refused.returncode == 2
+        assert "larger than get's limit, max_size=1048576 bytes" in refused.stderr
+        assert "sandbox cp --max-size" in refused.stderr
+        zero = sandbox_cli("cp", f"{name}:/root/zero", str(tmp_path / "zero"))
+        assert zero.returncode == 2 and "is a character device in the guest" in zero.stderr
+        assert list(tmp_path.iterdir()) == []
+        copied = sandbox_cli("cp", f"{name}:/root/two-mib", str(tmp_path))  # into the directory
+        assert copied.returncode == 0, copied.stderr
+        assert (tmp_path / "two-mib").read_bytes() == bytes(2 << 20)
+    finally:
+        down = sandbox_cli("down", name)
+    assert down.returncode == 0, down.stderr

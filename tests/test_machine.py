@@ -359,3 +359,73 @@ def test_ssh_takes_the_cache_key_only(shared_vm: sandbox.Machine) -> None:
         assert not transport.is_authenticated()
     finally:
         transport.close()
+
+
+# -- guest data: shown escaped, read within limits --------------------------------------------
+
+#: What a guest could use to steer the terminal of whoever reads an error: C0 controls but
+#: line feed and tab, DEL, C1 controls, and the bidirectional controls such as U+202E.
+_UNSAFE = ({*map(chr, range(0x20)), *map(chr, range(0x7f, 0xa0)), "\u202e"} - {"\n", "\t"})
+
+
+def test_guest_output_in_errors_is_escaped_and_kept_raw(shared_vm: sandbox.Machine) -> None:
+    with pytest.raises(CommandFailed) as raised:
+        shared_vm.succeed("printf '\\033]0;pwned\\007\\x9b31m'; exit 1")
+    assert "\x1b]0;pwned\x07" in raised.value.stdout  # as the guest sent it
+    assert not _UNSAFE & set(str(raised.value)), str(raised.value)
+    # C1 and bidi controls in UTF-8 (octal: any printf has it), on both streams
+    line = "printf 'a\\302\\233""2Jb\\342\\200\\256c'; printf '\\033[2J\\302\\205' >&2; exit 1"
+    with pytest.raises(CommandFailed) as raised:
+        shared_vm.succeed(line)
+    assert raised.value.stdout == "a\u009b2Jb\u202ec" and raised.value.stderr == "\x1b[2J\x85"
+    text = str(raised.value)
+    assert not _UNSAFE & set(text) and "b\\u202ec" in text and "\\x85" in text, text
+    with pytest.raises(CommandTimeout) as late:
+        shared_vm.run("printf '\\033]0;pwned\\007\\302\\233'; sleep 30", timeout=2)
+    assert "\x1b]0;pwned" in late.value.stdout
+    assert not _UNSAFE & set(str(late.value)), str(late.value)
+
+
+def test_a_failed_push_shows_the_guests_errors_escaped(shared_vm: sandbox.Machine,
+                                                       tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ChannelError, match="failed in the guest") as raised:
+        shared_vm.push(tmp_path, "/proc/no\x1b]0;pwned\x07\u202edir")
+    text = str(raised.value)
+    assert "No such file" in text and not _UNSAFE & set(text), text
+
+
+def test_a_failed_units_status_is_shown_escaped(shared_vm: sandbox.Machine) -> None:
+    shared_vm.succeed("systemd-run --unit=hostile-status "
+                      "--description=\"$(printf 'evil\\033]0;pwned\\007\\302\\233""2J')\" "
+                      "sh -c 'exit 3'")
+    with pytest.raises(WaitTimeout, match="unit hostile-status failed") as raised:
+        shared_vm.wait_for_unit("hostile-status", timeout=30)
+    text = str(raised.value)
+    assert "evil" in text and not _UNSAFE & set(text), text
+
+
+def test_get_of_a_link_to_dev_zero_stops_at_once_and_writes_nothing(
+        shared_vm: sandbox.Machine, tmp_path: Path) -> None:
+    from sandbox.errors import GuestDataError
+
+    shared_vm.succeed("ln -sf /dev/zero /tmp/z")
+    started = time.monotonic()
+    with pytest.raises(GuestDataError, match="/tmp/z is a character device in the guest"):
+        shared_vm.get("/tmp/z", tmp_path / "z", max_size=10 << 20)
+    assert time.monotonic() - started < 10
+    assert list(tmp_path.iterdir()) == []
+    # a regular file over the limit, and a /proc file (size 0) that grows past it as it is read
+    shared_vm.succeed("head -c 2M /dev/zero > /tmp/two-mib")
+    with pytest.raises(GuestDataError, match=r"larger than get's limit, max_size=1048576 "
+                                             r"bytes \(it has 2097152 bytes\)"):
+        shared_vm.get("/tmp/two-mib", tmp_path / "big", max_size=1 << 20)
+    with pytest.raises(GuestDataError, match="max_size=65536 bytes .*grew past it"):
+        shared_vm.get("/proc/kallsyms", tmp_path / "kallsyms", max_size=64 << 10)
+    assert list(tmp_path.iterdir()) == []
+    # the machine still works, and files within the limit come whole (/proc ones too)
+    shared_vm.get("/tmp/two-mib", tmp_path / "big", max_size=2 << 20)
+    assert (tmp_path / "big").read_bytes() == bytes(2 << 20)
+    shared_vm.get("/proc/cpuinfo", tmp_path / "cpuinfo")
+    assert "processor" in (tmp_path / "cpuinfo").read_text()
+    assert shared_vm.succeed("echo still-here") == "still-here\n"

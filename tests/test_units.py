@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shlex
+import socket
 import subprocess
+import threading
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from sandbox.commands import CommandResult, command_string, wrap
-from sandbox.errors import SandboxError, SnapshotError
+from sandbox.errors import SandboxError, SandboxWarning, SnapshotError
 from sandbox.pids import kill_tagged, process_alive, process_start_ticks
 from sandbox.plan import MachineFiles, QemuPlan, lan_pci_address
 from sandbox.qemu import QemuProcess
@@ -274,3 +280,171 @@ def test_machine_names_are_checked_before_anything_starts(name: str) -> None:
         with pytest.raises(MachineNameError, match=rule):
             attempt()
     assert Machine(name="db-1.a_b").name == "db-1.a_b"
+
+
+# -- guest text in messages, and guest data read with limits ----------------------------------
+
+#: Every character a guest could use to steer a terminal or a reader: C0 controls but line
+#: feed and tab, DEL, C1 controls, lone surrogates and the bidirectional controls.
+_UNSAFE = {*map(chr, range(0x20)), *map(chr, range(0x7f, 0xa0)),
+           *map(chr, range(0xd800, 0xe000)), "\u061c", "\u200e", "\u200f",
+           *map(chr, range(0x202a, 0x202f)), *map(chr, range(0x2066, 0x206a))} - {"\n", "\t"}
+
+
+def test_printable_leaves_no_control_character_and_is_idempotent() -> None:
+    from sandbox.console import printable
+
+    hostile = ("\x1b]0;pwned\x07title \x1b[31mred\x1b[0m \x9b31mc1-csi \x9d8;;http://x\x9c "
+               "\x1bP+q\x1b\\ \x1b(B \x1b7 \x90dcs\x9c \x1b]unterminated\nline2 \x1b\x1b[2J "
+               "over\rwrite\r\n a\u202eevil\u2066 \udcff \x00\x08\x7f\x85\x9f \x1b")
+    out = printable(hostile)
+    assert not _UNSAFE & set(out), [c for c in out if c in _UNSAFE]
+    assert printable(out) == out
+    # sequences removed whole, everything else visible and escaped
+    assert "pwned" not in out and "title red c1-csi" in out and "31m" not in out
+    assert " unterminated\nline2 \\x1b over" in out  # an OSC without its end: text kept
+    assert "a\\u202eevil\\u2066" in out and "\\udcff" in out and "\\x00\\x08\\x7f\\x85\\x9f" in out
+    assert "overwrite\n" in out and "\t" in printable("a\tb")
+    for char in sorted(_UNSAFE):
+        assert not _UNSAFE & set(printable(f"x{char}y")), repr(char)
+
+
+def test_errors_show_guest_output_escaped_and_keep_it_raw() -> None:
+    from sandbox.errors import BootError, CommandFailed, CommandTimeout, GuestPanic, WaitTimeout
+
+    guest = "\x1b]0;pwned\x07ok\x1b[2J\u009b31m\u202ex\x07\n"
+    failed = CommandFailed("cmd", 1, guest, guest)
+    timeout = CommandTimeout("cmd", 3, guest, guest)
+    for error in (failed, timeout, BootError("boot", console_tail=guest),
+                  GuestPanic("panic", console_tail=guest), WaitTimeout(f"saw {guest}")):
+        text = str(error)
+        assert not _UNSAFE & set(text), (type(error).__name__, text)
+        assert "ok" in text and "\\u202ex" in text
+    assert failed.stdout == guest and failed.stderr == guest and failed.output == guest * 2
+    assert timeout.stdout == guest and timeout.stderr == guest
+    with pytest.warns(SandboxWarning) as warned:  # warnings quote the guest too (the agent's)
+        warnings.warn(f"agent said {guest}", SandboxWarning, stacklevel=1)
+    assert str(warned[0].message) == "agent said ok\\u202ex\\x07\n"
+
+
+def _agent_peer(tmp_path: Path, answer: Callable[[socket.socket], None]) -> Path:
+    """A unix socket standing in for the guest agent: reads a request, then ``answer``s."""
+    path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(4)
+
+    def serve() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                with contextlib.suppress(OSError):
+                    answer(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return path
+
+
+def _drip(conn: socket.socket) -> None:
+    """An answer that never ends, a byte at a time (for 10 s, then the peer hangs up)."""
+    for _ in range(100):
+        conn.sendall(b" ")
+        time.sleep(0.1)
+
+
+def test_an_agent_drip_feeding_its_answer_gets_its_timeout_in_all(tmp_path: Path) -> None:
+    from sandbox.agent import Agent
+    from sandbox.errors import GuestDataError
+
+    agent = Agent(_agent_peer(tmp_path, _drip), timeout=1.5)
+    started = time.monotonic()
+    with pytest.raises(GuestDataError, match="not complete within 1.5 s"):
+        agent.request("ping")
+    assert time.monotonic() - started < 4
+
+    (tmp_path / "agent.sock").unlink()
+    agent = Agent(_agent_peer(tmp_path, _drip), timeout=1.5)
+    started = time.monotonic()
+    agent.send_identity()
+    agent.finish()  # what a clone's start waits for
+    assert time.monotonic() - started < 4
+    assert agent.error is not None and "not complete within 1.5 s" in agent.error
+
+
+@pytest.mark.parametrize(("answer", "error"), [
+    (b"[" * 60000 + b"\n", "not JSON .*RecursionError"),
+    (b"\xff\xfe{}\n", "not JSON .*UnicodeDecodeError"),
+    (b"{\"ok\": tru\n", "not JSON .*JSONDecodeError"),
+    (b"[1, 2]\n", "not a JSON object but a list"),
+    (b"x" * (200 << 10) + b"\n", "over 65536 bytes without a line end"),
+])
+def test_a_malformed_agent_answer_is_a_typed_error(tmp_path: Path, answer: bytes,
+                                                    error: str) -> None:
+    from sandbox.agent import Agent
+    from sandbox.errors import GuestDataError
+
+    with pytest.raises(GuestDataError, match=error):
+        Agent(_agent_peer(tmp_path, lambda conn: conn.sendall(answer)), timeout=5).request("x")
+    (tmp_path / "agent.sock").unlink()
+    agent = Agent(_agent_peer(tmp_path, lambda conn: conn.sendall(answer)), timeout=5)
+    agent.send_identity()
+    agent.finish()
+    assert agent.error is not None and re.search(error, agent.error), agent.error
+
+
+def test_an_agent_error_from_the_guest_is_shown_escaped(tmp_path: Path) -> None:
+    from sandbox.agent import Agent
+
+    answer = b'{"ok": false, "error": "\\u001b]0;pwned\\u0007bad\\u009b2J"}\n'
+    with pytest.raises(SandboxError) as raised:
+        Agent(_agent_peer(tmp_path, lambda conn: conn.sendall(answer)), timeout=5).request("x")
+    assert str(raised.value) == "guest agent request 'x' failed: bad"
+
+
+def _prelude_peer(send: Callable[[socket.socket], None]) -> socket.socket:
+    """The host end of a port whose other end ``send``s (in a thread)."""
+    host, guest = socket.socketpair()
+
+    def talk() -> None:
+        with guest, contextlib.suppress(OSError):
+            send(guest)
+
+    threading.Thread(target=talk, daemon=True).start()
+    return host
+
+
+def test_the_ssh_prelude_read_is_bounded_in_size_and_time() -> None:
+    from sandbox.errors import GuestDataError, SnapshotError
+    from sandbox.golden import read_prelude
+
+    def banner_then_silence(sock: socket.socket) -> None:
+        sock.sendall(b"SSH-2.0-dropbear\r\n" + b"k" * 1000)
+        time.sleep(5)
+
+    with _prelude_peer(banner_then_silence) as host:
+        assert read_prelude(host, quiet=0.3) == b"SSH-2.0-dropbear\r\n" + b"k" * 1000
+
+    def chatty(sock: socket.socket) -> None:
+        sock.sendall(b"SSH-2.0-x\r\n")
+        for _ in range(100):
+            sock.sendall(b"more")
+            time.sleep(0.1)
+
+    started = time.monotonic()
+    with _prelude_peer(chatty) as host, \
+            pytest.raises(GuestDataError, match="did not fall silent within 2 s"):
+        read_prelude(host, timeout=2, quiet=0.5)
+    assert time.monotonic() - started < 4
+
+    with _prelude_peer(lambda sock: sock.sendall(b"SSH-2.0-x\r\n" + b"y" * (1 << 20))) as host, \
+            pytest.raises(GuestDataError, match="sent over 65536 bytes"):
+        read_prelude(host)
+
+    def not_ssh(sock: socket.socket) -> None:
+        sock.sendall(b"HTTP/1.0 200\r\n")
+        time.sleep(2)
+
+    with _prelude_peer(not_ssh) as host, \
+            pytest.raises(SnapshotError, match="no banner"):
+        read_prelude(host, quiet=0.3)

@@ -74,6 +74,18 @@ def shell(**shape: Any) -> None:
     sys.exit(status)
 
 
+def ssh_argv(vm: Machine) -> list[str]:
+    """The host ssh client's command line for an interactive session on ``vm``: as the
+    account the machine logs in as (root, or an imported image's user), the guest's host
+    key pinned (the one its image was built with, written to the machine's known_hosts)."""
+    assert vm.files is not None and vm.image is not None
+    vm.files.known_hosts.write_text(f"[127.0.0.1]:{vm.ssh_port} {vm.image.host_key}\n")
+    return ["ssh", "-t", "-q", "-i", str(vm.key_path), "-p", str(vm.ssh_port),
+            "-o", f"UserKnownHostsFile={vm.files.known_hosts}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", "-l", vm.user, "127.0.0.1"]
+
+
 def interactive_ssh(vm: Machine) -> int:
     """Run the host's ssh client against ``vm`` in this terminal; its exit status."""
     import shutil
@@ -83,13 +95,7 @@ def interactive_ssh(vm: Machine) -> int:
     if not shutil.which("ssh"):
         raise SandboxError("the interactive session needs the ssh client: "
                            "sudo apt-get install openssh-client")
-    assert vm.files is not None and vm.image is not None
-    # The guest's host key, pinned: the one the image was built with.
-    vm.files.known_hosts.write_text(f"[127.0.0.1]:{vm.ssh_port} {vm.image.host_key}\n")
-    command = ["ssh", "-t", "-q", "-i", str(vm.key_path), "-p", str(vm.ssh_port),
-               "-o", f"UserKnownHostsFile={vm.files.known_hosts}",
-               "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes",
-               "-o", "BatchMode=yes", "root@127.0.0.1"]
+    command = ssh_argv(vm)
     # Ctrl-C belongs to the guest: the terminal sends it through ssh's raw mode.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

@@ -100,13 +100,24 @@ def ssh(name: str) -> None:
     sys.exit(status)
 
 
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    from ..sizes import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @main.command()
 @click.argument("source")
 @click.argument("target")
+@click.option("--max-size", default="4G", show_default=True, metavar="SIZE", callback=_size,
+              help="Refuse a file from the guest larger than this (e.g. 100M).")
 @friendly
-def cp(source: str, target: str) -> None:
+def cp(source: str, target: str, max_size: int) -> None:
     """Copy files in or out of a named VM: NAME:/path on one side (directories too)."""
-    from pathlib import Path
+    from pathlib import Path, PurePosixPath
 
     def split(spec: str) -> tuple[str | None, str]:
         head, sep, tail = spec.partition(":")
@@ -123,7 +134,10 @@ def cp(source: str, target: str) -> None:
                 raise SandboxError(f"no such local path: {local}")
             (vm.push if local.is_dir() else vm.put)(local, dst)
         else:
-            vm.get(src, Path(dst))
+            local = Path(dst)
+            if local.is_dir():  # like cp: into the directory, under the file's name
+                local = local / (PurePosixPath(src).name or "file")
+            vm.get(src, local, max_size=max_size)
 
 
 @main.group()
@@ -162,7 +176,7 @@ def snapshot_list(name: str) -> None:
 @friendly
 def logs(name: str, lines: int | None) -> None:
     """The serial console of VM NAME."""
-    from ..console import printable
+    from ..errors import printable
     from ..named import find_named
     from ..plan import MachineFiles
 
