@@ -24,6 +24,44 @@ Row by row, the test that proves it (here unless a module is named):
 - a teardown hook raising:
   test_plugin.py::test_every_machine_is_closed_even_when_a_teardown_hook_raises
 - a forked child starting machines: test_machine.py::test_a_forked_child_starts_machines
+
+Untrusted disks, shared hosts and hostile guests (issue 20):
+
+- a disk naming host files (qcow2 backing file, absolute or ../relative; qcow2 data file;
+  VMDK extent): test_foreign.py::test_a_disk_naming_other_host_files_is_refused
+- a compressed qcow2 that expands 100:1; a conversion that runs too long:
+  test_foreign.py::test_imports_are_bounded_in_size_and_time
+- an endless download; a download dripping a byte at a time:
+  test_foreign.py::test_a_download_is_bounded_in_size_and_time
+- a disk rewritten in place with its modification time set back:
+  test_foreign.py::test_the_digest_of_a_disk_rewritten_in_place_is_computed_again
+- a cloud-init module error in an image that logs in:
+  test_foreign.py::test_a_cloud_init_module_error_is_a_warning_unless_the_recipe_says_fail
+- a disk file's path as the image: test_foreign.py::test_a_disk_given_by_path_is_imported_as_it_is
+- the cache read or its locks held by another account:
+  test_paths.py::test_another_account_can_neither_read_the_cache_nor_hold_its_locks
+  (and ..._made_private, ..._closed_once_with_a_notice, ..._symlink_is_refused_with_its_target)
+- sandbox doctor --refresh killed during the KVM probe:
+  test_paths.py::test_a_killed_kvm_probe_leaves_no_qemu
+- pytest with --sandbox-keep-on-failure killed mid-test:
+  test_plugin.py::test_keep_on_failure_keeps_nothing_of_a_killed_run
+- a comma or '../' in a machine name, a comma in the runtime directory:
+  test_units.py::test_commas_in_names_and_paths_stay_inside_their_option_values,
+  test_units.py::test_machine_names_are_checked_before_anything_starts,
+  test_plugin.py::test_a_comma_in_the_runtime_directory_and_names_refused_before_a_start
+- terminal escapes and C1 characters in guest output, a unit's status:
+  test_machine.py::test_guest_output_in_errors_is_escaped_and_kept_raw,
+  test_machine.py::test_a_failed_units_status_is_shown_escaped
+- ssh and shell on an image whose user is not root:
+  test_foreign.py::test_sandbox_ssh_logs_in_as_the_imported_images_user,
+  test_cli.py::test_ssh_logs_in_as_the_named_machines_user
+- an agent drip-feeding its answer; 60 000 '[' or an over-size answer:
+  test_units.py::test_an_agent_drip_feeding_its_answer_gets_its_timeout_in_all,
+  test_units.py::test_a_malformed_agent_answer_is_a_typed_error
+- an SSH server that keeps talking before the golden save:
+  test_units.py::test_the_ssh_prelude_read_is_bounded_in_size_and_time
+- get of a link to /dev/zero, of a file over max_size, of a growing /proc file:
+  test_machine.py::test_get_of_a_link_to_dev_zero_stops_at_once_and_writes_nothing
 """
 
 from __future__ import annotations
