@@ -2,15 +2,18 @@
 
 Each machine on a network has a QEMU ``dgram`` netdev whose local end is a unix socket of its
 own and whose remote end is this switch's data socket, so every Ethernet frame a guest sends
-arrives here as one datagram, from the machine's socket address. The switch learns which
-address each MAC sits behind, forwards unicast frames there and floods the rest (broadcast,
-multicast such as VRRP, unknown destinations) to every other port it may reach. Nothing
-touches a host interface; nothing outside the network's directory can send into it, since
-the directory is private to this account.
+arrives here as one datagram, from the machine's socket address. Each port's MAC is the one
+the host gave the machine, pinned when it joins: a frame from any other source MAC is
+dropped, so a guest can neither take a peer's unicast traffic nor grow the table (it holds
+one entry per port, and ports are capped). Unicast frames go to the port of their
+destination MAC, the rest (broadcast, multicast such as VRRP, unknown destinations) to every
+other port they may reach. Nothing touches a host interface; nothing outside the network's
+directory can send into it, since the directory is private to this account.
 
 Partitions are the switch's: ports in different groups drop each other's frames. Control is
-a unix stream socket taking one JSON request per line (``join``, ``leave``, ``partition``,
-``heal``, ``ping``); the switch exits when its owner process is gone.
+a unix stream socket taking one JSON request per line (``join`` with the port and its MAC,
+``leave``, ``partition``, ``heal``, ``ping``); the switch exits when its owner process is
+gone.
 
 Run as ``python -m sandbox.switch DIRECTORY OWNER_PID OWNER_TICKS TAG`` (owner 0: a named
 network, which ends after its last member).
@@ -29,10 +32,20 @@ from pathlib import Path
 
 #: Frames up to a jumbo MTU and the Ethernet header fit.
 MAX_FRAME = 65536
+#: Ports (and so MAC table entries) a switch takes at most: a /24 has 253 hosts.
+MAX_PORTS = 256
 #: A named network's switch waits this long for its first member, and ends this long after
 #: its last one is gone.
 UNUSED_GRACE = 120.0
 MEMBERLESS_GRACE = 3.0
+
+
+def parse_mac(text: str) -> bytes:
+    """``52:54:..`` as 6 bytes; ValueError unless it is a unicast MAC."""
+    mac = bytes.fromhex(text.replace(":", ""))
+    if len(mac) != 6 or mac[0] & 1:
+        raise ValueError(f"not a unicast MAC: {text!r}")
+    return mac
 
 
 class Switch:
@@ -47,6 +60,8 @@ class Switch:
         self.control.setblocking(False)
         #: port (a machine's socket path) -> partition group (0: none)
         self.ports: dict[str, int] = {}
+        #: port -> its MAC, pinned at join, and the reverse: never learnt from frames
+        self.port_macs: dict[str, bytes] = {}
         self.macs: dict[bytes, str] = {}
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.data, selectors.EVENT_READ, self._frame)
@@ -61,13 +76,11 @@ class Switch:
                 frame, source = self.data.recvfrom(MAX_FRAME)
             except BlockingIOError:
                 return
-            if source not in self.ports or len(frame) < 14:
-                continue  # not a member (left, or never joined): its frames go nowhere
-            self.macs[frame[6:12]] = source
+            if len(frame) < 14 or self.port_macs.get(source) != frame[6:12]:
+                continue  # not a member (left, or never joined), or not its MAC: dropped
             destination = frame[0:6]
             known = self.macs.get(destination)
-            targets = [known] if known is not None and not destination[0] & 1 else \
-                list(self.ports)
+            targets = [known] if known is not None else list(self.ports)
             for target in targets:
                 if self.reaches(source, target):
                     with contextlib.suppress(OSError):  # a machine gone or not yet up
@@ -88,14 +101,33 @@ class Switch:
             with contextlib.suppress(OSError):
                 connection.sendall(json.dumps(answer).encode() + b"\n")
 
+    def join(self, port: str, mac: bytes) -> None:
+        """Take ``port`` with ``mac`` pinned; a port that had that MAC before (a machine gone
+        without leaving) is dropped: the host hands each MAC to one machine at a time."""
+        if port not in self.ports and len(self.ports) >= MAX_PORTS:
+            raise ValueError(f"the switch has {MAX_PORTS} ports already")
+        holder = self.macs.get(mac)
+        if holder is not None and holder != port:
+            self.leave(holder)
+        previous = self.port_macs.get(port)
+        if previous is not None:
+            self.macs.pop(previous, None)
+        self.ports[port] = self.ports.get(port, 0)
+        self.port_macs[port] = mac
+        self.macs[mac] = port
+
+    def leave(self, port: str) -> None:
+        self.ports.pop(port, None)
+        mac = self.port_macs.pop(port, None)
+        if mac is not None:
+            self.macs.pop(mac, None)
+
     def handle(self, request: dict[str, object]) -> dict[str, object]:
         op = request["op"]
         if op == "join":
-            self.ports[str(request["port"])] = 0
+            self.join(str(request["port"]), parse_mac(str(request["mac"])))
         elif op == "leave":
-            port = str(request["port"])
-            self.ports.pop(port, None)
-            self.macs = {mac: p for mac, p in self.macs.items() if p != port}
+            self.leave(str(request["port"]))
         elif op == "partition":
             groups = request["groups"]
             assert isinstance(groups, list)
@@ -109,7 +141,7 @@ class Switch:
             self.ports = dict.fromkeys(self.ports, 0)
         elif op != "ping":
             return {"ok": False, "error": f"unknown op {op!r}"}
-        return {"ok": True, "ports": len(self.ports)}
+        return {"ok": True, "ports": len(self.ports), "macs": len(self.macs)}
 
     def serve(self, alive: object) -> None:
         while callable(alive) and alive():
