@@ -16,18 +16,21 @@ a unix stream socket taking one JSON request per line (``join`` with the port an
 gone.
 
 Run as ``python -m sandbox.switch DIRECTORY OWNER_PID OWNER_TICKS TAG`` (owner 0: a named
-network, which ends after its last member).
+network, which ends after its last member: see :func:`serve_named`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import selectors
+import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 #: Frames up to a jumbo MTU and the Ethernet header fit.
@@ -148,9 +151,10 @@ class Switch:
             for key, _events in self.selector.select(timeout=1.0):
                 key.data(key.fileobj)
 
-    def members_left(self) -> bool:
-        """Whether a member's machine is still there (its NIC's socket file exists)."""
-        return any(Path(port).exists() for port in self.ports)
+    def close(self) -> None:
+        self.selector.close()
+        self.data.close()
+        self.control.close()
 
 
 def request(directory: Path, op: str, timeout: float = 5.0, **fields: object) -> dict[str, object]:
@@ -165,6 +169,112 @@ def request(directory: Path, op: str, timeout: float = 5.0, **fields: object) ->
     return answer
 
 
+# -- named networks -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def network_lock(directory: Path, timeout: float, *, create: bool = True) -> Iterator[bool]:
+    """Hold the lock of the named network in ``directory`` (made if missing unless not
+    ``create``); yields False when there is no such network (and ``create`` is False).
+
+    The switch removes the directory, lock file included, under this lock when it ends; a
+    waiter that then gets the lock of the removed file sees it is not the file at that path
+    any more and starts over. TimeoutError after ``timeout`` seconds (0: one try)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if create:
+            directory.mkdir(mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            if create:
+                continue  # removed between mkdir and open
+            yield False
+            return
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"{directory / 'lock'} held for {timeout:g} s") \
+                            from None
+                    time.sleep(0.02)
+            try:
+                current = os.stat(directory / "lock").st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                yield True
+                return
+        finally:
+            os.close(fd)
+
+
+def live_members(directory: Path) -> dict[str, dict[str, object]]:
+    """The members of the named network in ``directory`` whose machines run, or are being
+    started by an ``up`` that is still there: name -> its member file (address, port, mac,
+    starter)."""
+    from .pids import process_alive
+
+    machines = directory.parent.parent / "machines"  # <runtime>/networks/NET -> /machines
+    live = {}
+    for path in (directory / "members").glob("*.json"):
+        try:
+            member = json.loads(path.read_text())
+            try:
+                state = json.loads((machines / path.stem / "state.json").read_text())
+                pid, ticks = state["pid"], state.get("start_ticks")
+            except FileNotFoundError:  # not started yet: its `up` is on it
+                pid, ticks = member["starter"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if (machines / path.stem).is_dir() and process_alive(int(pid), ticks):
+            live[path.stem] = member
+    return live
+
+
+def serve_named(switch: Switch, directory: Path) -> None:
+    """Serve the named network in ``directory`` until it has had no live member for
+    MEMBERLESS_GRACE seconds (UNUSED_GRACE before its first one); then, under the
+    network's lock (the one ``up`` holds while it takes an address and ensures the switch
+    runs), with still no member, remove the directory. Members already there when the
+    switch starts (a switch restarted after it died) are joined again."""
+    for member in live_members(directory).values():
+        with contextlib.suppress(KeyError, ValueError):
+            switch.join(str(member["port"]), parse_mac(str(member["mac"])))
+    started = last_seen = time.monotonic()
+    used = bool(switch.ports)
+
+    def wanted() -> bool:
+        nonlocal last_seen, used
+        now = time.monotonic()
+        if not directory.exists():
+            return False
+        if live_members(directory):
+            used, last_seen = True, now
+        elif not used and now - started < UNUSED_GRACE:
+            last_seen = now
+        if now - last_seen < MEMBERLESS_GRACE:
+            return True
+        try:
+            with network_lock(directory, 0, create=False) as exists:
+                if exists and live_members(directory):
+                    last_seen = now
+                    return True
+                switch.close()
+                for name in ("switch.sock", "control.sock", "switch.pid", "lock"):
+                    with contextlib.suppress(OSError):
+                        (directory / name).unlink()
+                shutil.rmtree(directory, ignore_errors=True)
+                return False
+        except TimeoutError:  # an `up` or `down` is at it: look again later
+            return True
+
+    switch.serve(wanted)
+
+
 def main() -> None:  # pragma: no cover - run as a process by sandbox.network
     from .pids import process_alive
 
@@ -172,26 +282,13 @@ def main() -> None:  # pragma: no cover - run as a process by sandbox.network
     ticks = None if sys.argv[3] == "-" else int(sys.argv[3])
     switch = Switch(directory)
     (directory / "switch.pid").write_text(str(os.getpid()))
-    if owner:  # a network of a run: it ends with its owner
-        switch.serve(lambda: process_alive(owner, ticks) and directory.exists())
-    else:  # a named network: it ends a few seconds after its last member (or unused)
-        started, last_seen = time.monotonic(), time.monotonic()
-
-        def wanted() -> bool:
-            nonlocal last_seen
-            if switch.members_left() or (not switch.ports and
-                                         time.monotonic() - started < UNUSED_GRACE):
-                last_seen = time.monotonic()
-            return directory.exists() and time.monotonic() - last_seen < MEMBERLESS_GRACE
-
-        switch.serve(wanted)
+    if not owner:  # a named network: it ends a few seconds after its last member
+        serve_named(switch, directory)
+        return
+    switch.serve(lambda: process_alive(owner, ticks) and directory.exists())
     for name in ("switch.sock", "control.sock", "switch.pid"):
         with contextlib.suppress(OSError):
             (directory / name).unlink()
-    if not owner:
-        import shutil
-
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

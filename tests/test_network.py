@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -357,3 +358,95 @@ def test_a_clone_taking_a_peers_mac_steals_nothing(
     time.sleep(0.5)
     for _ in range(5):
         assert probe(a, "b").stdout.strip() == "from-b"
+
+
+def test_a_named_network_survives_down_up_and_a_killed_switch(
+        built_image: dict[str, Any]) -> None:
+    """`down` then `up` on the same named network at once, and again and again around the
+    grace the switch gives its last member (`up` started 1 to 2.8 s after the `down`, so it
+    finds the switch and joins it after the grace): the network is there for each new
+    machine. A switch killed while a member runs is started again by the next `up`, and
+    knows the old member."""
+    from sandbox.named_network import networks_dir
+
+    from .conftest import sandbox_cli
+
+    network, tag = f"grace{os.getpid()}", os.getpid()
+    path = networks_dir() / network
+    names = [f"m{n}-{tag}" for n in range(6)]
+
+    def up(name: str) -> None:
+        result = sandbox_cli("up", name, "--network", network)
+        assert result.returncode == 0, result.stderr
+
+    try:
+        up(names[0])
+        for previous, name, wait in zip(names[:4], names[1:5], (0, 1.0, 2.0, 2.8), strict=True):
+            assert sandbox_cli("down", previous).returncode == 0
+            time.sleep(wait)
+            up(name)
+        from sandbox import switch
+
+        assert switch.request(path, "ping")["ports"] == 1  # those gone left it
+        old = int((path / "switch.pid").read_text())
+        os.kill(old, signal.SIGKILL)
+        while Path(f"/proc/{old}").exists():
+            time.sleep(0.05)
+        up(names[5])
+        assert int((path / "switch.pid").read_text()) != old
+        assert switch.request(path, "ping")["ports"] == 2  # the running one joined again
+        for source, target in ((names[4], names[5]), (names[5], names[4])):
+            reach = sandbox_cli("exec", source, "--", "python3", "-c", "import socket; "
+                                f"socket.create_connection(('{target}', 22), 5)")
+            assert reach.returncode == 0, reach.stderr
+    finally:
+        for name in names:
+            sandbox_cli("down", name)
+    deadline = time.monotonic() + 15  # the switch ends a few seconds after its last member
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not path.exists()
+
+
+def test_a_named_network_held_by_another_command_is_a_network_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox import named_network, switch
+
+    network = f"held{os.getpid()}"
+    path = named_network.networks_dir() / network
+    monkeypatch.setattr(named_network, "LOCK_TIMEOUT", 0.3)
+    try:
+        with switch.network_lock(path, 1), pytest.raises(
+                NetworkError, match=f"network {network} stayed locked for 0.3 s by another "
+                "sandbox command; try again"):
+            named_network.ensure(network)
+    finally:
+        with switch.network_lock(path, 1):  # as the switch does: removed under the lock
+            shutil.rmtree(path)
+
+
+def test_a_network_lock_waiter_starts_over_when_the_directory_goes(tmp_path: Path) -> None:
+    """The switch removes its directory, lock file included, under the lock: a command that
+    was waiting for that lock then holds the lock of a new directory, not the removed one."""
+    import threading
+
+    from sandbox import switch
+
+    path, held, events = tmp_path / "net", threading.Event(), []
+
+    def waiter() -> None:
+        held.wait()
+        with switch.network_lock(path, 5):
+            events.append((path / "lock").exists())  # the lock file at the path, not gone
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    with switch.network_lock(path, 1):
+        held.set()
+        time.sleep(0.3)  # the waiter opened the old lock file and waits on it
+        shutil.rmtree(path)
+    thread.join(10)
+    assert events == [True]
+    with pytest.raises(TimeoutError), switch.network_lock(path, 0), \
+            switch.network_lock(path, 0):  # it is a lock still
+        pass
