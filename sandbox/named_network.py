@@ -3,25 +3,31 @@ NET``), for manual work.
 
 A named network lives in ``<runtime>/networks/<NET>/``: its switch (:mod:`sandbox.switch`,
 started by the first ``up`` that needs it, with no owner process) and one file per member
-under ``members/`` (name -> address), written under the network's lock. The switch exits by
-itself a few seconds after its last member's machine is gone (``sandbox down``), and the
-directory with it.
+under ``members/`` (name -> address, port, MAC), written under the network's lock by ``up``,
+which also makes sure the switch runs under that lock; ``down`` takes the machine off the
+switch and removes its file. The switch decides under the same lock to end, a few seconds
+after its last member's machine is gone, and removes the directory then; a switch started
+again (after it died) joins the members whose machines still run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
+import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import switch
 from .errors import SandboxError
 from .network import Membership, NetworkError, Peer, check_hostname, free_host
-from .paths import module_process, private_lock, runtime_dir
+from .paths import module_process, runtime_dir
+from .pids import process_start_ticks
 from .plan import MachineFiles
 from .waits import wait_until
 
@@ -29,6 +35,9 @@ if TYPE_CHECKING:
     from .machine import Machine
 
 _NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
+#: How long a command waits for another one holding a network's lock (which may be starting
+#: its switch: up to 30 s).
+LOCK_TIMEOUT = 60.0
 
 
 def networks_dir() -> Path:
@@ -42,60 +51,92 @@ def subnet_of(name: str) -> ipaddress.IPv4Network:
     return ipaddress.IPv4Network(f"192.168.{third}.0/24")
 
 
-def ensure(name: str) -> Path:
-    """The directory of named network ``name``, its switch started if it is not running."""
+def check_network_name(name: str) -> str:
     if not name or len(name) > 32 or not set(name) <= set(_NAME_CHARS) or name[0] in "._-":
         raise NetworkError(f"network name {name!r}: use up to 32 letters, digits, '.', '_', "
                            "'-', starting with a letter or digit")
-    path = networks_dir() / name
-    path.mkdir(mode=0o700, exist_ok=True)
-    with private_lock(path / "lock", timeout=30):
+    return name
+
+
+@contextmanager
+def locked(path: Path, *, create: bool = True) -> Iterator[bool]:
+    """Hold the lock of the named network at ``path`` (see :func:`switch.network_lock`)."""
+    try:
+        with switch.network_lock(path, LOCK_TIMEOUT, create=create) as exists:
+            yield exists
+    except TimeoutError:
+        raise NetworkError(f"network {path.name} stayed locked for {LOCK_TIMEOUT:g} s by "
+                           "another sandbox command; try again when it is done") from None
+
+
+def ensure(name: str) -> Path:
+    """The directory of named network ``name``, its switch started if it is not running."""
+    path = networks_dir() / check_network_name(name)
+    with locked(path):
+        _ensure_switch(path)
+    return path
+
+
+def _ensure_switch(path: Path) -> None:
+    """Start the switch of the named network at ``path`` unless it answers; the caller holds
+    the network's lock (so the switch cannot decide to end meanwhile)."""
+    try:
+        switch.request(path, "ping", timeout=1)
+        return
+    except (OSError, ValueError):
+        pass
+    for stale in ("switch.sock", "control.sock"):
+        (path / stale).unlink(missing_ok=True)
+    command, env = module_process("switch", str(path), "0", "-",
+                                  f"sandbox-network-{path.name}")
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True, cwd="/",
+                               env=env)
+
+    def answering() -> bool:
+        if process.poll() is not None:
+            raise NetworkError(f"the switch of network {path.name} exited at once "
+                               f"(status {process.returncode})")
         try:
             switch.request(path, "ping", timeout=1)
-            return path
+            return True
         except (OSError, ValueError):
-            pass
-        for stale in ("switch.sock", "control.sock"):
-            (path / stale).unlink(missing_ok=True)
-        command, env = module_process("switch", str(path), "0", "-",
-                                      f"sandbox-network-{name}")
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True, cwd="/",
-                                   env=env)
+            return False
 
-        def answering() -> bool:
-            if process.poll() is not None:
-                raise NetworkError(f"the switch of network {name} exited at once "
-                                   f"(status {process.returncode})")
-            try:
-                switch.request(path, "ping", timeout=1)
-                return True
-            except (OSError, ValueError):
-                return False
-
-        wait_until(answering, timeout=30, interval=0.02, error=NetworkError,
-                   what=f"the switch of network {name} did not start")
-    return path
+    wait_until(answering, timeout=30, interval=0.02, error=NetworkError,
+               what=f"the switch of network {path.name} did not start")
 
 
 def reserve(machine: Machine, index: int, path: Path) -> Membership:
     """An address for named ``machine`` (NIC number ``index``) on the named network at
-    ``path``, taken before it starts (its member file written under the network's lock)."""
+    ``path``, taken before it starts: under the network's lock, its switch made sure of and
+    its member file written (address, port, MAC, and this process as its starter), so the
+    switch keeps running for it."""
     from .named import attach
 
     check_hostname(machine.name)
-    members = path / "members"
-    members.mkdir(mode=0o700, exist_ok=True)
+    assert machine.files is not None
     subnet = subnet_of(path.name)
     machines = runtime_dir() / "machines"
-    with private_lock(path / "lock", timeout=30):
-        current = {p.stem: json.loads(p.read_text())["address"] for p in members.glob("*.json")
-                   if (machines / p.stem).exists()}
+    with locked(path):
+        _ensure_switch(path)
+        members = path / "members"
+        members.mkdir(mode=0o700, exist_ok=True)
+        current = {}
+        for p in members.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                if (machines / p.stem).exists():
+                    current[p.stem] = json.loads(p.read_text())["address"]
         if machine.name in current:
             raise NetworkError(f"network {path.name} has a machine named {machine.name!r}")
         host = free_host(subnet, set(current.values()))
-        (members / f"{machine.name}.json").write_text(
-            json.dumps({"address": str(subnet.network_address + host)}))
+        membership = Membership(path, index, subnet, host, [])
+        pid = os.getpid()
+        tmp = members / f".{machine.name}.tmp"
+        tmp.write_text(json.dumps({
+            "address": membership.ip, "port": str(machine.files.lan_socket(index)),
+            "mac": membership.link["mac"], "starter": [pid, process_start_ticks(pid)]}))
+        tmp.rename(members / f"{machine.name}.json")
 
     def run(peer: str) -> Callable[[str], str]:
         def line(command: str) -> str:
@@ -106,13 +147,22 @@ def reserve(machine: Machine, index: int, path: Path) -> Membership:
                 vm.disconnect()
         return line
 
-    peers = [Peer(name, address, MachineFiles(machines / name).agent_socket, run(name))
-             for name, address in sorted(current.items())]
-    return Membership(path, index, subnet, host, peers)
+    membership.peers = [Peer(name, address, MachineFiles(machines / name).agent_socket,
+                             run(name)) for name, address in sorted(current.items())]
+    return membership
 
 
 def leave(machine_name: str, path: Path) -> None:
-    (path / "members" / f"{machine_name}.json").unlink(missing_ok=True)
+    """Take named machine ``machine_name`` off the named network at ``path``: its port on
+    the switch and its member file."""
+    with locked(path, create=False) as exists:
+        if not exists:
+            return
+        member = path / "members" / f"{machine_name}.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            switch.request(path, "leave", timeout=2,
+                           port=json.loads(member.read_text())["port"])
+        member.unlink(missing_ok=True)
 
 
 def check_open(path: str) -> Path:

@@ -363,7 +363,8 @@ class NetworkedMachine:
         assert self.files is not None
         self.agent_answered = answer is not None
         for m in self._memberships:
-            switch.request(m.directory, "join", port=str(self.files.lan_socket(m.index)))
+            switch.request(m.directory, "join", port=str(self.files.lan_socket(m.index)),
+                           mac=m.link["mac"])
         if self._memberships and (answer or {}).get("network") != "ok":
             self.succeed_as_root(setup_line(self._memberships, self._hosts()), timeout=60)
         for told in self._telling:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -260,3 +263,190 @@ def test_a_template_saved_on_a_network_is_cloned_onto_one(
             assert x.address(other) != vm_address
     finally:
         sandbox.remove_template(name)
+
+
+def _frame(destination: bytes, source: bytes, payload: bytes = b"") -> bytes:
+    return destination + source + b"\x08\x00" + payload
+
+
+def _received(sock: socket.socket, wait: float = 0.5) -> list[bytes]:
+    """The frames ``sock`` got within ``wait`` seconds."""
+    frames, deadline = [], time.monotonic() + wait
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            frames.append(sock.recv(65536))
+        except TimeoutError:
+            break
+    return frames
+
+
+def _rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0])
+
+
+def test_the_switch_pins_each_ports_mac_and_drops_spoofed_frames(
+        vm_network: Callable[..., sandbox.Network]) -> None:
+    """Real switch process, raw datagram sockets for members: a member sending frames as a
+    peer's MAC neither takes the peer's unicast traffic nor reaches anyone, and a flood of
+    random source MACs leaves the switch's table and memory as they were."""
+    from sandbox import switch
+
+    net = vm_network()
+    assert net.path is not None
+    pid = int((net.path / "switch.pid").read_text())
+    target = str(net.path / "switch.sock")
+    macs = {n: bytes([0x52, 0x54, 0, 0, 0, i]) for i, n in enumerate("abc", 2)}
+    members = {}
+    with tempfile.TemporaryDirectory(prefix="sw", dir="/tmp") as scratch:
+        for name, mac in macs.items():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind(f"{scratch}/{name}.sock")
+            members[name] = sock
+            switch.request(net.path, "join", port=f"{scratch}/{name}.sock", mac=mac.hex(":"))
+        a, b, c = members["a"], members["b"], members["c"]
+        try:
+            # c claims b's MAC: to a, and to everyone
+            c.sendto(_frame(macs["a"], macs["b"], b"spoof"), target)
+            c.sendto(_frame(b"\xff" * 6, macs["b"], b"spoof"), target)
+            assert _received(a) == []
+            a.sendto(_frame(macs["b"], macs["a"], b"for-b"), target)
+            assert _received(b) == [_frame(macs["b"], macs["a"], b"for-b")]  # not stolen
+            assert _received(c) == []
+            b.sendto(_frame(macs["a"], macs["b"], b"for-a"), target)  # b's own MAC: fine
+            assert _received(a) == [_frame(macs["a"], macs["b"], b"for-a")]
+            # 200k frames from random source MACs: nothing learnt, memory bounded
+            before = _rss_kib(pid)
+            for _ in range(200_000):
+                c.sendto(_frame(b"\xff" * 6, bytes([0x52]) + os.urandom(5)), target)
+            answer = switch.request(net.path, "ping")
+            assert answer["ports"] == 3 and answer["macs"] == 3
+            grown = _rss_kib(pid) - before
+            assert grown < 4096, f"the switch grew by {grown} KiB"
+            with pytest.raises(ValueError, match="not a unicast MAC"):
+                switch.request(net.path, "join", port=f"{scratch}/d.sock",
+                               mac="01:00:5e:00:00:01")
+            with pytest.raises(ValueError, match="'mac'"):
+                switch.request(net.path, "join", port=f"{scratch}/d.sock")
+            for n in range(3, switch.MAX_PORTS):  # the table is capped
+                switch.request(net.path, "join", port=f"{scratch}/p{n}.sock",
+                               mac=f"52:54:01:00:{n >> 8:02x}:{n & 255:02x}")
+            with pytest.raises(ValueError, match=f"{switch.MAX_PORTS} ports already"):
+                switch.request(net.path, "join", port=f"{scratch}/full.sock",
+                               mac="52:54:02:00:00:01")
+        finally:
+            for sock in members.values():
+                sock.close()
+
+
+def test_a_clone_taking_a_peers_mac_steals_nothing(
+        built_image: dict[str, Any], vm_factory: Factory,
+        vm_network: Callable[..., sandbox.Network]) -> None:
+    """c sets its NIC to b's MAC and keeps broadcasting from it: the switch drops c's frames
+    (the MAC of c's port is the one the host gave it), so what a sends b still reaches b."""
+    net = vm_network()
+    a, b, c = (vm_factory(name=n, networks=[net]) for n in ("a", "b", "c"))
+    serve(b, "from-b")
+    mac_b = b.succeed("cat /sys/class/net/eth1/address").strip()
+    broadcast = net.subnet.broadcast_address
+    c.succeed(f"ip link set eth1 address {mac_b} && systemd-run --unit spoof python3 -c "
+              "\"import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+              "s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)\nwhile True:\n"
+              f" s.sendto(b'spoof', ('{broadcast}', 9)); time.sleep(0.01)\"")
+    c.wait_until_succeeds("systemctl is-active spoof", timeout=10)
+    time.sleep(0.5)
+    for _ in range(5):
+        assert probe(a, "b").stdout.strip() == "from-b"
+
+
+def test_a_named_network_survives_down_up_and_a_killed_switch(
+        built_image: dict[str, Any]) -> None:
+    """`down` then `up` on the same named network at once, and again and again around the
+    grace the switch gives its last member (`up` started 1 to 2.8 s after the `down`, so it
+    finds the switch and joins it after the grace): the network is there for each new
+    machine. A switch killed while a member runs is started again by the next `up`, and
+    knows the old member."""
+    from sandbox.named_network import networks_dir
+
+    from .conftest import sandbox_cli
+
+    network, tag = f"grace{os.getpid()}", os.getpid()
+    path = networks_dir() / network
+    names = [f"m{n}-{tag}" for n in range(6)]
+
+    def up(name: str) -> None:
+        result = sandbox_cli("up", name, "--network", network)
+        assert result.returncode == 0, result.stderr
+
+    try:
+        up(names[0])
+        for previous, name, wait in zip(names[:4], names[1:5], (0, 1.0, 2.0, 2.8), strict=True):
+            assert sandbox_cli("down", previous).returncode == 0
+            time.sleep(wait)
+            up(name)
+        from sandbox import switch
+
+        assert switch.request(path, "ping")["ports"] == 1  # those gone left it
+        old = int((path / "switch.pid").read_text())
+        os.kill(old, signal.SIGKILL)
+        while Path(f"/proc/{old}").exists():
+            time.sleep(0.05)
+        up(names[5])
+        assert int((path / "switch.pid").read_text()) != old
+        assert switch.request(path, "ping")["ports"] == 2  # the running one joined again
+        for source, target in ((names[4], names[5]), (names[5], names[4])):
+            reach = sandbox_cli("exec", source, "--", "python3", "-c", "import socket; "
+                                f"socket.create_connection(('{target}', 22), 5)")
+            assert reach.returncode == 0, reach.stderr
+    finally:
+        for name in names:
+            sandbox_cli("down", name)
+    deadline = time.monotonic() + 15  # the switch ends a few seconds after its last member
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not path.exists()
+
+
+def test_a_named_network_held_by_another_command_is_a_network_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox import named_network, switch
+
+    network = f"held{os.getpid()}"
+    path = named_network.networks_dir() / network
+    monkeypatch.setattr(named_network, "LOCK_TIMEOUT", 0.3)
+    try:
+        with switch.network_lock(path, 1), pytest.raises(
+                NetworkError, match=f"network {network} stayed locked for 0.3 s by another "
+                "sandbox command; try again"):
+            named_network.ensure(network)
+    finally:
+        with switch.network_lock(path, 1):  # as the switch does: removed under the lock
+            shutil.rmtree(path)
+
+
+def test_a_network_lock_waiter_starts_over_when_the_directory_goes(tmp_path: Path) -> None:
+    """The switch removes its directory, lock file included, under the lock: a command that
+    was waiting for that lock then holds the lock of a new directory, not the removed one."""
+    import threading
+
+    from sandbox import switch
+
+    path, held, events = tmp_path / "net", threading.Event(), []
+
+    def waiter() -> None:
+        held.wait()
+        with switch.network_lock(path, 5):
+            events.append((path / "lock").exists())  # the lock file at the path, not gone
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    with switch.network_lock(path, 1):
+        held.set()
+        time.sleep(0.3)  # the waiter opened the old lock file and waits on it
+        shutil.rmtree(path)
+    thread.join(10)
+    assert events == [True]
+    with pytest.raises(TimeoutError), switch.network_lock(path, 0), \
+            switch.network_lock(path, 0):  # it is a lock still
+        pass
