@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -67,6 +69,27 @@ def qemu_processes(tag: str) -> list[int]:
         if b"qemu-system" in cmdline and tag.encode() in cmdline:
             found.append(int(proc.name))
     return found
+
+
+def kill_and_expect_no_qemu(process: subprocess.Popen[Any], tag: str, what: str) -> None:
+    """SIGKILL ``process``; within 5 s no QEMU whose command line carries ``tag`` is left
+    (``what`` says what would have leaked)."""
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 5
+    while qemu_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert qemu_processes(tag) == [], what
+
+
+def clean_up_run(process: subprocess.Popen[Any], runtime: Path) -> None:
+    """After a test that kills ``process``: it, and any QEMU of the runtime directory
+    ``runtime`` (all started by that test), gone; the directory removed."""
+    if process.poll() is None:
+        process.kill()
+    for pid in qemu_processes(str(runtime)):
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(runtime, ignore_errors=True)
 
 
 def env_with(**overrides: str) -> dict[str, str]:

@@ -269,8 +269,6 @@ def test_a_killed_kvm_probe_leaves_no_qemu(built_image: dict[str, object],
                                            tmp_path: Path) -> None:
     """``sandbox doctor --refresh`` SIGKILLed while its probe QEMUs run: they go with it (on
     the hosts the probe is for, the one under KVM would hang for ever)."""
-    import shutil
-    import signal
     import subprocess
     import sys
     import tempfile
@@ -279,7 +277,14 @@ def test_a_killed_kvm_probe_leaves_no_qemu(built_image: dict[str, object],
     from sandbox.image import cached_image
     from sandbox.recipe import find_recipe
 
-    from .conftest import IMAGE, ROOT, env_with, qemu_processes
+    from .conftest import (
+        IMAGE,
+        ROOT,
+        clean_up_run,
+        env_with,
+        kill_and_expect_no_qemu,
+        qemu_processes,
+    )
 
     image = cached_image(find_recipe(IMAGE))
     assert image is not None
@@ -294,15 +299,6 @@ def test_a_killed_kvm_probe_leaves_no_qemu(built_image: dict[str, object],
         while len(qemu_processes(str(runtime))) < (2 if os.access("/dev/kvm", os.W_OK) else 1):
             assert doctor.poll() is None and time.monotonic() < deadline, "no probe QEMU ran"
             time.sleep(0.02)
-        os.kill(doctor.pid, signal.SIGKILL)
-        doctor.wait()
-        deadline = time.monotonic() + 5
-        while qemu_processes(str(runtime)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert qemu_processes(str(runtime)) == [], "a probe QEMU outlived sandbox doctor"
+        kill_and_expect_no_qemu(doctor, str(runtime), "a probe QEMU outlived sandbox doctor")
     finally:
-        if doctor.poll() is None:
-            doctor.kill()
-        for pid in qemu_processes(str(runtime)):
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(runtime, ignore_errors=True)
+        clean_up_run(doctor, runtime)

@@ -237,14 +237,12 @@ def test_keep_on_failure_keeps_nothing_of_a_killed_run(pytester: pytest.Pytester
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """--sandbox-keep-on-failure keeps the VMs of a test that failed, and only those: a
     pytest SIGKILLed in the middle of a test (which has not failed) leaves no QEMU behind."""
-    import shutil
-    import signal
     import subprocess
     import sys
     import tempfile
     import time
 
-    from .conftest import qemu_processes
+    from .conftest import clean_up_run, kill_and_expect_no_qemu, qemu_processes
 
     runtime = Path(tempfile.mkdtemp(prefix="keep-run-"))
     monkeypatch.setenv("SANDBOX_RUNTIME_DIR", str(runtime))
@@ -267,18 +265,9 @@ def test_keep_on_failure_keeps_nothing_of_a_killed_run(pytester: pytest.Pytester
             assert run.poll() is None and time.monotonic() < deadline, "the VMs never started"
             time.sleep(0.1)
         assert len(qemu_processes(str(runtime))) == 2
-        os.kill(run.pid, signal.SIGKILL)
-        run.wait()
-        deadline = time.monotonic() + 5
-        while qemu_processes(str(runtime)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert qemu_processes(str(runtime)) == [], "a VM outlived its killed pytest"
+        kill_and_expect_no_qemu(run, str(runtime), "a VM outlived its killed pytest")
     finally:
-        if run.poll() is None:
-            run.kill()
-        for pid in qemu_processes(str(runtime)):
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(runtime, ignore_errors=True)
+        clean_up_run(run, runtime)
 
 
 def test_a_comma_in_the_runtime_directory_and_names_refused_before_a_start(
