@@ -490,10 +490,24 @@ def connect_booted(image: Image, process: QemuProcess, files: MachineFiles, ssh_
 
 
 #: ``cloud-init status --long``: its status, and the lines of its error report (cloud-init
-#: 22's ``detail:``, 23's ``errors:`` and ``recoverable_errors:``).
+#: 23's ``errors:``, or 22's ``detail:``), up to the next field or the shell's ``exit=`` line.
 _STATUS = re.compile(r"^status: *(\S+)", re.MULTILINE)
-_STATUS_DETAIL = re.compile(r"^(detail|errors|recoverable_errors):\s*(.*?)(?=^\S+:|\Z)",
+_STATUS_DETAIL = re.compile(r"^(detail|errors):\s*(.*?)(?=^\S+:|^exit=|\Z)",
                             re.MULTILINE | re.DOTALL)
+
+
+def cloud_init_report(text: str) -> tuple[str, list[str]]:
+    """The status in ``cloud-init status --long`` output, and the lines of its error report
+    when the status is ``error`` ("done" has a detail too: the datasource it used)."""
+    found = _STATUS.search(text)
+    status = found.group(1) if found else "unknown"
+    if status != "error":
+        return status, []
+    sections = {match.group(1): match.group(2) for match in _STATUS_DETAIL.finditer(text)}
+    report = sections.get("errors", sections.get("detail", ""))
+    errors = [line.strip() for line in report.splitlines()
+              if line.strip() and line.strip() not in ("[]", "{}", "-")]
+    return status, errors or [text[-500:]]
 
 
 def settle(channel: Channel, image: Image, timeout: float) -> list[str]:
@@ -506,16 +520,10 @@ def settle(channel: Channel, image: Image, timeout: float) -> list[str]:
     result = channel.run("cloud-init status --wait --long 2>&1; echo \"exit=$?\"",
                          timeout=timeout)
     text = guest_text(result.stdout).strip()
-    found = _STATUS.search(text)
-    status = found.group(1) if found else "unknown"
-    if status not in ("done", "error", "degraded"):
+    status, errors = cloud_init_report(text)
+    if status not in ("done", "error"):
         raise BootError(f"cloud-init did not finish in image {image.name} (status: {status}):\n"
                         f"{text[-1500:]}")
-    errors = [line.strip() for match in _STATUS_DETAIL.finditer(text)
-              for line in match.group(2).splitlines()
-              if line.strip() and line.strip() not in ("[]", "{}", "-")]
-    if status != "done" and not errors:
-        errors = [f"status: {status}"]
     if errors:
         detail = "\n  ".join(errors)[-1500:]
         if image.cloud_init_errors == "fail":

@@ -610,6 +610,30 @@ def test_a_disk_given_by_path_is_imported_as_it_is(foreign: dict[str, Any],
         sandbox.launch(str(tmp_path / "missing.vmdk"))
 
 
+def test_cloud_init_reports_are_read_for_errors_only() -> None:
+    """cloud-init 22 (Debian 12) and 23+ outputs of ``status --long``: a successful one
+    has a detail too (its datasource), which is no error."""
+    from sandbox.disks import cloud_init_report
+
+    done_22 = ("\nstatus: done\ntime: Tue, 01 Dec 2026 02:40:01 +0000\ndetail:\n"
+               "DataSourceNoCloud [seed=/dev/vda][dsmode=net]\nexit=0")
+    error_22 = ("status: error\ntime: Tue, 01 Dec 2026 02:40:01 +0000\ndetail:\n"
+                "('scripts-user', RuntimeError('Runparts: 1 failures (runcmd) in 1 attempted "
+                "commands'))\nexit=1")
+    error_23 = ("status: error\nextended_status: error - done\nboot_status_code: "
+                "enabled-by-generator\ndetail: DataSourceNoCloud [seed=/dev/vda]\n"
+                "errors:\n\t- ('locale', ProcessExecutionError('update-locale'))\n"
+                "recoverable_errors: {}\nexit=1")
+    assert cloud_init_report(done_22) == ("done", [])
+    assert cloud_init_report(error_22) == ("error", [
+        "('scripts-user', RuntimeError('Runparts: 1 failures (runcmd) in 1 attempted "
+        "commands'))"])
+    assert cloud_init_report(error_23) == (
+        "error", ["- ('locale', ProcessExecutionError('update-locale'))"])
+    assert cloud_init_report("status: running\nexit=0") == ("running", [])
+    assert cloud_init_report("garbage") == ("unknown", [])
+
+
 CLOUD_INIT_FAILS = '"#cloud-config\\nruncmd:\\n  - [false]\\n"'
 
 
@@ -635,7 +659,9 @@ def test_a_cloud_init_module_error_is_a_warning_unless_the_recipe_says_fail(
             assert vm.succeed("whoami").strip() == "debian"
             assert "status: error" in vm.run("cloud-init status").stdout
             assert vm.source is not None
-            assert any("scripts" in line for line in vm.source.manifest["cloud_init_errors"])
+            recorded = vm.source.manifest["cloud_init_errors"]
+            assert any("scripts" in line for line in recorded), recorded
+            assert not any("exit=" in line or "DataSource" in line for line in recorded)
         with pytest.raises(BootError, match=r"cloud-init reported errors in image "
                                             rf"{strict} \(cloud_init_errors = \"fail\""):
             sandbox.launch(strict)
