@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.commands import CommandResult, command_string, wrap
+from sandbox.base.pids import kill_tagged, process_alive, process_start_ticks
+from sandbox.base.sizes import format_size, parse_size
 from sandbox.errors import SandboxError, SandboxWarning, SnapshotError
-from sandbox.pids import kill_tagged, process_alive, process_start_ticks
-from sandbox.plan import MachineFiles, QemuPlan, lan_pci_address
-from sandbox.qemu import QemuProcess
-from sandbox.runs import orphaned_runs
-from sandbox.sizes import format_size, parse_size
-from sandbox.spec import MachineSpec
+from sandbox.guest.commands import CommandResult, command_string, wrap
+from sandbox.vm.plan import MachineFiles, QemuPlan, lan_pci_address
+from sandbox.vm.qemu import QemuProcess
+from sandbox.vm.runs import orphaned_runs
+from sandbox.vm.spec import MachineSpec
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -191,8 +191,8 @@ def test_kill_tagged_spares_a_process_without_the_tag(tmp_path: Path) -> None:
 
 
 def test_a_rebuilt_image_meets_no_old_golden_snapshot(tmp_path: Path) -> None:
-    from sandbox.golden import golden_key
-    from sandbox.image import Image
+    from sandbox.imaging.image import Image
+    from sandbox.vm.golden import golden_key
 
     manifest = {"name": "x", "digest": "d" * 64, "built_at": "2026-01-01T00:00:00+0000"}
     first = Image(tmp_path, manifest)
@@ -271,8 +271,8 @@ def test_commas_in_names_and_paths_stay_inside_their_option_values() -> None:
                                   "é"])
 def test_machine_names_are_checked_before_anything_starts(name: str) -> None:
     from sandbox.errors import MachineNameError
-    from sandbox.machine import Machine, launch
-    from sandbox.named import check_name
+    from sandbox.machine.machine import Machine, launch
+    from sandbox.machine.named import check_name
 
     rule = r"use 1 to 63 letters, digits, '\.', '_' or '-', starting with a letter or digit"
     for attempt in (lambda: Machine(name=name), lambda: launch(name=name),
@@ -292,7 +292,7 @@ _UNSAFE = {*map(chr, range(0x20)), *map(chr, range(0x7f, 0xa0)),
 
 
 def test_printable_leaves_no_control_character_and_is_idempotent() -> None:
-    from sandbox.console import printable
+    from sandbox.vm.console import printable
 
     hostile = ("\x1b]0;pwned\x07title \x1b[31mred\x1b[0m \x9b31mc1-csi \x9d8;;http://x\x9c "
                "\x1bP+q\x1b\\ \x1b(B \x1b7 \x90dcs\x9c \x1b]unterminated\nline2 \x1b\x1b[2J "
@@ -354,8 +354,8 @@ def _drip(conn: socket.socket) -> None:
 
 
 def test_an_agent_drip_feeding_its_answer_gets_its_timeout_in_all(tmp_path: Path) -> None:
-    from sandbox.agent import Agent
     from sandbox.errors import GuestDataError
+    from sandbox.guest.agent import Agent
 
     agent = Agent(_agent_peer(tmp_path, _drip), timeout=1.5)
     started = time.monotonic()
@@ -381,8 +381,8 @@ def test_an_agent_drip_feeding_its_answer_gets_its_timeout_in_all(tmp_path: Path
 ])
 def test_a_malformed_agent_answer_is_a_typed_error(tmp_path: Path, answer: bytes,
                                                     error: str) -> None:
-    from sandbox.agent import Agent
     from sandbox.errors import GuestDataError
+    from sandbox.guest.agent import Agent
 
     with pytest.raises(GuestDataError, match=error):
         Agent(_agent_peer(tmp_path, lambda conn: conn.sendall(answer)), timeout=5).request("x")
@@ -394,7 +394,7 @@ def test_a_malformed_agent_answer_is_a_typed_error(tmp_path: Path, answer: bytes
 
 
 def test_an_agent_error_from_the_guest_is_shown_escaped(tmp_path: Path) -> None:
-    from sandbox.agent import Agent
+    from sandbox.guest.agent import Agent
 
     answer = b'{"ok": false, "error": "\\u001b]0;pwned\\u0007bad\\u009b2J"}\n'
     with pytest.raises(SandboxError) as raised:
@@ -416,7 +416,7 @@ def _prelude_peer(send: Callable[[socket.socket], None]) -> socket.socket:
 
 def test_the_ssh_prelude_read_is_bounded_in_size_and_time() -> None:
     from sandbox.errors import GuestDataError, SnapshotError
-    from sandbox.golden import read_prelude
+    from sandbox.vm.golden import read_prelude
 
     def banner_then_silence(sock: socket.socket) -> None:
         sock.sendall(b"SSH-2.0-dropbear\r\n" + b"k" * 1000)

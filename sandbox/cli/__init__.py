@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from ..errors import SandboxError
-from ..spec import ACCELS, NETWORKS
+from ..vm.spec import ACCELS, NETWORKS
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -16,7 +16,7 @@ from . import friendly, main
 @friendly
 def doctor(as_json: bool, refresh: bool) -> None:
     """What this host can do: QEMU, tools, cache space, and KVM or TCG (with the reason)."""
-    from ..host import doctor_report
+    from ..host.doctor import doctor_report
 
     report = doctor_report(refresh=refresh)
     if as_json:
@@ -62,8 +62,8 @@ def doctor(as_json: bool, refresh: bool) -> None:
 @friendly
 def prune() -> None:
     """Reap VMs and files of killed runs, and named VMs whose QEMU died."""
-    from ..named import prune_named
-    from ..runs import reap_orphans
+    from ..machine.named import prune_named
+    from ..vm.runs import reap_orphans
 
     reaped = reap_orphans() + prune_named()
     for line in reaped:

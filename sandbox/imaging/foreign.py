@@ -36,9 +36,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import console
-from .commands import as_root
-from .errors import (
+from ..base.paths import cache_dir, find_tool
+from ..base.progress import QUIET, Reporter
+from ..base.sizes import format_size, parse_size
+from ..errors import (
     BootError,
     ChannelError,
     HostError,
@@ -47,19 +48,18 @@ from .errors import (
     SandboxWarning,
     guest_text,
 )
-from .keys import cache_key
-from .paths import cache_dir, find_tool
-from .progress import QUIET, Reporter
-from .qemu import dies_with
+from ..guest.commands import as_root
+from ..guest.keys import cache_key
+from ..vm import console
+from ..vm.qemu import dies_with
 from .recipe import Recipe
 from .seed import host_key_pair, user_data, write_seed
-from .sizes import format_size, parse_size
 
 if TYPE_CHECKING:
-    from .channel import Channel
+    from ..guest.channel import Channel
+    from ..vm.plan import MachineFiles
+    from ..vm.qemu import QemuProcess
     from .image import Image
-    from .plan import MachineFiles
-    from .qemu import QemuProcess
 
 #: Bumped whenever importing changes what ends up in an entry.
 IMPORT_VERSION = "1"
@@ -467,7 +467,7 @@ def connect_booted(image: Image, process: QemuProcess, files: MachineFiles, ssh_
     """SSH to a guest that has just booted, within ``timeout`` seconds: the channel, the
     account it is logged in as, and the errors cloud-init reported (an imported image is
     ready once cloud-init has finished; see :func:`settle`)."""
-    from .channel import connect, tcp
+    from ..guest.channel import connect, tcp
 
     deadline = time.monotonic() + timeout
     user = image.user or "root"
@@ -542,9 +542,9 @@ def start_agent(channel: Channel, user: str, agent_socket: Path) -> bool:
     that the golden snapshot saved next holds it waiting and every clone gets its own clock
     and randomness from it, as clones of recipe images do. False when it could not start
     (no python3, no sudo without a password): clones then get the clock over SSH."""
-    from .agent import Agent
-    from .errors import SandboxError
-    from .image import GUEST_AGENT
+    from ..errors import SandboxError
+    from ..guest.agent import Agent
+    from ..guest.files import GUEST_AGENT
 
     result = channel.run(as_root("tee /run/sandbox-agent >/dev/null && systemd-run --quiet "
                                  "--unit=sandbox-agent python3 /run/sandbox-agent", user),

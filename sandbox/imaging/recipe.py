@@ -11,18 +11,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import RecipeError
-from .sizes import parse_size
+from ..base.sizes import parse_size
+from ..errors import RecipeError
 
 
 def builtin_recipes() -> Path | None:
     """The recipes shipped with the project: inside the installed package (a wheel carries
     the checkout's ``images/`` as ``sandbox/images``), or, in a checkout (an editable
     install), ``images/`` beside the package."""
-    packaged = Path(__file__).resolve().parent / "images"
+    packaged = Path(__file__).resolve().parents[1] / "images"
     if packaged.is_dir():
         return packaged
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]
     if (checkout / "pyproject.toml").is_file() and (checkout / "images").is_dir():
         return checkout / "images"
     return None

@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .entries import entry_lock, publish, remove_entry
-from .errors import SandboxError, SandboxWarning, TemplateError
-from .progress import QUIET, Reporter
-from .spec import MachineSpec
-from .template import (
+from ..base.entries import entry_lock, publish, remove_entry
+from ..base.progress import QUIET, Reporter
+from ..errors import SandboxError, SandboxWarning, TemplateError
+from ..vm.spec import MachineSpec
+from ..vm.template import (
     Template,
     base_entry,
     check_name,
@@ -90,9 +90,9 @@ def expected_location(name: str, key: str | None, spec: MachineSpec, *,
                       reporter: Reporter = QUIET) -> Path:
     """Where template ``name`` for ``key``, made from a machine of ``spec``, is (or will be):
     its base (the golden snapshot, made now if needed, or the base template) decides."""
-    from .golden import ensure_golden, shape_plan
-    from .host import resolve_accel
-    from .image import get_image
+    from ..host.doctor import resolve_accel
+    from ..imaging.image import get_image
+    from ..vm.golden import ensure_golden, shape_plan
 
     if spec.cold:
         raise TemplateError("a template is saved from a clone; leave out cold=True")

@@ -34,17 +34,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..base.entries import entry_lock, publish, remove_entry
+from ..base.paths import cache_dir
+from ..base.progress import QUIET, Reporter
+from ..errors import BootError, GuestDataError, SandboxError, SandboxWarning, SnapshotError
+from ..guest.agent import Agent
+from ..guest.channel import PreludeSocket
+from ..guest.files import GUEST_AGENT
+from ..host.doctor import qemu_version
+from ..imaging.foreign import connect_booted, start_agent
+from ..imaging.image import Image, find_images, remove_image
 from . import console
-from .agent import Agent
-from .channel import PreludeSocket
-from .disks import connect_booted, start_agent
-from .entries import entry_lock, publish, remove_entry
-from .errors import BootError, GuestDataError, SandboxError, SandboxWarning, SnapshotError
-from .host import qemu_version
-from .image import GUEST_AGENT, Image, find_images, remove_image
-from .paths import cache_dir
 from .plan import MachineFiles, QemuPlan, create_overlay, plan_for, run_tag
-from .progress import QUIET, Reporter
 from .qemu import QemuProcess
 from .runs import current_run
 from .spec import MachineSpec

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import printable as printable  # the one filter for guest text (re-exported)
+from ..errors import printable as printable  # the one filter for guest text (re-exported)
 
 #: Console kept on disk unless SANDBOX_CONSOLE_KEEP says otherwise (bytes, or "8M").
 DEFAULT_KEEP = 8 << 20
@@ -38,8 +38,8 @@ _BLOCK = 4096
 
 def keep_bytes() -> int:
     """How much console a log keeps (SANDBOX_CONSOLE_KEEP, at least 64 KiB)."""
-    from .errors import SandboxError
-    from .sizes import parse_size
+    from ..base.sizes import parse_size
+    from ..errors import SandboxError
 
     raw = os.environ.get("SANDBOX_CONSOLE_KEEP")
     try:
@@ -221,9 +221,9 @@ def untend(path: Path) -> None:
 def start_keeper(path: Path, pid: int, start_ticks: int | None) -> None:
     """A detached process that keeps ``path`` bounded until QEMU ``pid`` exits (or the log
     is removed with its machine)."""
-    from .paths import module_process
+    from ..base.paths import module_process
 
-    command, env = module_process("console", str(path), str(pid),
+    command, env = module_process(__name__, str(path), str(pid),
                                   str(start_ticks if start_ticks is not None else "-"))
     subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
@@ -231,7 +231,7 @@ def start_keeper(path: Path, pid: int, start_ticks: int | None) -> None:
 
 
 def keeper(path: Path, pid: int, start_ticks: int | None) -> None:
-    from .pids import process_alive
+    from ..base.pids import process_alive
 
     keep = keep_bytes()
     while process_alive(pid, start_ticks) and path.exists():

@@ -26,11 +26,11 @@ from typing import Any
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from ..base.pids import process_alive, process_start_ticks
+from ..base.waits import wait_until
+from ..errors import BootError, SandboxError, SnapshotError
 from . import console
-from .errors import BootError, SandboxError, SnapshotError
-from .pids import process_alive, process_start_ticks
 from .plan import MachineFiles, QemuPlan
-from .waits import wait_until
 
 
 class Pid:

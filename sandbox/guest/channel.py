@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 import paramiko
 
+from ..errors import ChannelError, CommandTimeout, GuestDataError, guest_text
 from .commands import (
     PING_AFTER,
     CommandResult,
@@ -27,7 +28,6 @@ from .commands import (
     tail_text,
     wrap,
 )
-from .errors import ChannelError, CommandTimeout, GuestDataError, guest_text
 
 __all__ = ["Channel", "CommandResult", "PreludeSocket", "TranscriptEntry", "command_string",
            "connect", "tcp", "wrap"]

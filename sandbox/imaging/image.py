@@ -29,14 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .access import TOOL_PACKAGES, unprivileged_build_problems
-from .entries import entry_lock, publish, remove_entry
-from .errors import HostError, ImageError, SandboxError
-from .keys import cache_key
-from .paths import SYSTEM_TOOL_DIRS, cache_dir, find_tool, tool_env
-from .progress import QUIET, Reporter
+from ..base.entries import entry_lock, publish, remove_entry
+from ..base.paths import SYSTEM_TOOL_DIRS, cache_dir, find_tool, tool_env
+from ..base.progress import QUIET, Reporter
+from ..base.sizes import format_size, parse_size
+from ..errors import HostError, ImageError, SandboxError
+from ..guest.files import GUEST_AGENT, GUEST_SETUP
+from ..guest.keys import cache_key
+from ..host.access import TOOL_PACKAGES, unprivileged_build_problems
 from .recipe import Recipe, find_recipe
-from .sizes import format_size, parse_size
 
 #: Bumped whenever the build pipeline changes what ends up in an image.
 BUILDER_VERSION = "3"
@@ -52,8 +53,6 @@ BASE_CMDLINE = "root=/dev/vda rw console=ttyS0 loglevel=4 net.ifnames=0 panic=-1
 #: Free space a build needs beyond the disk size (the tree, the raw file, the qcow2).
 BUILD_HEADROOM = 1 << 30
 
-_GUEST_SETUP = Path(__file__).with_name("guest") / "setup.sh"
-GUEST_AGENT = Path(__file__).with_name("guest") / "sandbox-agent"
 #: The folder that carries the guest setup into the tree (its /tmp) and its results out.
 _STAGE = "sandbox-build"
 
@@ -152,11 +151,11 @@ def image_key(recipe: Recipe) -> str:
     """Content address of the image a recipe builds (recipe, builder, baked-in key; for a
     disk recipe the disk's sha256 instead of the builder)."""
     if recipe.kind == "disk":
-        from .disks import IMPORT_VERSION, source_sha256
+        from .foreign import IMPORT_VERSION, source_sha256
 
         return recipe.digest("disk", IMPORT_VERSION, source_sha256(recipe),
                              cache_key().public_line)
-    setup = hashlib.sha256(_GUEST_SETUP.read_bytes() + GUEST_AGENT.read_bytes()).hexdigest()
+    setup = hashlib.sha256(GUEST_SETUP.read_bytes() + GUEST_AGENT.read_bytes()).hexdigest()
     return recipe.digest(BUILDER_VERSION, setup, cache_key().public_line)
 
 
@@ -218,7 +217,7 @@ def build_image(recipe: Recipe, *, reporter: Reporter = QUIET, force: bool = Fal
                 return Image.load(final)
             remove_image(Image.load(final))
         if recipe.kind == "disk":
-            from .disks import import_into, source_sha256
+            from .foreign import import_into, source_sha256
 
             digest = source_sha256(recipe)
             with reporter.stage(f"{recipe.name}: importing {recipe.disk}"):
@@ -280,7 +279,7 @@ def _build_into(recipe: Recipe, key: str, work: Path, tools: dict[str, str],
     started = time.monotonic()
     stage = work / _STAGE
     (stage / "files").mkdir(parents=True)
-    shutil.copyfile(_GUEST_SETUP, stage / "setup.sh")
+    shutil.copyfile(GUEST_SETUP, stage / "setup.sh")
     shutil.copyfile(GUEST_AGENT, stage / "sandbox-agent")
     base = recipe.path.parent if recipe.path else Path.cwd()
     for index, entry in enumerate(recipe.files):

@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..base.entries import entry_lock
+from ..base.paths import account_name, cache_dir, find_tool, runtime_dir
+from ..base.sizes import format_size
+from ..errors import HostError
 from .access import TOOL_PACKAGES, kvm_access_problem, unprivileged_build_problems
-from .entries import entry_lock
-from .errors import HostError
-from .paths import account_name, cache_dir, find_tool, runtime_dir
-from .sizes import format_size
 
 #: How long a kernel may take to print its banner under KVM before KVM counts as unusable.
 KVM_PROBE_SECONDS = 3.0
@@ -208,9 +208,9 @@ def _boot_banner(qemu: str, kernel: Path, accel: str, cpu: str,
     hangs for ever): in a directory of this process's run with a pid file, tagged with the
     run, and killed by a parent-death signal when this process dies (``sandbox doctor``
     killed mid-probe), or by the next run's reaper."""
-    from .plan import MachineFiles, qemu_option, run_tag
-    from .qemu import spawn
-    from .runs import current_run
+    from ..vm.plan import MachineFiles, qemu_option, run_tag
+    from ..vm.qemu import spawn
+    from ..vm.runs import current_run
 
     run = current_run()
     directory = Path(tempfile.mkdtemp(prefix=f"probe-{accel}-", dir=run.path))
@@ -349,7 +349,7 @@ def doctor_report(*, refresh: bool = False) -> dict[str, Any]:
                                       "3G (set SANDBOX_CACHE_DIR)")
 
     # Optional: only imported images with boot = "uefi" need it.
-    from .disks import ovmf_firmware
+    from ..imaging.foreign import ovmf_firmware
 
     try:
         report["uefi"] = {"firmware": str(ovmf_firmware()), "problem": None}

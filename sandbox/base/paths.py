@@ -32,7 +32,7 @@ from pathlib import Path
 import filelock
 import platformdirs
 
-from .errors import HostError, SandboxWarning
+from ..errors import HostError, SandboxWarning
 
 APP = "pytest-qemu-sandbox"
 #: The runtime directory's name inside $XDG_RUNTIME_DIR: short, since a unix socket path
@@ -197,10 +197,11 @@ def _make_dir(path: Path, what: str, fix: str, mode: int = 0o755) -> None:
 
 
 def module_process(module: str, *args: str) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment that run ``python -m sandbox.<module> ARGS`` as a
-    process of its own (a console keeper, a network switch), with this very package
-    importable whether it is installed or a checkout."""
-    package_parent = str(Path(__file__).resolve().parent.parent)
+    """The command line and environment that run ``python -m MODULE ARGS`` (``module``: the
+    helper module's ``__name__``, so that the command follows the module) as a process of
+    its own (a console keeper, a network switch), with this very package importable whether
+    it is installed or a checkout."""
+    package_parent = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [package_parent, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    return [sys.executable, "-m", f"sandbox.{module}", *args], env
+    return [sys.executable, "-m", module, *args], env

@@ -10,7 +10,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .paths import cache_dir, private_lock
+from ..base.paths import cache_dir, private_lock
 
 
 @dataclass(frozen=True)

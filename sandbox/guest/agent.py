@@ -25,7 +25,7 @@ class Agent:
         """One request and its answer, synchronously, within ``timeout`` seconds in all;
         SandboxError when it fails (GuestDataError when the answer is late, too long or
         not a JSON object)."""
-        from .errors import SandboxError, guest_text
+        from ..errors import SandboxError, guest_text
 
         deadline = time.monotonic() + self.timeout
         try:
@@ -57,7 +57,7 @@ class Agent:
     def finish(self) -> None:
         """Wait for the answer (run in a thread, beside the SSH handshake): at most
         ``timeout`` seconds from now, however the guest sends it."""
-        from .errors import GuestDataError, guest_text
+        from ..errors import GuestDataError, guest_text
 
         if self._sock is None:
             return
@@ -84,7 +84,7 @@ def _read_line(sock: socket.socket, deadline: float, timeout: float) -> bytes:
     """One answer line from the agent: at most MAX_LINE bytes, all of it by ``deadline``
     (a peer sending a byte at a time gets no more time than one that sends nothing);
     GuestDataError past either, OSError when the connection fails."""
-    from .errors import GuestDataError
+    from ..errors import GuestDataError
 
     data = bytearray()
     while True:
@@ -111,7 +111,7 @@ def _read_line(sock: socket.socket, deadline: float, timeout: float) -> bytes:
 def decode(line: bytes) -> dict[str, object]:
     """An agent answer: one JSON object. GuestDataError for anything else (not UTF-8, not
     JSON, nested too deep to read, not an object)."""
-    from .errors import GuestDataError
+    from ..errors import GuestDataError
 
     try:
         answer = json.loads(line.decode("utf-8"))

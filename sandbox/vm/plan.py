@@ -11,13 +11,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..base.paths import find_tool
+from ..errors import SnapshotError
+from ..host.doctor import accel_verdict, qemu_binary
 from . import console
-from .errors import SnapshotError
-from .host import accel_verdict, qemu_binary
-from .paths import find_tool
 
 if TYPE_CHECKING:
-    from .image import Image
+    from ..imaging.image import Image
     from .spec import MachineSpec
 
 # -- option values ---------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def plan_for(spec: MachineSpec, image: Image, accel: str, *, files: MachineFiles
 
 
 def uefi_firmware() -> Path:
-    from .disks import ovmf_firmware
+    from ..imaging.foreign import ovmf_firmware
 
     return ovmf_firmware()
 

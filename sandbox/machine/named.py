@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import console
-from .errors import SandboxError
-from .paths import runtime_dir
-from .pids import kill_tagged, process_alive, process_start_ticks
-from .plan import MachineFiles, named_tag, named_tag_marker
-from .progress import QUIET, Reporter
-from .spec import MachineSpec, check_machine_name
-from .waits import wait_until
+from ..base.paths import runtime_dir
+from ..base.pids import kill_tagged, process_alive, process_start_ticks
+from ..base.progress import QUIET, Reporter
+from ..base.waits import wait_until
+from ..errors import SandboxError
+from ..vm import console
+from ..vm.plan import MachineFiles, named_tag, named_tag_marker
+from ..vm.spec import MachineSpec, check_machine_name
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -108,8 +108,8 @@ def up(spec: MachineSpec, name: str, *, reporter: Reporter = QUIET,
     networks to put it on (started if they are not running)."""
     from dataclasses import replace
 
+    from ..net.named_network import ensure
     from .machine import Machine
-    from .named_network import ensure
 
     if networks:
         spec = replace(spec, networks=tuple(str(ensure(n)) for n in networks))
@@ -131,7 +131,7 @@ def up(spec: MachineSpec, name: str, *, reporter: Reporter = QUIET,
 
 
 def _leave_named_networks(name: str, networks: tuple[str, ...] | list[str]) -> None:
-    from .named_network import leave, networks_dir
+    from ..net.named_network import leave, networks_dir
 
     for network in networks:
         leave(name, networks_dir() / Path(network).name)
@@ -166,7 +166,7 @@ def attach(name: str, *, connect_ssh: bool = True, monitor: bool = True) -> Mach
     """A handle on the running named machine ``name``: SSH over TCP unless ``connect_ssh``
     is False, its QMP monitor unless ``monitor`` is False (the monitor serves one client,
     so take it only to use it)."""
-    from .image import Image
+    from ..imaging.image import Image
     from .machine import Machine
 
     named = find_named(name)
@@ -185,7 +185,7 @@ def down(name: str) -> None:
     """Stop named machine ``name`` and delete it: gracefully through its monitor when that
     answers within a few seconds, else by signal (its recorded pid and start time); whether
     or not its image, monitor socket or SSH server are still there."""
-    from .qemu import Pid, QemuProcess
+    from ..vm.qemu import Pid, QemuProcess
 
     named = find_named(name)
     if named.alive:

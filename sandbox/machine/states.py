@@ -10,18 +10,18 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .channel import PreludeSocket
-from .errors import SandboxError
+from ..errors import SandboxError
+from ..guest.channel import PreludeSocket
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from .channel import Channel
-    from .commands import CommandResult
-    from .golden import Golden
-    from .plan import MachineFiles
-    from .qemu import QemuProcess
-    from .template import Template
+    from ..guest.channel import Channel
+    from ..guest.commands import CommandResult
+    from ..vm.golden import Golden
+    from ..vm.plan import MachineFiles
+    from ..vm.qemu import QemuProcess
+    from ..vm.template import Template
 
 #: Reconnecting after a snapshot restore (the guest's TCP state was rolled back).
 RESTORE_SSH_TIMEOUT = 60.0
@@ -74,7 +74,7 @@ class SavedStates:
         """Save this machine's disk and RAM as template ``name`` (for ``key``: a version of
         its setup, e.g. :func:`sandbox.content_key`); this machine keeps running, and
         ``sandbox.launch(template=name)`` starts clones of it as it is now."""
-        from .template import save_template
+        from ..vm.template import save_template
 
         return save_template(self, name, key)  # type: ignore[arg-type]
 

@@ -13,14 +13,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from .errors import CommandTimeout, SandboxError, WaitTimeout, printable
+from ..errors import CommandTimeout, SandboxError, WaitTimeout, printable
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import BinaryIO
 
-    from .commands import CommandResult
-    from .qemu import QemuProcess
+    from ..guest.commands import CommandResult
+    from ..vm.qemu import QemuProcess
 
 T = TypeVar("T")
 
@@ -98,7 +98,7 @@ class GuestWaits:
                       f"{trim(last[0].stdout + last[0].stderr, 1000)}" if last else "no result")
             return f"{result}\n{self._console_hint()}"
 
-        from .commands import command_string
+        from ..guest.commands import command_string
 
         return wait_until(succeeded, timeout=timeout, interval=interval, seen=seen,
                           what=f"{self.name}: {command_string(cmd)!r} did not succeed").stdout

@@ -19,11 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import console
-from .channel import GET_MAX_SIZE, Channel, connect, tcp
-from .commands import CommandResult, TranscriptEntry
-from .disks import connect_booted, set_clock
-from .errors import (
+from ..base.progress import QUIET, Reporter
+from ..base.waits import GuestWaits, trim
+from ..errors import (
     BootError,
     ChannelError,
     CommandFailed,
@@ -33,18 +31,20 @@ from .errors import (
     SandboxWarning,
     SnapshotError,
 )
-from .golden import Clone, Golden, discard_golden, ensure_golden
-from .host import resolve_accel
-from .image import Image, get_image
-from .keys import cache_key
-from .network import NetworkedMachine, lans_of
-from .plan import MachineFiles, QemuPlan, create_overlay, plan_for, run_tag
-from .progress import QUIET, Reporter
-from .qemu import QemuProcess
-from .runs import current_run
-from .spec import MachineSpec, check_machine_name
+from ..guest.channel import GET_MAX_SIZE, Channel, connect, tcp
+from ..guest.commands import CommandResult, TranscriptEntry
+from ..guest.keys import cache_key
+from ..host.doctor import resolve_accel
+from ..imaging.foreign import connect_booted, set_clock
+from ..imaging.image import Image, get_image
+from ..net.network import NetworkedMachine, lans_of
+from ..vm import console
+from ..vm.golden import Clone, Golden, discard_golden, ensure_golden
+from ..vm.plan import MachineFiles, QemuPlan, create_overlay, plan_for, run_tag
+from ..vm.qemu import QemuProcess
+from ..vm.runs import current_run
+from ..vm.spec import MachineSpec, check_machine_name
 from .states import SavedStates
-from .waits import GuestWaits, trim
 
 __all__ = ["Machine", "SandboxWarning", "TranscriptEntry", "launch"]
 
@@ -118,7 +118,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         started = time.monotonic()
         template = None
         if self.spec.template is not None:
-            from .template import clone_spec, find_template
+            from ..vm.template import clone_spec, find_template
 
             template = find_template(self.spec.template)
             self.spec, self.image, self.accel = clone_spec(template, self.spec)

@@ -34,20 +34,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..base.entries import entry_lock, publish, remove_entry
+from ..base.paths import cache_dir
+from ..errors import SnapshotError, TemplateError
+from ..host.doctor import qemu_version
+from ..imaging.image import Image
 from . import console
-from .entries import entry_lock, publish, remove_entry
-from .errors import SnapshotError, TemplateError
 from .golden import GOLDEN_CONSOLE_BYTES, Golden, arm_ssh_port
-from .host import qemu_version
-from .image import Image
-from .paths import cache_dir
 from .plan import MachineFiles, create_overlay, plan_for, run_tag
 from .qemu import QemuProcess
 from .runs import current_run
 from .spec import MachineSpec
 
 if TYPE_CHECKING:
-    from .machine import Machine
+    from ..machine.machine import Machine
 
 TEMPLATE_VERSION = "1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -206,7 +206,7 @@ def clone_spec(template: Template, requested: MachineSpec) -> tuple[MachineSpec,
     """The spec, image and accelerator of a clone of ``template``: the template's shape;
     from ``requested`` only the accelerator choice and the timeouts. TemplateError when the
     template is stale or ``requested`` asks for another shape."""
-    from .host import resolve_accel
+    from ..host.doctor import resolve_accel
 
     problem = template.stale_reason()
     image_path = Path(template.manifest["image_path"])

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import filelock
 
-from .errors import SandboxError
+from ..errors import SandboxError
 from .paths import private_lock
 
 T = TypeVar("T")

@@ -23,16 +23,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..base.paths import module_process, runtime_dir
+from ..base.pids import process_start_ticks
+from ..base.waits import wait_until
+from ..errors import SandboxError
+from ..vm.plan import MachineFiles
 from . import switch
-from .errors import SandboxError
 from .network import Membership, NetworkError, Peer, check_hostname, free_host
-from .paths import module_process, runtime_dir
-from .pids import process_start_ticks
-from .plan import MachineFiles
-from .waits import wait_until
 
 if TYPE_CHECKING:
-    from .machine import Machine
+    from ..machine.machine import Machine
 
 _NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
 #: How long a command waits for another one holding a network's lock (which may be starting
@@ -87,7 +87,7 @@ def _ensure_switch(path: Path) -> None:
         pass
     for stale in ("switch.sock", "control.sock"):
         (path / stale).unlink(missing_ok=True)
-    command, env = module_process("switch", str(path), "0", "-",
+    command, env = module_process(switch.__name__, str(path), "0", "-",
                                   f"sandbox-network-{path.name}")
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True, cwd="/",
@@ -112,7 +112,7 @@ def reserve(machine: Machine, index: int, path: Path) -> Membership:
     ``path``, taken before it starts: under the network's lock, its switch made sure of and
     its member file written (address, port, MAC, and this process as its starter), so the
     switch keeps running for it."""
-    from .named import attach
+    from ..machine.named import attach
 
     check_hostname(machine.name)
     assert machine.files is not None

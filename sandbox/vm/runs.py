@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import runtime_dir
-from .pids import kill_tagged, process_alive, process_start_ticks
+from ..base.paths import runtime_dir
+from ..base.pids import kill_tagged, process_alive, process_start_ticks
 from .plan import MachineFiles, run_tag_prefix
 
 
@@ -37,7 +37,7 @@ class Run:
         try:
             path.mkdir(mode=0o700)
         except FileExistsError:
-            from .errors import SandboxError
+            from ..errors import SandboxError
 
             raise SandboxError(f"a machine named {name!r} runs in this process already; "
                                "give each machine its own name") from None

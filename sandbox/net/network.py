@@ -30,21 +30,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..base.paths import module_process
+from ..base.pids import process_start_ticks
+from ..base.waits import wait_until
+from ..errors import SandboxError
+from ..guest.agent import Agent
+from ..guest.commands import as_root
+from ..vm.plan import lan_pci_address
+from ..vm.runs import current_run
 from . import switch
-from .agent import Agent
-from .commands import as_root
-from .errors import SandboxError
-from .paths import module_process
-from .pids import process_start_ticks
-from .plan import lan_pci_address
-from .runs import current_run
-from .waits import wait_until
 
 if TYPE_CHECKING:
-    from .machine import Machine
-    from .plan import MachineFiles
-    from .qemu import QemuProcess
-    from .spec import MachineSpec
+    from ..machine.machine import Machine
+    from ..vm.plan import MachineFiles
+    from ..vm.qemu import QemuProcess
+    from ..vm.spec import MachineSpec
 
 _HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _counter = itertools.count()
@@ -99,7 +99,7 @@ class Network:
         except FileExistsError:
             raise NetworkError(f"this run has a network named {self.name!r} already") from None
         owner = os.getpid()
-        command, env = module_process("switch", str(path), str(owner),
+        command, env = module_process(switch.__name__, str(path), str(owner),
                                       str(process_start_ticks(owner) or "-"),
                                       f"sandbox-{run.id}-net-{self.name}")
         self._process = subprocess.Popen(

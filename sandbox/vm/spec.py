@@ -11,8 +11,8 @@ import shlex
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from .errors import MachineNameError, SandboxError
-from .sizes import parse_size
+from ..base.sizes import parse_size
+from ..errors import MachineNameError, SandboxError
 
 #: "restricted": no egress, the guest reaches nothing, only forwarded ports reach it.
 #: "user": QEMU user networking with egress (NAT through the host).

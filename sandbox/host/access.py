@@ -9,7 +9,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from .paths import account_name, find_tool
+from ..base.paths import account_name, find_tool
 
 #: Host programs and the Debian package of each.
 TOOL_PACKAGES = {
