@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sandbox  # noqa: E402
 from sandbox.base.progress import Reporter  # noqa: E402
-from sandbox.host.doctor import accel_verdict, qemu_version  # noqa: E402
+from sandbox.host.tools import qemu_version  # noqa: E402
+from sandbox.vm.accel import accel_verdict
 from sandbox.vm.golden import discard_golden, list_goldens  # noqa: E402
 
 

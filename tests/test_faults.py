@@ -84,8 +84,8 @@ import pytest
 
 import sandbox
 from sandbox.errors import ChannelError, CommandTimeout, GuestPanic, SandboxWarning
-from sandbox.host.doctor import resolve_accel
 from sandbox.imaging.image import get_image
+from sandbox.vm.accel import resolve_accel
 from sandbox.vm.golden import find_golden, list_goldens
 
 from .conftest import IMAGE, env_with, golden_file_digests, sandbox_cli

@@ -171,7 +171,7 @@ def test_builtin_recipes_are_found_from_any_directory(
 
 def test_a_failed_probe_is_reported_but_not_kept(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sandbox.host.doctor as host
+    import sandbox.vm.accel as accel
     from sandbox.errors import HostError as Failed
 
     monkeypatch.setenv("SANDBOX_CACHE_DIR", str(tmp_path / "cache"))
@@ -181,13 +181,13 @@ def test_a_failed_probe_is_reported_but_not_kept(
         calls.append(1)
         raise Failed("the download failed")
 
-    monkeypatch.setattr(host, "probe_kernel", no_kernel)
-    monkeypatch.setattr(host, "_kvm_device_problem", lambda: None)  # KVM looks usable
-    first = host.accel_verdict()
+    monkeypatch.setattr(accel, "probe_kernel", no_kernel)
+    monkeypatch.setattr(accel, "_kvm_device_problem", lambda: None)  # KVM looks usable
+    first = accel.accel_verdict()
     assert first.accel == "tcg" and not first.conclusive
     assert "could not probe KVM (asked again next time): the download failed" in first.reason
     assert not list((tmp_path / "cache" / "host").glob("accel-*.json"))
-    host.accel_verdict()
+    accel.accel_verdict()
     assert len(calls) == 2  # probed again, not answered from a cache
 
 

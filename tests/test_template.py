@@ -13,9 +13,9 @@ import pytest
 
 import sandbox
 from sandbox.errors import SandboxWarning, TemplateError
-from sandbox.host.doctor import resolve_accel
 from sandbox.imaging.image import get_image
 from sandbox.machine.prepare import ensure_template
+from sandbox.vm.accel import resolve_accel
 from sandbox.vm.golden import discard_golden, find_golden
 from sandbox.vm.template import find_template, templates
 

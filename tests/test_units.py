@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.base.pids import kill_tagged, process_alive, process_start_ticks
+from sandbox.base.processes import kill_tagged, process_alive, process_start_ticks
 from sandbox.base.sizes import format_size, parse_size
 from sandbox.errors import SandboxError, SandboxWarning, SnapshotError
 from sandbox.guest.commands import CommandResult, command_string, wrap
-from sandbox.vm.plan import MachineFiles, QemuPlan, lan_pci_address
+from sandbox.vm.files import MachineFiles
+from sandbox.vm.plan import QemuPlan, lan_pci_address
 from sandbox.vm.qemu import QemuProcess
 from sandbox.vm.runs import orphaned_runs
 from sandbox.vm.spec import MachineSpec

@@ -17,8 +17,9 @@ from . import friendly, main
 def doctor(as_json: bool, refresh: bool) -> None:
     """What this host can do: QEMU, tools, cache space, and KVM or TCG (with the reason)."""
     from ..host.doctor import doctor_report
+    from ..vm.accel import accel_verdict
 
-    report = doctor_report(refresh=refresh)
+    report = doctor_report(lambda: accel_verdict(refresh=refresh))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

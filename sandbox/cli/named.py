@@ -178,7 +178,7 @@ def logs(name: str, lines: int | None) -> None:
     """The serial console of VM NAME."""
     from ..errors import printable
     from ..machine.named import find_named
-    from ..vm.plan import MachineFiles
+    from ..vm.files import MachineFiles
 
     named = find_named(name)
     # Guest output, shown on this terminal: no control sequences (titles, links, colours).

@@ -22,10 +22,11 @@ def template() -> None:
 @friendly
 def save(machine: str, name: str, key: str | None) -> None:
     """Save named VM MACHINE, as it is now, as template NAME; MACHINE keeps running."""
-    from ..host.doctor import resolve_accel
     from ..machine.named import attach, find_named
+    from ..vm.accel import resolve_accel
+    from ..vm.files import named_tag
     from ..vm.golden import Golden
-    from ..vm.plan import named_tag, plan_for
+    from ..vm.plan import plan_for
 
     state = find_named(machine).state
     vm = attach(machine, connect_ssh=False)

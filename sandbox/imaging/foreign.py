@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..base.paths import cache_dir, find_tool
+from ..base.processes import dies_with
 from ..base.progress import QUIET, Reporter
 from ..base.sizes import format_size, parse_size
 from ..errors import (
@@ -50,22 +51,20 @@ from ..errors import (
 )
 from ..guest.commands import as_root
 from ..guest.keys import cache_key
+from ..host.firmware import ovmf_firmware
 from ..vm import console
-from ..vm.qemu import dies_with
 from .recipe import Recipe
 from .seed import host_key_pair, user_data, write_seed
 
 if TYPE_CHECKING:
     from ..guest.channel import Channel
-    from ..vm.plan import MachineFiles
+    from ..vm.files import MachineFiles
     from ..vm.qemu import QemuProcess
     from .image import Image
 
 #: Bumped whenever importing changes what ends up in an entry.
 IMPORT_VERSION = "1"
 SUPPORTED_FORMATS = ("qcow2", "raw", "vmdk", "vdi", "vhdx")
-#: Where Debian's ``ovmf`` package puts a UEFI firmware image that QEMU takes with -bios.
-OVMF_PATHS = (Path("/usr/share/ovmf/OVMF.fd"), Path("/usr/share/qemu/OVMF.fd"))
 #: How long one read of a download may wait for data.
 DOWNLOAD_TIMEOUT = 30.0
 #: VMDK subformats whose data lives in the one file that holds the descriptor.
@@ -93,17 +92,6 @@ def _setting(name: str, default: str, parse: Callable[[str], float], what: str) 
     if not value > 0:
         raise HostError(f"{name}={text!r} is not {what} above zero; fix or unset it")
     return value
-
-
-def ovmf_firmware() -> Path:
-    """The UEFI firmware, or HostError saying how to install it."""
-    override = os.environ.get("SANDBOX_OVMF")
-    for path in ([Path(override)] if override else OVMF_PATHS):
-        if path.is_file():
-            return path
-    raise HostError("boot = \"uefi\" needs UEFI firmware for QEMU (OVMF), not found at "
-                    f"{', '.join(str(p) for p in OVMF_PATHS)}; install it with: "
-                    "sudo apt-get install ovmf (or set SANDBOX_OVMF to an OVMF.fd)")
 
 
 # -- the source -----------------------------------------------------------------------------

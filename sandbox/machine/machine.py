@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..base.progress import QUIET, Reporter
-from ..base.waits import GuestWaits, trim
+from ..base.waits import trim
 from ..errors import (
     BootError,
     ChannelError,
@@ -34,17 +34,19 @@ from ..errors import (
 from ..guest.channel import GET_MAX_SIZE, Channel, connect, tcp
 from ..guest.commands import CommandResult, TranscriptEntry
 from ..guest.keys import cache_key
-from ..host.doctor import resolve_accel
 from ..imaging.foreign import connect_booted, set_clock
 from ..imaging.image import Image, get_image
 from ..net.network import NetworkedMachine, lans_of
 from ..vm import console
+from ..vm.accel import resolve_accel
+from ..vm.files import MachineFiles, run_tag
 from ..vm.golden import Clone, Golden, discard_golden, ensure_golden
-from ..vm.plan import MachineFiles, QemuPlan, create_overlay, plan_for, run_tag
+from ..vm.plan import QemuPlan, create_overlay, plan_for
 from ..vm.qemu import QemuProcess
 from ..vm.runs import current_run
 from ..vm.spec import MachineSpec, check_machine_name
 from .states import SavedStates
+from .waits import GuestWaits
 
 __all__ = ["Machine", "SandboxWarning", "TranscriptEntry", "launch"]
 

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..base.paths import runtime_dir
-from ..base.pids import kill_tagged, process_alive, process_start_ticks
+from ..base.processes import kill_tagged, process_alive, process_start_ticks
 from ..base.progress import QUIET, Reporter
 from ..base.waits import wait_until
 from ..errors import SandboxError
 from ..vm import console
-from ..vm.plan import MachineFiles, named_tag, named_tag_marker
+from ..vm.files import MachineFiles, named_tag, named_tag_marker
 from ..vm.spec import MachineSpec, check_machine_name
 
 if TYPE_CHECKING:
@@ -185,7 +185,8 @@ def down(name: str) -> None:
     """Stop named machine ``name`` and delete it: gracefully through its monitor when that
     answers within a few seconds, else by signal (its recorded pid and start time); whether
     or not its image, monitor socket or SSH server are still there."""
-    from ..vm.qemu import Pid, QemuProcess
+    from ..base.processes import Pid
+    from ..vm.qemu import QemuProcess
 
     named = find_named(name)
     if named.alive:

@@ -90,8 +90,8 @@ def expected_location(name: str, key: str | None, spec: MachineSpec, *,
                       reporter: Reporter = QUIET) -> Path:
     """Where template ``name`` for ``key``, made from a machine of ``spec``, is (or will be):
     its base (the golden snapshot, made now if needed, or the base template) decides."""
-    from ..host.doctor import resolve_accel
     from ..imaging.image import get_image
+    from ..vm.accel import resolve_accel
     from ..vm.golden import ensure_golden, shape_plan
 
     if spec.cold:

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
     from ..guest.channel import Channel
     from ..guest.commands import CommandResult
+    from ..vm.files import MachineFiles
     from ..vm.golden import Golden
-    from ..vm.plan import MachineFiles
     from ..vm.qemu import QemuProcess
     from ..vm.template import Template
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..base.paths import module_process, runtime_dir
-from ..base.pids import process_start_ticks
+from ..base.processes import process_start_ticks
 from ..base.waits import wait_until
 from ..errors import SandboxError
-from ..vm.plan import MachineFiles
+from ..vm.files import MachineFiles
 from . import switch
 from .network import Membership, NetworkError, Peer, check_hostname, free_host
 

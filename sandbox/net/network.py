@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..base.paths import module_process
-from ..base.pids import process_start_ticks
+from ..base.processes import process_start_ticks
 from ..base.waits import wait_until
 from ..errors import SandboxError
 from ..guest.agent import Agent
@@ -42,7 +42,7 @@ from . import switch
 
 if TYPE_CHECKING:
     from ..machine.machine import Machine
-    from ..vm.plan import MachineFiles
+    from ..vm.files import MachineFiles
     from ..vm.qemu import QemuProcess
     from ..vm.spec import MachineSpec
 

@@ -216,7 +216,7 @@ def live_members(directory: Path) -> dict[str, dict[str, object]]:
     """The members of the named network in ``directory`` whose machines run, or are being
     started by an ``up`` that is still there: name -> its member file (address, port, mac,
     starter)."""
-    from ..base.pids import process_alive
+    from ..base.processes import process_alive
 
     machines = directory.parent.parent / "machines"  # <runtime>/networks/NET -> /machines
     live = {}
@@ -276,7 +276,7 @@ def serve_named(switch: Switch, directory: Path) -> None:
 
 
 def main() -> None:  # pragma: no cover - run as a process by sandbox.network
-    from ..base.pids import process_alive
+    from ..base.processes import process_alive
 
     directory, owner = Path(sys.argv[1]), int(sys.argv[2])
     ticks = None if sys.argv[3] == "-" else int(sys.argv[3])

@@ -231,7 +231,7 @@ def start_keeper(path: Path, pid: int, start_ticks: int | None) -> None:
 
 
 def keeper(path: Path, pid: int, start_ticks: int | None) -> None:
-    from ..base.pids import process_alive
+    from ..base.processes import process_alive
 
     keep = keep_bytes()
     while process_alive(pid, start_ticks) and path.exists():

@@ -41,11 +41,12 @@ from ..errors import BootError, GuestDataError, SandboxError, SandboxWarning, Sn
 from ..guest.agent import Agent
 from ..guest.channel import PreludeSocket
 from ..guest.files import GUEST_AGENT
-from ..host.doctor import qemu_version
+from ..host.tools import qemu_version
 from ..imaging.foreign import connect_booted, start_agent
 from ..imaging.image import Image, find_images, remove_image
 from . import console
-from .plan import MachineFiles, QemuPlan, create_overlay, plan_for, run_tag
+from .files import MachineFiles, run_tag
+from .plan import QemuPlan, create_overlay, plan_for
 from .qemu import QemuProcess
 from .runs import current_run
 from .spec import MachineSpec

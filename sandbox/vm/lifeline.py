@@ -4,7 +4,7 @@ pytest run with ``--sandbox-keep-on-failure``, which stay running when their tes
 Such a QEMU cannot get a parent-death signal (nothing takes one back), so this helper holds
 it instead. It reads lines from its owner on stdin::
 
-    hold PID TICKS      kill PID (started at TICKS, see sandbox.pids) when the owner dies
+    hold PID TICKS      kill PID (started at TICKS, see sandbox.base.processes) when the owner dies
     release PID         let it live on (the machine was kept)
 
 and when stdin ends, because the owner exited or was killed (even by SIGKILL), it kills every

@@ -9,7 +9,6 @@ Everything here is about QEMU, nothing about the guest: the guest API sits on to
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import shlex
@@ -18,89 +17,23 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from ..base.pids import process_alive, process_start_ticks
+from ..base.processes import Pid, process_start_ticks, spawn
 from ..base.waits import wait_until
 from ..errors import BootError, SandboxError, SnapshotError
 from . import console
-from .plan import MachineFiles, QemuPlan
-
-
-class Pid:
-    """The part of Popen's interface a QemuProcess uses, for a QEMU this process did not
-    start (a named machine attached to from another command)."""
-
-    def __init__(self, pid: int, start_ticks: int | None) -> None:
-        self.pid = pid
-        self.start_ticks = start_ticks
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None and not process_alive(self.pid, self.start_ticks):
-            self.returncode = -1
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        try:
-            wait_until(lambda: self.poll() is not None, timeout=timeout or 1e9, interval=0.02,
-                       what=f"pid {self.pid} did not exit")
-        except SandboxError:
-            raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0) from None
-        return self.returncode or -1
-
-    def send_signal(self, sig: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, sig)
-
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-# QEMU is spawned from one long-lived thread: a parent-death signal fires when the *thread*
-# that forked the child exits, so spawning from a short-lived worker thread would kill it.
-_spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
-
-
-def _new_spawner_in_child() -> None:
-    """A forked child has no spawner thread (only the forking thread survives a fork), and
-    its copy of the executor would wait for that thread for ever: it gets its own."""
-    global _spawner
-    _spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sandbox-spawner")
-
-
-os.register_at_fork(after_in_child=_new_spawner_in_child)
+from .files import MachineFiles
+from .plan import QemuPlan
 
 #: How long QEMU may take to open its monitor socket.
 MONITOR_TIMEOUT = 30.0
 #: How long a monitor command may take.
 QMP_TIMEOUT = 30.0
-
-
-def dies_with(parent: int) -> Callable[[], None]:
-    """A ``preexec_fn`` that makes the child die when ``parent`` (the spawning thread's
-    process) does, even by SIGKILL: QEMU, qemu-img and the like never outlive their run."""
-    def setup() -> None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-    return setup
-
-
-def spawn(command: list[str], *, die_with_parent: bool, stdout: Any = subprocess.DEVNULL,
-          stderr: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
-    """Start ``command`` (a QEMU) in a session of its own, from the long-lived spawner
-    thread, with a parent-death signal (SIGKILL) unless ``die_with_parent`` is False: every
-    QEMU of this project is started here (machines, golden boots, the KVM probe)."""
-    return _spawner.submit(
-        subprocess.Popen, command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-        start_new_session=True,
-        preexec_fn=dies_with(os.getpid()) if die_with_parent else None).result()
 
 
 class Lifeline:

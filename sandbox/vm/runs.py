@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base.paths import runtime_dir
-from ..base.pids import kill_tagged, process_alive, process_start_ticks
-from .plan import MachineFiles, run_tag_prefix
+from ..base.processes import kill_tagged, process_alive, process_start_ticks
+from .files import MachineFiles, run_tag_prefix
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,12 @@ from typing import TYPE_CHECKING, Any
 from ..base.entries import entry_lock, publish, remove_entry
 from ..base.paths import cache_dir
 from ..errors import SnapshotError, TemplateError
-from ..host.doctor import qemu_version
+from ..host.tools import qemu_version
 from ..imaging.image import Image
 from . import console
+from .files import MachineFiles, run_tag
 from .golden import GOLDEN_CONSOLE_BYTES, Golden, arm_ssh_port
-from .plan import MachineFiles, create_overlay, plan_for, run_tag
+from .plan import create_overlay, plan_for
 from .qemu import QemuProcess
 from .runs import current_run
 from .spec import MachineSpec
@@ -206,7 +207,7 @@ def clone_spec(template: Template, requested: MachineSpec) -> tuple[MachineSpec,
     """The spec, image and accelerator of a clone of ``template``: the template's shape;
     from ``requested`` only the accelerator choice and the timeouts. TemplateError when the
     template is stale or ``requested`` asks for another shape."""
-    from ..host.doctor import resolve_accel
+    from .accel import resolve_accel
 
     problem = template.stale_reason()
     image_path = Path(template.manifest["image_path"])
