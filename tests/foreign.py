@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sandbox.base.entries import entry_lock, publish
 from sandbox.base.paths import SYSTEM_TOOL_DIRS, cache_dir
-from sandbox.imaging.image import host_debian_mirrors
+from sandbox.imaging.debian import host_debian_mirrors
 
 BUILD = Path(__file__).parent / "images" / "foreign-build.sh"
 

@@ -34,11 +34,11 @@ from ..errors import (
 from ..guest.channel import GET_MAX_SIZE, Channel, connect, tcp
 from ..guest.commands import CommandResult, TranscriptEntry
 from ..guest.keys import cache_key
-from ..imaging.foreign import connect_booted, set_clock
 from ..imaging.image import Image, get_image
 from ..net.network import NetworkedMachine, lans_of
 from ..vm import console
 from ..vm.accel import resolve_accel
+from ..vm.bringup import connect_booted, set_clock
 from ..vm.files import MachineFiles, run_tag
 from ..vm.golden import Clone, Golden, discard_golden, ensure_golden
 from ..vm.plan import QemuPlan, create_overlay, plan_for

@@ -42,9 +42,9 @@ from ..guest.agent import Agent
 from ..guest.channel import PreludeSocket
 from ..guest.files import GUEST_AGENT
 from ..host.tools import qemu_version
-from ..imaging.foreign import connect_booted, start_agent
 from ..imaging.image import Image, find_images, remove_image
 from . import console
+from .bringup import connect_booted, start_agent
 from .files import MachineFiles, run_tag
 from .plan import QemuPlan, create_overlay, plan_for
 from .qemu import QemuProcess
