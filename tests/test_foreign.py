@@ -24,7 +24,7 @@ import sandbox
 from sandbox.errors import BootError, HostError, ImageError, RecipeError, SandboxWarning
 from sandbox.imaging.image import build_image, images_dir
 from sandbox.imaging.recipe import parse_recipe
-from sandbox.net.network import setup_line
+from sandbox.net.segment import setup_line
 
 from .conftest import ROOT
 from .foreign import convert, foreign_disk, write_recipe

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import sandbox
-from sandbox.net.network import NetworkError
+from sandbox.net.segment import NetworkError
 
 from .conftest import ROOT, qemu_processes
 

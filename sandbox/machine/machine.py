@@ -35,7 +35,8 @@ from ..guest.channel import GET_MAX_SIZE, Channel, connect, tcp
 from ..guest.commands import CommandResult, TranscriptEntry
 from ..guest.keys import cache_key
 from ..imaging.image import Image, get_image
-from ..net.network import NetworkedMachine, lans_of
+from ..net.members import NetworkedMachine, lans_of
+from ..net.named_network import PeerShell
 from ..vm import console
 from ..vm.accel import resolve_accel
 from ..vm.bringup import connect_booted, set_clock
@@ -66,7 +67,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
     def __init__(self, spec: MachineSpec | None = None, *, name: str | None = None,
                  reporter: Reporter = QUIET, die_with_parent: bool = True,
                  home: Path | None = None, tag: str | None = None,
-                 keepable: bool = False) -> None:
+                 keepable: bool = False, peer_shell: PeerShell | None = None) -> None:
         self.spec = spec or MachineSpec()
         self.reporter = reporter
         #: QEMU is killed when this process dies (off for named and kept machines).
@@ -80,6 +81,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         #: directory in this process's run, tagged with the run).
         self.home = home
         self.tag = tag
+        self.peer_shell = peer_shell
         self.image: Image | None = None
         self.accel: str | None = None
         self.dir: Path | None = None

@@ -120,7 +120,7 @@ def up(spec: MachineSpec, name: str, *, reporter: Reporter = QUIET,
         raise SandboxError(f"a machine named {name!r} exists already; pick another name or "
                            f"remove it with: sandbox down {name}") from None
     machine = Machine(spec, name=name, reporter=reporter, die_with_parent=False, home=home,
-                      tag=named_tag(name))
+                      tag=named_tag(name), peer_shell=_as_root_in)
     try:
         machine.start()  # on failure, close() removed the directory
     except BaseException:
@@ -128,6 +128,16 @@ def up(spec: MachineSpec, name: str, *, reporter: Reporter = QUIET,
         raise
     write_state(machine)
     return machine
+
+
+def _as_root_in(name: str, command: str) -> str:
+    """Run ``command`` as root in named machine ``name`` over SSH: how a peer without a guest
+    agent learns the name of a machine joining its named network."""
+    machine = attach(name, monitor=False)
+    try:
+        return machine.succeed_as_root(command, timeout=60)
+    finally:
+        machine.disconnect()
 
 
 def _leave_named_networks(name: str, networks: tuple[str, ...] | list[str]) -> None:

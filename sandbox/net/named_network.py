@@ -1,7 +1,7 @@
 """Named networks: private segments shared by named machines (``sandbox up NAME --network
 NET``), for manual work.
 
-A named network lives in ``<runtime>/networks/<NET>/``: its switch (:mod:`sandbox.switch`,
+A named network lives in ``<runtime>/networks/<NET>/``: its switch (:mod:`sandbox.net.switch`,
 started by the first ``up`` that needs it, with no owner process) and one file per member
 under ``members/`` (name -> address, port, MAC), written under the network's lock by ``up``,
 which also makes sure the switch runs under that lock; ``down`` takes the machine off the
@@ -13,31 +13,31 @@ again (after it died) joins the members whose machines still run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import json
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ..base.paths import module_process, runtime_dir
+from ..base.paths import runtime_dir
 from ..base.processes import process_start_ticks
-from ..base.waits import wait_until
 from ..errors import SandboxError
 from ..vm.files import MachineFiles
 from . import switch
-from .network import Membership, NetworkError, Peer, check_hostname, free_host
-
-if TYPE_CHECKING:
-    from ..machine.machine import Machine
+from .segment import Member, Membership, NetworkError, Peer, check_hostname, free_host
+from .switch_process import SwitchProcess, answers
 
 _NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
 #: How long a command waits for another one holding a network's lock (which may be starting
 #: its switch: up to 30 s).
 LOCK_TIMEOUT = 60.0
+
+#: Runs a shell line as root in a named machine (its name, the line): how a peer without a
+#: guest agent is told a newcomer's name.
+PeerShell = Callable[[str, str], str]
 
 
 def networks_dir() -> Path:
@@ -80,40 +80,19 @@ def ensure(name: str) -> Path:
 def _ensure_switch(path: Path) -> None:
     """Start the switch of the named network at ``path`` unless it answers; the caller holds
     the network's lock (so the switch cannot decide to end meanwhile)."""
-    try:
-        switch.request(path, "ping", timeout=1)
+    if answers(path):
         return
-    except (OSError, ValueError):
-        pass
     for stale in ("switch.sock", "control.sock"):
         (path / stale).unlink(missing_ok=True)
-    command, env = module_process(switch.__name__, str(path), "0", "-",
-                                  f"sandbox-network-{path.name}")
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True, cwd="/",
-                               env=env)
-
-    def answering() -> bool:
-        if process.poll() is not None:
-            raise NetworkError(f"the switch of network {path.name} exited at once "
-                               f"(status {process.returncode})")
-        try:
-            switch.request(path, "ping", timeout=1)
-            return True
-        except (OSError, ValueError):
-            return False
-
-    wait_until(answering, timeout=30, interval=0.02, error=NetworkError,
-               what=f"the switch of network {path.name} did not start")
+    SwitchProcess.start(path, path.name, f"sandbox-network-{path.name}", owned=False)
 
 
-def reserve(machine: Machine, index: int, path: Path) -> Membership:
+def reserve(machine: Member, index: int, path: Path, peer_shell: PeerShell) -> Membership:
     """An address for named ``machine`` (NIC number ``index``) on the named network at
     ``path``, taken before it starts: under the network's lock, its switch made sure of and
     its member file written (address, port, MAC, and this process as its starter), so the
-    switch keeps running for it."""
-    from ..machine.named import attach
-
+    switch keeps running for it. Peers without a guest agent learn its name through
+    ``peer_shell`` (handed in by whoever makes named machines)."""
     check_hostname(machine.name)
     assert machine.files is not None
     subnet = subnet_of(path.name)
@@ -138,17 +117,9 @@ def reserve(machine: Machine, index: int, path: Path) -> Membership:
             "mac": membership.link["mac"], "starter": [pid, process_start_ticks(pid)]}))
         tmp.rename(members / f"{machine.name}.json")
 
-    def run(peer: str) -> Callable[[str], str]:
-        def line(command: str) -> str:
-            vm = attach(peer, monitor=False)
-            try:
-                return vm.succeed_as_root(command, timeout=60)
-            finally:
-                vm.disconnect()
-        return line
-
     membership.peers = [Peer(name, address, MachineFiles(machines / name).agent_socket,
-                             run(name)) for name, address in sorted(current.items())]
+                             functools.partial(peer_shell, name))
+                        for name, address in sorted(current.items())]
     return membership
 
 
