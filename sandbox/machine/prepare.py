@@ -27,10 +27,8 @@ from ..vm.template import (
     clone_spec,
     find_template,
     load_template,
-    locate,
     template_id,
     templates_root,
-    write_template,
 )
 
 if TYPE_CHECKING:
@@ -132,10 +130,10 @@ def ensure_template(name: str, setup: Step | Sequence[Step], *, key: str | None 
         with Machine(spec, reporter=reporter) as machine, \
                 reporter.stage(f"template {name}: setup and save"):
             run_setup(machine, name, setup)
-            if locate(machine, name, key) != final:
+            if machine.template_location(name, key) != final:
                 raise TemplateError(f"template {name!r}: its base changed while it was set "
                                     "up (a golden snapshot made again?); run again")
-            publish(final, lambda work: write_template(machine, name, key, work),
+            publish(final, lambda work: machine.write_template(name, key, work),
                     owner_writable=("ram",))
     template = load_template(final)
     assert template is not None

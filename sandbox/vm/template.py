@@ -1,13 +1,15 @@
 """Prepared-state templates: a running machine's disk and RAM saved once, cloned per test.
+This module holds their format, their catalogue and what a clone of one starts from.
 
-A template has the golden snapshot format (see :mod:`sandbox.golden`): ``ram`` (a file
+A template has the golden snapshot format (see :mod:`sandbox.vm.golden`): ``ram`` (a file
 only the pages the guest had touched occupy), ``state`` (devices only, under 1 MB),
 ``disk.qcow2`` (the machine's overlay as it was, on its base's disk), ``ssh-prelude``,
 ``console.log`` and ``manifest.json``; so its clones start through
-:meth:`sandbox.golden.Golden.start_clone`, with their own overlay, copy-on-write RAM and
+:meth:`sandbox.vm.golden.Golden.start_clone`, with their own overlay, copy-on-write RAM and
 identity, and an SSH server already waiting.
 
-Saving (QEMU 7.2 has no way to write a private RAM mapping to a file of its own):
+Saving (QEMU 7.2 has no way to write a private RAM mapping to a file of its own; steps 1
+and 2 are the machine's, :meth:`sandbox.machine.states.SavedStates.save_template`):
 
 1. the machine gets a fresh SSH server waiting on its virtio-serial port (the fast first
    command of its clones), its TCP session is closed, and it is stopped;
@@ -29,26 +31,21 @@ import json
 import re
 import shutil
 import socket
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..base.entries import entry_lock, publish, remove_entry
+from ..base.entries import entry_lock, remove_entry
 from ..base.paths import cache_dir
 from ..errors import SnapshotError, TemplateError
 from ..host.tools import qemu_version
 from ..imaging.image import Image
-from . import console
 from .files import MachineFiles, run_tag
-from .golden import GOLDEN_CONSOLE_BYTES, Golden, arm_ssh_port
+from .golden import Golden
 from .plan import create_overlay, plan_for
 from .qemu import QemuProcess
 from .runs import current_run
 from .spec import MachineSpec
-
-if TYPE_CHECKING:
-    from ..machine.machine import Machine
 
 TEMPLATE_VERSION = "1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -251,112 +248,17 @@ def base_entry(kind: str, source: Golden) -> dict[str, Any]:
             "created_at": source.manifest.get("created_at")}
 
 
-def base_of(machine: Machine) -> dict[str, Any]:
-    """What ``machine``'s disk overlay and RAM came from."""
-    source = machine.source
-    if source is not None:
-        return base_entry("template" if source.manifest.get("kind") == "template" else "golden",
-                     source)
-    assert machine.image is not None
-    return {"kind": "image", "path": str(machine.image.path),
-            "created_at": machine.image.manifest.get("built_at")}
-
-
-def locate(machine: Machine, name: str, key: str | None) -> Path:
-    assert machine.qemu is not None and machine.qemu.plan is not None
-    return templates_root() / template_id(name, key, base_of(machine),
-                                          machine.qemu.plan.shape())
-
-
 # -- saving -----------------------------------------------------------------------------------
 
 
-def save_template(machine: Machine, name: str, key: str | None = None) -> Template:
-    """Save running ``machine`` as template ``name`` (replacing one of the same name, key
-    and base); the machine keeps running. See the module's description."""
-    check_name(name)
-    if machine.qemu is None or machine.files is None or machine.image is None:
-        raise TemplateError(f"{machine.name} is not running; start it before saving it")
-    if machine.home is not None and machine.qemu.process is None:
-        raise TemplateError(f"{machine.name}: no QEMU monitor to save it through")
-    final = locate(machine, name, key)
-
-    def build(work: Path) -> None:
-        write_template(machine, name, key, work)
-
-    with entry_lock(final):
-        if final.exists():
-            remove_entry(final)
-        publish(final, build, owner_writable=("ram",))
-    template = load_template(final)
-    assert template is not None
-    return template
-
-
-def write_template(machine: Machine, name: str, key: str | None, work: Path) -> None:
-    assert machine.qemu is not None and machine.files is not None and machine.image is not None
-    assert machine.qemu.plan is not None and machine.accel is not None
-    qemu, files, plan = machine.qemu, machine.files, machine.qemu.plan
-    started = time.monotonic()
-    agent = bool(machine.source.manifest.get("agent", True)) if machine.source else \
-        machine.image.kind == "debian"
-    machine._quiesce_for_save()  # now on TCP, the relay of the port's old session gone
-    port: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    assert port is not None
-    port.connect(str(files.ssh_socket))
-    try:
-        # Without an agent (an imported image where it could not start) clones use TCP.
-        prelude = arm_ssh_port(qemu, files, port, machine.image) if agent else None
-        machine._drop_channel()  # quiesce: no TCP connection inside the saved state
-        time.sleep(0.2)
-        qemu.qmp("stop")
-        full = work / "full-state"
-        try:
-            qemu.save_state(full, f"saving {machine.name}", ignore_shared=False)
-            saved = time.monotonic()
-            # The migration flushed and let go of the disk: a consistent copy.
-            shutil.copyfile(machine.files.overlay, work / "disk.qcow2")
-        finally:
-            qemu.qmp("cont")
-        machine._resume_after_save(port, prelude)
-        port = None  # the machine's now
-        copied = time.monotonic()
-        _reload_into_shared_ram(machine, full, work)
-        full.unlink()
-    finally:
-        if port is not None:
-            port.close()
-    if prelude is not None:
-        (work / "ssh-prelude").write_bytes(prelude)
-    console.copy(files.console_log, work / "console.log", GOLDEN_CONSOLE_BYTES)
-    manifest = {
-        "kind": "template", "name": name, "user_key": key, "user": machine.user,
-        "agent": agent,
-        "template_version": TEMPLATE_VERSION, "base": base_of(machine),
-        "image": machine.image.name, "image_path": str(machine.image.path),
-        "image_digest": machine.image.digest,
-        "image_built_at": machine.image.manifest.get("built_at"),
-        "spec": dict(machine.spec.to_kwargs(), template=None),
-        "qemu_version": qemu_version(), "shape": plan.shape(),
-        "memory_mib": plan.memory_mib, "cpus": plan.cpus, "accel": plan.accel,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "full_save_seconds": round(saved - started, 2),
-        "reload_seconds": round(time.monotonic() - copied, 2),
-        "save_seconds": round(time.monotonic() - started, 2),
-        "state_bytes": (work / "state").stat().st_size,
-        "ram_bytes_used": (work / "ram").stat().st_blocks * 512,
-        "disk_bytes": (work / "disk.qcow2").stat().st_size,
-    }
-    (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _reload_into_shared_ram(machine: Machine, full: Path, work: Path) -> None:
-    """Load the full state into a helper QEMU whose RAM is ``work/ram`` (shared), and save
-    its devices again with x-ignore-shared into ``work/state``."""
-    assert machine.image is not None and machine.accel is not None
+def reload_into_shared_ram(spec: MachineSpec, image: Image, accel: str, full: Path,
+                           work: Path) -> None:
+    """Step 3 of a save: load the full state of a machine of ``spec`` into a helper QEMU
+    whose RAM is ``work/ram`` (shared), and save its devices again with x-ignore-shared
+    into ``work/state``."""
     run = current_run()
     files = MachineFiles(run.machine_dir(f"template-{work.name[-24:]}"))
-    plan = plan_for(machine.spec, machine.image, machine.accel, files=files,
+    plan = plan_for(spec, image, accel, files=files,
                     tag=run_tag(run.id, files.dir.name),
                     disk=create_overlay(work / "disk.qcow2", files.overlay),
                     ram_file=work / "ram", ram_shared=True, incoming=True)
