@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from . import friendly, main
+from .common import friendly, main
 
 
 @main.command()

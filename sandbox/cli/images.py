@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..base.sizes import format_size
-from . import emit, format_option, friendly, main
+from .common import emit, format_option, friendly, main
 
 
 @main.group()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import SandboxError
-from . import friendly, machine_options, main
+from .common import friendly, machine_options, main
 
 if TYPE_CHECKING:
     from ..machine.machine import Machine

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import SandboxError
-from . import emit, format_option, friendly, machine_options, main
+from .common import emit, format_option, friendly, machine_options, main
 from .machines import command_line, exit_with, interactive_ssh, timeout_option
 
 if TYPE_CHECKING:

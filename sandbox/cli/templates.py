@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from . import emit, format_option, friendly, main
+from .common import emit, format_option, friendly, main
 
 
 @main.group()
