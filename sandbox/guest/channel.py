@@ -1,4 +1,5 @@
-"""The SSH channel to a guest: one paramiko transport, many sessions over it."""
+"""The SSH channel to a guest: one paramiko transport, many sessions over it (commands,
+SFTP, tar streams); the sockets it runs over are :mod:`sandbox.guest.sockets`'."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import itertools
 import os
 import secrets
 import shlex
-import socket
 import stat
 import tarfile
 import threading
@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 import paramiko
 
-from ..errors import ChannelError, CommandTimeout, GuestDataError, guest_text
+from ..errors import ChannelError, CommandTimeout, guest_text
 from .commands import (
     PING_AFTER,
     CommandResult,
@@ -28,9 +28,16 @@ from .commands import (
     tail_text,
     wrap,
 )
+from .transfer import (
+    GET_MAX_SIZE,
+    PUSH_ERRORS_KEEP,
+    check_regular,
+    copy_bounded,
+    read_tail,
+    too_large,
+)
 
-__all__ = ["Channel", "CommandResult", "PreludeSocket", "TranscriptEntry", "command_string",
-           "connect", "tcp", "wrap"]
+__all__ = ["Channel", "CommandResult", "TranscriptEntry", "command_string", "connect", "wrap"]
 
 #: A server that has not answered a keepalive within this long is gone (over the
 #: virtio-serial port a dead server never shows as end-of-file). Asked every PING_AFTER
@@ -38,10 +45,6 @@ __all__ = ["Channel", "CommandResult", "PreludeSocket", "TranscriptEntry", "comm
 PING_TIMEOUT = 10.0
 #: How long an SFTP transfer may wait for the guest without any progress.
 SFTP_IDLE_TIMEOUT = 60.0
-#: The largest file ``get`` copies unless its caller says otherwise (max_size=).
-GET_MAX_SIZE = 4 << 30
-#: How much of the guest's stderr a failed ``push`` keeps (its end).
-PUSH_ERRORS_KEEP = 64 << 10
 #: The first line of every command: wait for the client's go (one newline on stdin), and
 #: end quietly at end-of-file without it. dropbear before 2024.86 (Debian 12's) may close
 #: a session it has just opened when any of its children exits at that moment (a SIGCHLD
@@ -49,47 +52,6 @@ PUSH_ERRORS_KEEP = 64 << 10
 #: and then abort the whole connection when that command writes output. A command that
 #: waits for a go it never gets writes nothing; the session is simply opened again.
 GO = "IFS= read -r sandbox_go || exit 0"
-
-
-def tcp(address: tuple[str, int]) -> Callable[[float], socket.socket]:
-    """Opens TCP connections to a guest SSH server behind QEMU's user network."""
-
-    def open_tcp(timeout: float) -> socket.socket:
-        sock = socket.create_connection(address, timeout=timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            # QEMU's user network accepts the connection even while nothing listens in the
-            # guest, then closes it: peek for the server's banner before paramiko starts.
-            if not sock.recv(4, socket.MSG_PEEK):
-                raise ConnectionResetError("the guest closed the connection (no SSH server yet)")
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    return open_tcp
-
-
-class PreludeSocket:
-    """A connected socket whose first bytes were received earlier (and are replayed).
-
-    The SSH server waiting on a clone's virtio-serial port sent its banner and key exchange
-    offer before the golden snapshot was saved; every clone's client reads those bytes from
-    the snapshot's record, then the live stream.
-    """
-
-    def __init__(self, sock: socket.socket, prelude: bytes) -> None:
-        self._sock = sock
-        self._prelude = prelude
-
-    def recv(self, size: int) -> bytes:
-        if self._prelude:
-            data, self._prelude = self._prelude[:size], self._prelude[size:]
-            return data
-        return self._sock.recv(size)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 def _request(chan: paramiko.Channel, kind: str, value: str) -> None:
@@ -387,17 +349,17 @@ class Channel:
         part = local.parent / f".{local.name[:200]}.{secrets.token_hex(4)}.part"
         try:
             sftp = self.sftp
-            _check_regular(remote, sftp.stat(remote).st_mode)
+            check_regular(remote, sftp.stat(remote).st_mode)
             with sftp.open(remote, "rb") as source:
                 opened = source.stat()  # what was opened: the path may have changed since
-                _check_regular(remote, opened.st_mode)
+                check_regular(remote, opened.st_mode)
                 size = opened.st_size or 0
                 if size > max_size:
-                    raise _too_large(remote, max_size, f"it has {size} bytes")
+                    raise too_large(remote, max_size, f"it has {size} bytes")
                 source.prefetch(size, max_concurrent_requests=64)
                 fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
                 with os.fdopen(fd, "wb") as target:
-                    _copy_bounded(source, target, remote, max_size, deadline, timeout)
+                    copy_bounded(source, target, remote, max_size, deadline, timeout)
             os.replace(part, local)
         except OSError as exc:
             raise ChannelError(f"could not copy {remote} from the guest to {local}: "
@@ -420,7 +382,7 @@ class Channel:
                     tar.add(str(entry), arcname=entry.name)
             chan.shutdown_write()
             deadline = time.monotonic() + timeout
-            errors = _read_tail(chan, PUSH_ERRORS_KEEP, deadline)
+            errors = read_tail(chan, PUSH_ERRORS_KEEP, deadline)
             if not chan.status_event.wait(max(0.1, deadline - time.monotonic())):
                 raise TimeoutError(f"tar in the guest did not finish within {timeout:g} s")
             status = chan.recv_exit_status()
@@ -431,63 +393,6 @@ class Channel:
         if status != 0:
             raise ChannelError(f"push of {local_dir} to {remote_dir} failed in the guest "
                                f"(tar status {status}): {guest_text(errors.strip(), 30)}")
-
-
-def _check_regular(remote: str, mode: int | None) -> None:
-    """ChannelError for a directory, GuestDataError for anything else but a regular file
-    (a device, such as a link to /dev/zero, or a pipe: neither ends)."""
-    mode = mode or 0
-    if stat.S_ISDIR(mode):
-        raise ChannelError(f"{remote} is a directory in the guest; get copies one file (use a "
-                           "tar stream: vm.run('tar -C DIR -c .'))")
-    if not stat.S_ISREG(mode):
-        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device"
-                if stat.S_ISBLK(mode) else "a pipe" if stat.S_ISFIFO(mode) else "a socket"
-                if stat.S_ISSOCK(mode) else f"not a regular file (mode {mode:o})")
-        raise GuestDataError(f"{remote} is {kind} in the guest (or a link to one); get copies "
-                             "regular files only. For a device's bytes, read a bounded amount: "
-                             f"vm.run('head -c N {remote}')")
-
-
-def _too_large(remote: str, max_size: int, why: str) -> GuestDataError:
-    return GuestDataError(f"{remote} in the guest is larger than get's limit, max_size="
-                          f"{max_size} bytes ({why}); nothing was written. Pass a larger "
-                          "max_size= to get (sandbox cp --max-size) to copy it whole")
-
-
-def _copy_bounded(source: paramiko.SFTPFile, target: BinaryIO, remote: str, max_size: int,
-                  deadline: float, timeout: float) -> None:
-    """``source`` into ``target`` until its end (not its size when opened: a file in /proc
-    says 0, a growing file more later), at most ``max_size`` bytes, by ``deadline``."""
-    copied = 0
-    while True:
-        if time.monotonic() > deadline:
-            raise GuestDataError(f"get of {remote} did not finish within {timeout:g} s "
-                                 f"({copied} bytes copied; nothing was written). Pass a "
-                                 "larger timeout= to get for a slow copy")
-        data = source.read(256 << 10)
-        if not data:
-            return
-        copied += len(data)
-        if copied > max_size:
-            raise _too_large(remote, max_size, "it grew past it while being copied")
-        target.write(data)
-
-
-def _read_tail(chan: paramiko.Channel, keep: int, deadline: float) -> str:
-    """A session's stderr until its end or ``deadline``: its last ``keep`` bytes."""
-    kept = bytearray()
-    while time.monotonic() < deadline:
-        chan.settimeout(max(0.1, deadline - time.monotonic()))
-        try:
-            data = chan.recv_stderr(1 << 16)
-        except TimeoutError:
-            break
-        if not data:
-            break
-        kept += data
-        del kept[:-keep]
-    return kept.decode(errors="replace")
 
 
 def connect(opener: Callable[[float], Any], key: paramiko.PKey, host_key: str | None, *,

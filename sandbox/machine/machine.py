@@ -31,9 +31,11 @@ from ..errors import (
     SandboxWarning,
     SnapshotError,
 )
-from ..guest.channel import GET_MAX_SIZE, Channel, connect, tcp
+from ..guest.channel import Channel, connect
 from ..guest.commands import CommandResult, TranscriptEntry
 from ..guest.keys import cache_key
+from ..guest.sockets import tcp
+from ..guest.transfer import GET_MAX_SIZE
 from ..imaging.image import Image, get_image
 from ..net.members import NetworkedMachine, lans_of
 from ..net.named_network import PeerShell
@@ -423,36 +425,6 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         if not source.is_dir():
             raise SandboxError(f"push needs a directory, {source} is not one (use put)")
         self.channel.push(source, remote_dir, timeout or self.spec.command_timeout)
-
-    # -- ports, console, snapshots ------------------------------------------------------------
-
-    def forward(self, guest_port: int) -> int:
-        """Forward host 127.0.0.1:<free port> to ``guest_port``; the host port."""
-        if guest_port in self._forwards:
-            return self._forwards[guest_port]
-        assert self.qemu is not None
-        before = self.qemu.hostfwd_ports()
-        if guest_port in before:
-            self._forwards[guest_port] = before[guest_port]
-            return before[guest_port]
-        answer = self.hmp(f"hostfwd_add net0 tcp:127.0.0.1:0-:{int(guest_port)}")
-        ports = self.qemu.hostfwd_ports()
-        if guest_port not in ports:
-            raise SandboxError(f"could not forward guest port {guest_port}: {answer.strip()}")
-        self._forwards[guest_port] = ports[guest_port]
-        return ports[guest_port]
-
-    def console_log(self) -> str:
-        """The serial console output so far."""
-        return self.files.console_since(0)[0] if self.files else ""
-
-    def console_since(self, offset: int) -> tuple[str, int]:
-        """The console output after byte ``offset``, and the offset after it."""
-        return self.files.console_since(offset) if self.files else ("", offset)
-
-    def console_tail(self, lines: int = 40) -> str:
-        """The last ``lines`` console lines, without colour codes or blank lines."""
-        return self.files.console_tail(lines) if self.files else ""
 
     def _running(self) -> QemuProcess:
         if self.qemu is None:

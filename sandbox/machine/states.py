@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..base.entries import entry_lock, publish, remove_entry
 from ..errors import SandboxError, TemplateError
-from ..guest.channel import PreludeSocket
+from ..guest.sockets import PreludeSocket
 from ..host.tools import qemu_version
 from ..vm import console
 from ..vm.golden import GOLDEN_CONSOLE_BYTES, arm_ssh_port

@@ -1,5 +1,6 @@
-"""The machine's public waits (port, command, unit, console), each a :func:`wait_until` that
-names what it waited for and what it saw last.
+"""What a machine shows and the waits on it: its serial console (log, tail, what is new since
+an offset), and the public waits (port, command, unit, console), each a :func:`wait_until`
+that names what it waited for and what it saw last.
 
 :class:`GuestWaits` is a mixin of :class:`sandbox.Machine`; what it needs from the machine is
 declared in its body (the machine provides it).
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from typing import BinaryIO
 
     from ..guest.commands import CommandResult
+    from ..vm.files import MachineFiles
     from ..vm.qemu import QemuProcess
 
 #: How much of the console already read wait_for_console searches again with new output.
@@ -28,11 +30,13 @@ CONSOLE_WINDOW = 1 << 20
 
 
 class GuestWaits:
-    """The waits of :class:`sandbox.Machine`: each with ``timeout=``, each failing with a
-    WaitTimeout that says what it waited for, for how long, and what it saw last."""
+    """The console and the waits of :class:`sandbox.Machine`: each wait with ``timeout=``,
+    each failing with a WaitTimeout that says what it waited for, for how long, and what it
+    saw last."""
 
     name: str
     qemu: QemuProcess | None
+    files: MachineFiles | None
 
     if TYPE_CHECKING:  # what the machine provides
         def run(self, cmd: str | Sequence[str], *, timeout: float | None = None,
@@ -40,11 +44,17 @@ class GuestWaits:
                 stdout: BinaryIO | None = None,
                 stderr: BinaryIO | None = None) -> CommandResult: ...
 
-        def console_log(self) -> str: ...
+    def console_log(self) -> str:
+        """The serial console output so far."""
+        return self.files.console_since(0)[0] if self.files else ""
 
-        def console_tail(self, lines: int = 40) -> str: ...
+    def console_since(self, offset: int) -> tuple[str, int]:
+        """The console output after byte ``offset``, and the offset after it."""
+        return self.files.console_since(offset) if self.files else ("", offset)
 
-        def console_since(self, offset: int) -> tuple[str, int]: ...
+    def console_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` console lines, without colour codes or blank lines."""
+        return self.files.console_tail(lines) if self.files else ""
 
     def _console_hint(self) -> str:
         tail = self.console_tail(15)

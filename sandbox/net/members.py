@@ -1,7 +1,8 @@
 """A machine's side of its networks: addresses taken before it starts (on a private network of
 this process, or a named one), its ports on the switches, links and names set once it runs
 (by the guest agent while a clone resumes, else over SSH), peers told its name, and the
-public :meth:`~NetworkedMachine.address`, :meth:`~NetworkedMachine.block` and the like.
+public :meth:`~NetworkedMachine.address`, :meth:`~NetworkedMachine.block` and the like; and
+its host port forwards on the user-mode network (:meth:`~NetworkedMachine.forward`).
 
 :class:`NetworkedMachine` is a mixin of :class:`sandbox.Machine`; the attributes it declares
 are the machine's.
@@ -54,6 +55,8 @@ class NetworkedMachine:
     files: MachineFiles | None
     #: network directory -> this machine's address there
     addresses: dict[str, str]
+    #: guest port -> host port, of the forwards asked for
+    _forwards: dict[int, int]
     #: Whether the guest agent answered when the machine started (peers then use it).
     agent_answered = False
     _memberships: list[Membership]
@@ -141,3 +144,21 @@ class NetworkedMachine:
         if self.qemu is None:
             raise SandboxError(f"{self.name} is not running")
         self.qemu.qmp("set_link", name=self._lan(network), up=up)
+
+    # -- host port forwards (user-mode networking, net0) -------------------------------------
+
+    def forward(self, guest_port: int) -> int:
+        """Forward host 127.0.0.1:<free port> to ``guest_port``; the host port."""
+        if guest_port in self._forwards:
+            return self._forwards[guest_port]
+        assert self.qemu is not None
+        before = self.qemu.hostfwd_ports()
+        if guest_port in before:
+            self._forwards[guest_port] = before[guest_port]
+            return before[guest_port]
+        answer = self.qemu.hmp(f"hostfwd_add net0 tcp:127.0.0.1:0-:{int(guest_port)}")
+        ports = self.qemu.hostfwd_ports()
+        if guest_port not in ports:
+            raise SandboxError(f"could not forward guest port {guest_port}: {answer.strip()}")
+        self._forwards[guest_port] = ports[guest_port]
+        return ports[guest_port]

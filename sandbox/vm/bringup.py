@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 
 from ..errors import BootError, ChannelError, ImageError, SandboxError, SandboxWarning, guest_text
 from ..guest.agent import Agent
-from ..guest.channel import connect, tcp
+from ..guest.channel import connect
 from ..guest.commands import as_root
 from ..guest.files import GUEST_AGENT
 from ..guest.keys import cache_key
+from ..guest.sockets import tcp
 from . import console
 
 if TYPE_CHECKING:

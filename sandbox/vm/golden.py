@@ -39,8 +39,8 @@ from ..base.paths import cache_dir
 from ..base.progress import QUIET, Reporter
 from ..errors import BootError, GuestDataError, SandboxError, SandboxWarning, SnapshotError
 from ..guest.agent import Agent
-from ..guest.channel import PreludeSocket
 from ..guest.files import GUEST_AGENT
+from ..guest.sockets import PreludeSocket
 from ..host.tools import qemu_version
 from ..imaging.image import Image, find_images, remove_image
 from . import console
