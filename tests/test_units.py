@@ -449,3 +449,125 @@ def test_the_ssh_prelude_read_is_bounded_in_size_and_time() -> None:
     with _prelude_peer(not_ssh) as host, \
             pytest.raises(SnapshotError, match="no banner"):
         read_prelude(host, quiet=0.3)
+
+
+# -- the layers ----------------------------------------------------------------------------------
+
+#: The package's layers, lowest first; a module may import its own layer and those before it.
+#: Layers in one tuple are peers: neither imports the other. "fronts" is everything else
+#: (the package's face, the plugin, its hookspecs, the CLI).
+LAYERS: list[tuple[str, ...]] = [("errors",), ("base",), ("host", "guest"), ("imaging",),
+                                 ("vm",), ("net",), ("machine",), ("fronts",)]
+PACKAGE = Path(__file__).resolve().parent.parent / "sandbox"
+
+
+def module_names(package: Path) -> dict[str, Path]:
+    """Every module under ``package``, by dotted name (a package by its own name)."""
+    names = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = [package.name, *path.relative_to(package).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = path
+    return names
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports: anywhere in the file (in functions, under
+    TYPE_CHECKING), relative or absolute; ``from X import name`` counts as X.name when that
+    is a module, else as X."""
+    import ast
+
+    modules = module_names(package)
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = ".".join(here.split(".")[:len(here.split(".")) - node.level + 1])
+                    source = f"{base}.{node.module}" if node.module else base
+                else:
+                    source = node.module or ""
+                targets.update(f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules
+                               else source for alias in node.names)
+        graph[name] = {target for target in targets if target in modules} - {name}
+    return graph
+
+
+def layer_of(module: str) -> str:
+    part = (module.split(".") + [""])[1]
+    return part if any(part in peers for peers in LAYERS[:-1]) else "fronts"
+
+
+def rank(layer: str) -> int:
+    return next(n for n, peers in enumerate(LAYERS) if layer in peers)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{module} ({layer_of(module)}) imports {target} ({layer_of(target)})"
+                  for module, targets in graph.items() for target in targets
+                  if layer_of(target) != layer_of(module)
+                  and rank(layer_of(target)) >= rank(layer_of(module)))
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in graph[module]:
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return circles
+
+
+def test_the_package_is_layered_without_circles() -> None:
+    graph = import_graph(PACKAGE)
+    assert "sandbox.vm.qemu" in graph and "sandbox.base.waits" in graph["sandbox.vm.qemu"]
+    assert {layer_of(module) for module in graph} == {
+        layer for peers in LAYERS for layer in peers}, "a layer without modules, or a new one"
+    assert import_circles(graph) == []
+    assert upward_imports(graph) == []
+
+
+def test_the_layer_check_sees_upward_imports_and_circles(tmp_path: Path) -> None:
+    package = tmp_path / "sandbox"
+    for layer in ("base", "vm", "machine"):
+        (package / layer).mkdir(parents=True)
+        (package / layer / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "base" / "waits.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from ..machine.machine import Machine\n")
+    (package / "vm" / "qemu.py").write_text("def f():\n    from . import plan\n")
+    (package / "vm" / "plan.py").write_text("import sandbox.vm.qemu\n")
+    (package / "machine" / "machine.py").write_text("from ..vm import plan\n")
+    graph = import_graph(package)
+    assert upward_imports(graph) == [
+        "sandbox.base.waits (base) imports sandbox.machine.machine (machine)"]
+    assert import_circles(graph) == [["sandbox.vm.plan", "sandbox.vm.qemu"]]
