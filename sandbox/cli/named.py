@@ -1,5 +1,5 @@
 """Named machines from the command line: ``up``, ``list``, ``exec``, ``ssh``, ``cp``,
-``snapshot``, ``logs`` and ``down`` (the core is :mod:`sandbox.named`)."""
+``snapshot``, ``logs`` and ``down`` (the core is :mod:`sandbox.machine.named`)."""
 
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ def as_root(command: str, user: str) -> str:
 
 
 def wrap(command: str, env: Mapping[str, str] | None) -> str:
-    """What the guest's login shell runs (after its go: sandbox.channel.GO): first report
+    """What the guest's login shell runs (after its go: sandbox.guest.channel.GO): first report
     the shell's pid (so a timed-out command's process tree can be killed), export ``env``,
     then ``command``.
 

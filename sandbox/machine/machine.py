@@ -1,10 +1,13 @@
 """Machine: one isolated QEMU guest, commanded over SSH: the guest API that tests call.
 
-``start`` clones the image's golden snapshot (:mod:`sandbox.golden`), or boots cold when asked
-to or when no snapshot loads; QEMU is a :class:`sandbox.qemu.QemuProcess`, commands and files
-go over one SSH :class:`sandbox.channel.Channel`. ``close`` stops QEMU and removes every file
-the machine made. QEMU dies with its owner process (parent-death signal); the run directory
-lets a later run reap the rest. Machines that outlive this process are :mod:`sandbox.named`'s.
+``start`` clones the image's golden snapshot (:mod:`sandbox.vm.golden`), or boots cold when
+asked to or when no snapshot loads; QEMU is a :class:`sandbox.vm.qemu.QemuProcess`, commands
+and files go over one SSH :class:`sandbox.guest.channel.Channel`. ``close`` stops QEMU and
+removes every file the machine made. QEMU dies with its owner process (parent-death signal);
+the run directory lets a later run reap the rest. Machines that outlive this process are
+:mod:`sandbox.machine.named`'s. Its parts: the console and waits (:mod:`.waits`), saved
+states and templates (:mod:`.states`), networks and port forwards
+(:mod:`sandbox.net.members`).
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         self.keepable = keepable
         with _names_lock:
             self.name = check_machine_name(name) if name else f"vm{next(_names)}"
-        #: The machine's directory and QEMU tag when sandbox.named gives them (else: a
+        #: The machine's directory and QEMU tag when sandbox.machine.named gives them (else: a
         #: directory in this process's run, tagged with the run).
         self.home = home
         self.tag = tag
@@ -187,7 +190,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         self._boot(started)
 
     def _start_clone(self, golden: Golden) -> Clone:
-        """See :meth:`sandbox.golden.Golden.start_clone`; SnapshotError when it is damaged."""
+        """See :meth:`sandbox.vm.golden.Golden.start_clone`; SnapshotError when it is damaged."""
         assert self.files is not None
         golden.check()
         plan = self._plan(create_overlay(golden.disk, self.files.overlay), ram_file=golden.ram,
@@ -343,7 +346,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
 
     def _watch(self) -> None:
         """Raise when the guest can no longer answer: QEMU exited, or the kernel panicked
-        (QEMU's pvpanic device stops the guest, see sandbox.plan)."""
+        (QEMU's pvpanic device stops the guest, see sandbox.vm.plan)."""
         assert self.qemu is not None
         self.qemu.check_alive(f"QEMU of {self.name} exited")
         try:

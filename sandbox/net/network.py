@@ -1,6 +1,6 @@
 """Private networks between machines: an isolated layer-2 segment each, owned by this run.
 
-A :class:`Network` is a switch process (:mod:`sandbox.switch`) with its sockets in a private
+A :class:`Network` is a switch process (:mod:`sandbox.net.switch`) with its sockets in a private
 directory of this run; a machine on it has one more NIC (a QEMU ``dgram`` netdev to the
 switch), a static address in the network's /24, the names of its peers in ``/etc/hosts``,
 and can be cut off (:meth:`NetworkedMachine.block`: link down, as the guest sees it) or

@@ -15,7 +15,7 @@ a unix stream socket taking one JSON request per line (``join`` with the port an
 ``leave``, ``partition``, ``heal``, ``ping``); the switch exits when its owner process is
 gone.
 
-Run as ``python -m sandbox.switch DIRECTORY OWNER_PID OWNER_TICKS TAG`` (owner 0: a named
+Run as ``python -m sandbox.net.switch DIRECTORY OWNER_PID OWNER_TICKS TAG`` (owner 0: a named
 network, which ends after its last member: see :func:`serve_named`).
 """
 
@@ -275,7 +275,7 @@ def serve_named(switch: Switch, directory: Path) -> None:
     switch.serve(wanted)
 
 
-def main() -> None:  # pragma: no cover - run as a process by sandbox.network
+def main() -> None:  # pragma: no cover - run as a process by sandbox.net.network
     from ..base.processes import process_alive
 
     directory, owner = Path(sys.argv[1]), int(sys.argv[2])

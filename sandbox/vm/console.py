@@ -9,7 +9,7 @@ the filesystem cannot punch holes, the file is emptied and says so. At most abou
 
 Who trims: a process that runs machines has one daemon thread tending all of its consoles
 (:func:`tend`); a named machine, which outlives the process that started it, gets a small
-keeper process of its own (``python -m sandbox.console``) that exits with its QEMU.
+keeper process of its own (``python -m sandbox.vm.console``) that exits with its QEMU.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ and when stdin ends, because the owner exited or was killed (even by SIGKILL), i
 QEMU it still holds that is still the process it was. It runs as a script of its own (the
 standard library only, ``python -I -S``), in a session of its own, so it starts in a few
 milliseconds and a signal to the owner's process group does not take it along.
-See :class:`sandbox.qemu.Lifeline` for the owner's side.
+See :class:`sandbox.vm.qemu.Lifeline` for the owner's side.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class QemuPlan:
     ram_shared: bool = False
     #: Wait for the machine state on the monitor (-incoming defer) instead of booting.
     incoming: bool = False
-    #: One NIC per private network (sandbox.network): the switch's data socket of each, or
+    #: One NIC per private network (sandbox.net.network): the switch's data socket of each, or
     #: None for a NIC on a hub of its own (a golden boot: the NIC exists, nothing is on it).
     lans: tuple[Path | None, ...] = ()
     #: An imported disk image: booted by firmware (SeaBIOS, or this UEFI firmware) with its

@@ -1,9 +1,9 @@
 """The QEMU process of one machine: spawning with a parent-death signal, the QMP monitor,
 liveness, saving and loading state, and a graceful then hard stop. What it runs is a
-:class:`sandbox.plan.QemuPlan`.
+:class:`sandbox.vm.plan.QemuPlan`.
 
 Everything here is about QEMU, nothing about the guest: the guest API sits on top
-(sandbox.machine), and so does the golden snapshot procedure (sandbox.golden).
+(sandbox.machine), and so does the golden snapshot procedure (sandbox.vm.golden).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ QMP_TIMEOUT = 30.0
 
 
 class Lifeline:
-    """This process's end of :mod:`sandbox.lifeline`: QEMUs that must die with this process
+    """This process's end of :mod:`sandbox.vm.lifeline`: QEMUs that must die with this process
     until it lets them go (machines that may be kept), held by a helper process that kills
     them when this process dies. The helper starts with the first QEMU held."""
 

@@ -1,7 +1,7 @@
 """Run ownership: everything a process creates lives under one run directory, tagged with the
 run id, so that a later run (or ``sandbox prune``) can reap what a killed run left behind.
 
-Layout under :func:`sandbox.paths.runtime_dir`::
+Layout under :func:`sandbox.base.paths.runtime_dir`::
 
     run-<id>/owner.json          pid and start time of the owning process
     run-<id>/<machine>/          qmp.sock, console.log, overlay.qcow2, qemu.pid, ...

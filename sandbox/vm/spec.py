@@ -17,9 +17,9 @@ from ..errors import MachineNameError, SandboxError
 #: "restricted": no egress, the guest reaches nothing, only forwarded ports reach it.
 #: "user": QEMU user networking with egress (NAT through the host).
 NETWORKS = ("restricted", "user")
-#: "auto": KVM where it really works (sandbox.host probes it), else TCG.
+#: "auto": KVM where it really works (sandbox.vm.accel probes it), else TCG.
 ACCELS = ("auto", "kvm", "tcg")
-#: Private networks per machine: their NICs take fixed PCI slots (sandbox.plan.LAN_SLOT).
+#: Private networks per machine: their NICs take fixed PCI slots (sandbox.vm.plan.LAN_SLOT).
 MAX_NETWORKS = 8
 #: A machine's name becomes its directory, part of its QEMU tag and of its socket paths.
 MACHINE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
