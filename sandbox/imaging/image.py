@@ -22,6 +22,7 @@ from ..errors import ImageError, SandboxError
 from ..guest.files import GUEST_AGENT, GUEST_SETUP
 from ..guest.keys import cache_key
 from .debian import BUILDER_VERSION, build_into, check_space, require_tools
+from .foreign import IMPORT_VERSION, import_into, source_sha256
 from .recipe import Recipe, find_recipe
 
 
@@ -119,8 +120,6 @@ def image_key(recipe: Recipe) -> str:
     """Content address of the image a recipe builds (recipe, builder, baked-in key; for a
     disk recipe the disk's sha256 instead of the builder)."""
     if recipe.kind == "disk":
-        from .foreign import IMPORT_VERSION, source_sha256
-
         return recipe.digest("disk", IMPORT_VERSION, source_sha256(recipe),
                              cache_key().public_line)
     setup = hashlib.sha256(GUEST_SETUP.read_bytes() + GUEST_AGENT.read_bytes()).hexdigest()
@@ -185,8 +184,6 @@ def build_image(recipe: Recipe, *, reporter: Reporter = QUIET, force: bool = Fal
                 return Image.load(final)
             remove_image(Image.load(final))
         if recipe.kind == "disk":
-            from .foreign import import_into, source_sha256
-
             digest = source_sha256(recipe)
             with reporter.stage(f"{recipe.name}: importing {recipe.disk}"):
                 manifest = publish(final, lambda work: _with_manifest(
