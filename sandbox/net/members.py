@@ -46,7 +46,7 @@ def _switch_socket(path: str) -> Path:
 
 
 class NetworkedMachine:
-    """Machine mixin: its private networks."""
+    """Machine mixin: its private and named networks, and its host port forwards."""
 
     name: str
     user: str

@@ -1,15 +1,15 @@
 """Private networks between machines: an isolated layer-2 segment each, owned by this run.
 
-A :class:`Network` is a switch process (:mod:`sandbox.net.switch`) with its sockets in a private
-directory of this run; a machine on it has one more NIC (a QEMU ``dgram`` netdev to the
-switch), a static address in the network's /24, the names of its peers in ``/etc/hosts``,
-and can be cut off (:meth:`NetworkedMachine.block`: link down, as the guest sees it) or
-split from others (:meth:`Network.partition`). Golden snapshots are made per number of
-networks (the NIC is there from the boot; its backend is chosen per clone), so a networked
-clone starts like a plain one: its address is taken before it starts, the guest agent sets
-its links and names with the clone's identity while SSH connects (no process spawned in the
-guest), and the machines already there learn its name through their agents meanwhile. SSH
-does the same where there is no agent (cold boots).
+A :class:`Network` is a switch process (:mod:`sandbox.net.switch`) with its sockets in a
+private directory of this run; a machine on it has one more NIC (a QEMU ``dgram`` netdev to
+the switch), a static address in the network's /24, the names of its peers in
+``/etc/hosts``, and can be cut off (``block``: link down, as the guest sees it; a machine's
+side is :mod:`sandbox.net.members`) or split from others (:meth:`Network.partition`). Golden
+snapshots are made per number of networks (the NIC is there from the boot; its backend is
+chosen per clone), so a networked clone starts like a plain one: its address is taken before
+it starts, the guest agent sets its links and names with the clone's identity while SSH
+connects (no process spawned in the guest), and the machines already there learn its name
+through their agents meanwhile. SSH does the same where there is no agent (cold boots).
 """
 
 from __future__ import annotations
@@ -22,15 +22,11 @@ import re
 import shutil
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..vm.runs import current_run
 from . import switch
 from .segment import Member, Membership, NetworkError, Peer, check_hostname, free_host
 from .switch_process import SwitchProcess
-
-if TYPE_CHECKING:
-    pass
 
 _counter = itertools.count()
 _open: dict[str, Network] = {}
