@@ -31,9 +31,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import sandbox  # noqa: E402
-from sandbox.golden import discard_golden, list_goldens  # noqa: E402
-from sandbox.host import accel_verdict, qemu_version  # noqa: E402
-from sandbox.progress import Reporter  # noqa: E402
+from sandbox.base.progress import Reporter  # noqa: E402
+from sandbox.host.tools import qemu_version  # noqa: E402
+from sandbox.vm.accel import accel_verdict
+from sandbox.vm.golden import discard_golden, list_goldens  # noqa: E402
 
 
 def focused_start(doc: str, **options: tuple[type, Any, str]
@@ -84,7 +85,7 @@ def cycle() -> float:
 
 def build_and_clones(image: str, clones: int) -> dict[str, Any]:
     """From an empty cache: image build, golden snapshot, then ``clones`` clones timed."""
-    from sandbox.image import get_image
+    from sandbox.imaging.image import get_image
 
     started = time.monotonic()
     built = get_image(image)

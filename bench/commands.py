@@ -6,7 +6,7 @@ Serial: the latency of one short command (`true`) on a running clone. Concurrent
 threads each run COMMANDS commands (`echo`) on the same clone; the figures are throughput,
 per-command latency, how many sessions the guest's SSH server closed before their command
 started (Debian 12's dropbear does that when a child exits at that moment; such a session
-is opened again, see sandbox/channel.py), and how many commands failed (expected: 0).
+is opened again, see sandbox/guest/channel.py), and how many commands failed (expected: 0).
 """
 
 from __future__ import annotations

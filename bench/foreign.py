@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 import sandbox  # noqa: E402
 from bench import focused_start, percentile, print_table  # noqa: E402  (bench/bench.py, beside this one)
-from sandbox.golden import remove_images  # noqa: E402
-from sandbox.image import build_image  # noqa: E402
-from sandbox.recipe import parse_recipe  # noqa: E402
+from sandbox.imaging.image import build_image  # noqa: E402
+from sandbox.imaging.recipe import parse_recipe  # noqa: E402
+from sandbox.vm.golden import remove_images  # noqa: E402
 from tests.foreign import convert, foreign_disk, write_recipe  # noqa: E402
 
 

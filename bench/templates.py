@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import sandbox  # noqa: E402
 from bench import focused_start, percentile, print_table  # noqa: E402  (bench/bench.py, beside this one)
-from sandbox.prepare import ensure_template  # noqa: E402
+from sandbox.machine.prepare import ensure_template  # noqa: E402
 
 APP = ROOT / "examples" / "inventory" / "app"
 NAME = "bench-inventory"

@@ -25,18 +25,19 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .commands import CommandResult
-    from .machine import Machine, launch
-    from .network import Network
-    from .prepare import content_key
-    from .spec import MachineSpec
-    from .template import Template, remove_template, templates
+    from .guest.commands import CommandResult
+    from .machine.machine import Machine, launch
+    from .machine.prepare import content_key
+    from .net.network import Network
+    from .vm.spec import MachineSpec
+    from .vm.template import Template, remove_template, templates
 
 __version__ = "0.1.0"
 
-_LAZY = {"launch": "machine", "Machine": "machine", "CommandResult": "commands",
-         "MachineSpec": "spec", "Template": "template", "templates": "template",
-         "remove_template": "template", "content_key": "prepare", "Network": "network"}
+_LAZY = {"launch": "machine.machine", "Machine": "machine.machine",
+         "CommandResult": "guest.commands", "MachineSpec": "vm.spec", "Template": "vm.template",
+         "templates": "vm.template", "remove_template": "vm.template",
+         "content_key": "machine.prepare", "Network": "net.network"}
 
 __all__ = [
     "BootError", "ChannelError", "CommandFailed", "CommandResult", "CommandTimeout", "GuestPanic",

@@ -24,7 +24,7 @@ import pluggy
 if TYPE_CHECKING:
     import pytest
 
-    from .machine import Machine
+    from .machine.machine import Machine
 
 hookspec = pluggy.HookspecMarker("pytest")
 

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .spec import ACCELS
+from .vm.spec import ACCELS
 
 if TYPE_CHECKING:
-    from .machine import Machine
-    from .network import Network
-    from .template import Template
+    from .machine.machine import Machine
+    from .net.network import Network
+    from .vm.template import Template
 
 # name, help, kind ("value" or "flag"), MachineSpec field it sets (None: plugin behaviour)
 _OPTIONS = (
@@ -101,7 +101,7 @@ def machine_shape(request: pytest.FixtureRequest) -> dict[str, Any]:
                         "@pytest.mark.vm(image='debian-12', memory='2G')", pytrace=False)
         shape.update(marker.kwargs)
     from .errors import SandboxError
-    from .spec import MachineSpec
+    from .vm.spec import MachineSpec
 
     try:
         MachineSpec.from_kwargs(**shape)
@@ -128,7 +128,7 @@ def _to_terminal(config: pytest.Config) -> Iterator[Callable[[str], None]]:
 
 
 def _reporter(config: pytest.Config) -> Any:
-    from .progress import Reporter
+    from .base.progress import Reporter
 
     class TerminalReporter(Reporter):
         """Stage lines (image build, golden snapshot) shown live despite output capture."""
@@ -154,8 +154,8 @@ def _reporter(config: pytest.Config) -> Any:
 @pytest.fixture
 def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Machine]]:
     """Start any number of machines for this test; each is torn down after it."""
-    from .machine import Machine
-    from .spec import MachineSpec
+    from .machine.machine import Machine
+    from .vm.spec import MachineSpec
 
     config = request.config
     node = request.node
@@ -198,7 +198,7 @@ def vm_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Machine
 
 
 def _keep(config: pytest.Config, node: pytest.Item, machine: Machine, index: int) -> None:
-    from .named import keep, unique_name
+    from .machine.named import keep, unique_name
 
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", node.name).strip("-.")[:40] or "test"
     name = unique_name(f"{stem}-{index}" if index else stem)
@@ -217,7 +217,7 @@ def _keep(config: pytest.Config, node: pytest.Item, machine: Machine, index: int
 def vm_network() -> Iterator[Callable[..., Network]]:
     """``vm_network(name=None) -> sandbox.Network``: private networks for this test's
     machines (``vm_factory(name="db", networks=[net])``), removed after it."""
-    from .network import Network
+    from .net.network import Network
 
     networks: list[Network] = []
 
@@ -237,8 +237,8 @@ def vm_template(request: pytest.FixtureRequest) -> Callable[..., Template]:
     per host and saved, reused across runs while ``key`` and the base image stay the same;
     made under a lock, so once for all xdist workers. ``setup`` is a callable taking the
     machine, a command, or a list of those."""
-    from .prepare import ensure_template
-    from .spec import MachineSpec
+    from .machine.prepare import ensure_template
+    from .vm.spec import MachineSpec
 
     config = request.config
 

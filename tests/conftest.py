@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 import sandbox
-from sandbox.image import cached_image
-from sandbox.recipe import find_recipe
+from sandbox.imaging.image import cached_image
+from sandbox.imaging.recipe import find_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "debian-12"

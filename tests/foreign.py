@@ -12,9 +12,9 @@ import os
 import subprocess
 from pathlib import Path
 
-from sandbox.entries import entry_lock, publish
-from sandbox.image import host_debian_mirrors
-from sandbox.paths import SYSTEM_TOOL_DIRS, cache_dir
+from sandbox.base.entries import entry_lock, publish
+from sandbox.base.paths import SYSTEM_TOOL_DIRS, cache_dir
+from sandbox.imaging.debian import host_debian_mirrors
 
 BUILD = Path(__file__).parent / "images" / "foreign-build.sh"
 

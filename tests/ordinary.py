@@ -104,7 +104,7 @@ def ordinary_account() -> Account:
 
 def _ensure_subordinate_ids(account: Account) -> None:
     """Give the test account a subordinate id range if it has none (it is ours)."""
-    from sandbox.access import SUBORDINATE_IDS, free_subordinate_start
+    from sandbox.host.access import SUBORDINATE_IDS, free_subordinate_start
 
     for kind in ("uid", "gid"):
         path = Path(f"/etc/sub{kind}")

@@ -84,7 +84,7 @@ def test_down_stops_a_machine_whose_monitor_is_held_and_image_is_gone(
     a script), exec still works and down still stops the VM, even with its image gone."""
     import socket
 
-    from sandbox.named import find_named
+    from sandbox.machine.named import find_named
 
     name = "down-check"
     assert sandbox_cli("up", name).returncode == 0
@@ -188,7 +188,7 @@ def test_ssh_logs_in_as_the_named_machines_user(tmp_path: Path) -> None:
     """`sandbox ssh NAME` runs the host's ssh client (here a stand-in that records its
     arguments) as the account the machine logs in as, recorded in its state: an imported
     image's user, not root."""
-    from sandbox.pids import process_start_ticks
+    from sandbox.base.processes import process_start_ticks
 
     runtime, image, bin_dir = tmp_path / "runtime", tmp_path / "image", tmp_path / "bin"
     image.mkdir()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import console
 from sandbox.errors import SandboxError
+from sandbox.vm import console
 
 
 def _allocated(path: Path) -> int:

@@ -84,9 +84,9 @@ import pytest
 
 import sandbox
 from sandbox.errors import ChannelError, CommandTimeout, GuestPanic, SandboxWarning
-from sandbox.golden import find_golden, list_goldens
-from sandbox.host import resolve_accel
-from sandbox.image import get_image
+from sandbox.imaging.image import get_image
+from sandbox.vm.accel import resolve_accel
+from sandbox.vm.golden import find_golden, list_goldens
 
 from .conftest import IMAGE, env_with, golden_file_digests, sandbox_cli
 
@@ -119,7 +119,7 @@ def test_a_dead_ssh_server_raises_and_the_next_call_reconnects(
 
 def test_huge_output_is_kept_bounded_with_a_marker(
         built_image: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    import sandbox.commands as commands
+    import sandbox.guest.commands as commands
 
     # The real bounds are 64 MiB and 1 MiB: the same code, with figures a test can afford.
     monkeypatch.setattr(commands, "OUTPUT_LIMIT", 1 << 20)
@@ -137,7 +137,7 @@ def test_huge_output_is_kept_bounded_with_a_marker(
 
 def test_file_transfers_give_up_on_a_paused_guest(
         built_image: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import sandbox.channel as channel
+    import sandbox.guest.channel as channel
 
     monkeypatch.setattr(channel, "SFTP_IDLE_TIMEOUT", 3.0)  # 60 s in use: the same code
     payload = tmp_path / "payload"
@@ -156,7 +156,7 @@ def test_a_golden_snapshot_rebuilt_meanwhile_is_not_discarded(
         built_image: dict[str, Any]) -> None:
     """A clone that failed on an old copy must not remove the copy another process has
     rebuilt since: discarding checks, under the lock, that the entry is unchanged."""
-    from sandbox.golden import Golden, discard_golden
+    from sandbox.vm.golden import Golden, discard_golden
 
     sandbox.launch(IMAGE).close()
     current = find_golden(get_image(IMAGE), sandbox.MachineSpec(image=IMAGE),
@@ -196,7 +196,7 @@ def test_a_chatty_console_stays_bounded_on_disk_of_a_named_machine(
         built_image: dict[str, Any]) -> None:
     """A named machine outlives the process that started it: a keeper process trims its
     console and ends with its QEMU."""
-    from sandbox.named import find_named
+    from sandbox.machine.named import find_named
 
     env = env_with(SANDBOX_CONSOLE_KEEP="256K")
     up = sandbox_cli("up", "chatty", env=env)
@@ -224,7 +224,7 @@ def _keepers(log: Path) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"sandbox.console" in cmdline and str(log).encode() in cmdline:
+        if b"sandbox.vm.console" in cmdline and str(log).encode() in cmdline:
             found.append(int(proc.name))
     return found
 

@@ -22,9 +22,9 @@ import pytest
 
 import sandbox
 from sandbox.errors import BootError, HostError, ImageError, RecipeError, SandboxWarning
-from sandbox.image import build_image, images_dir
-from sandbox.network import setup_line
-from sandbox.recipe import parse_recipe
+from sandbox.imaging.image import build_image, images_dir
+from sandbox.imaging.recipe import parse_recipe
+from sandbox.net.segment import setup_line
 
 from .conftest import ROOT
 from .foreign import convert, foreign_disk, write_recipe
@@ -82,7 +82,7 @@ def test_four_formats_import_to_the_same_disk(foreign: dict[str, Any]) -> None:
         started = time.monotonic()
         result = with_cli("image", "build", foreign["names"][kind])
         assert result.returncode == 0, result.stderr
-        images[kind] = sandbox.image.Image.load(Path(result.stdout.strip()))
+        images[kind] = sandbox.imaging.image.Image.load(Path(result.stdout.strip()))
         manifest = images[kind].manifest
         print(f"import {fmt}: {time.monotonic() - started:.1f} s")
         assert manifest["source_format"] == fmt
@@ -131,10 +131,10 @@ def test_image_rm_old_keeps_the_version_the_recipe_builds_now(foreign: dict[str,
     recipe = write_recipe(foreign["folder"], name, foreign["disks"]["qcow2"], "bios")
     try:
         assert with_cli("image", "build", name).returncode == 0
-        first = sandbox.image.find_images(name)[0]
+        first = sandbox.imaging.image.find_images(name)[0]
         recipe.write_text(recipe.read_text().replace('memory = "1G"', 'memory = "2G"'))
         assert with_cli("image", "build", name).returncode == 0
-        second = next(i for i in sandbox.image.find_images(name) if i.path != first.path)
+        second = next(i for i in sandbox.imaging.image.find_images(name) if i.path != first.path)
         listed = {row["digest"]: row["current"] for row in json.loads(
             with_cli("image", "list", "--format", "json").stdout) if row["name"] == name}
         assert listed == {first.digest: False, second.digest: True}
@@ -143,7 +143,7 @@ def test_image_rm_old_keeps_the_version_the_recipe_builds_now(foreign: dict[str,
         assert result.stdout.splitlines() == [f"removed {name} {first.digest[:16]}"
                                               f" (imported from {foreign['disks']['qcow2']},"
                                               f" sha256 {first.manifest['source_sha256']})"]
-        assert [i.path for i in sandbox.image.find_images(name)] == [second.path]
+        assert [i.path for i in sandbox.imaging.image.find_images(name)] == [second.path]
         again = with_cli("image", "rm", name, "--old")
         assert again.stdout.strip() == f"{name}: no old versions"
     finally:
@@ -250,7 +250,7 @@ def test_url_download_is_checked_resumed_and_kept(foreign: dict[str, Any], tmp_p
         assert second.returncode == 0, second.stderr
         assert "downloading" in second.stderr
         assert _Server.ranges[-1].startswith("bytes=") and _Server.ranges[-1] != "bytes=0-"
-        image = sandbox.image.Image.load(Path(second.stdout.strip()))
+        image = sandbox.imaging.image.Image.load(Path(second.stdout.strip()))
         assert image.manifest["source"] == f"{url}/cloud.qcow2"
         # a wrong checksum: refused, the download discarded, nothing imported
         write_recipe(tmp_path, "bad-sum", f"{url}/cloud.qcow2", "bios",
@@ -383,7 +383,7 @@ def test_seed_volume_holds_the_sandbox_part_and_the_recipes_merged(tmp_path: Pat
 
     import pycdlib
 
-    from sandbox.seed import MERGE, host_key_pair, user_data, write_seed
+    from sandbox.imaging.seed import MERGE, host_key_pair, user_data, write_seed
 
     private, public = host_key_pair()
     assert public.startswith("ssh-ed25519 ") and "OPENSSH PRIVATE KEY" in private
@@ -417,7 +417,7 @@ def test_an_image_without_cloud_init_fails_at_its_login_prompt(foreign: dict[str
     """The foreign disk with cloud-init disabled (/etc/cloud/cloud-init.disabled written into
     its root filesystem with debugfs): it boots to a login prompt, and the sandbox says why
     it cannot use it instead of waiting out the boot timeout."""
-    from sandbox.golden import golden_root
+    from sandbox.vm.golden import golden_root
 
     offset_mib = 65  # the root partition's start (tests/images/foreign-build.sh)
     root = tmp_path / "root.img"
@@ -491,7 +491,7 @@ def test_a_disk_naming_other_host_files_is_refused(tmp_path: Path) -> None:
         assert "imports only self-contained disks" in str(info.value)
     assert leftovers("refer-absolute", "refer-relative", "refer-data-file",
                      "refer-descriptor") == []
-    for image in sandbox.image.list_images():  # nothing of the secret reached the cache
+    for image in sandbox.imaging.image.list_images():  # nothing of the secret reached the cache
         assert not image.name.startswith("refer-")
 
 
@@ -569,7 +569,7 @@ def test_the_digest_of_a_disk_rewritten_in_place_is_computed_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Other bytes of the same size written into the same file, its modification time set
     back (as ``cp -p`` or ``rsync -t --inplace`` do): the pinned sha256 no longer matches."""
-    from sandbox.disks import file_sha256
+    from sandbox.imaging.foreign import file_sha256
 
     monkeypatch.setenv("SANDBOX_CACHE_DIR", str(tmp_path / "cache"))
     disk = bootable_raw(tmp_path / "disk.raw", b"first")
@@ -601,7 +601,7 @@ def test_a_disk_given_by_path_is_imported_as_it_is(foreign: dict[str, Any],
                                 check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.strip() == "path-disk"
-        [image] = sandbox.image.find_images("path-disk")
+        [image] = sandbox.imaging.image.find_images("path-disk")
         assert image.manifest["source"] == str(disk)
         assert image.manifest["source_sha256"] == hashlib.sha256(disk.read_bytes()).hexdigest()
     finally:
@@ -613,7 +613,7 @@ def test_a_disk_given_by_path_is_imported_as_it_is(foreign: dict[str, Any],
 def test_cloud_init_reports_are_read_for_errors_only() -> None:
     """cloud-init 22 (Debian 12) and 23+ outputs of ``status --long``: a successful one
     has a detail too (its datasource), which is no error."""
-    from sandbox.disks import cloud_init_report
+    from sandbox.vm.bringup import cloud_init_report
 
     done_22 = ("\nstatus: done\ntime: Tue, 01 Dec 2026 02:40:01 +0000\ndetail:\n"
                "DataSourceNoCloud [seed=/dev/vda][dsmode=net]\nexit=0")

@@ -11,9 +11,9 @@ import pytest
 
 import sandbox
 from sandbox.errors import SandboxWarning
-from sandbox.golden import Golden, find_golden, golden_root, locate
-from sandbox.host import resolve_accel
-from sandbox.image import get_image
+from sandbox.imaging.image import get_image
+from sandbox.vm.accel import resolve_accel
+from sandbox.vm.golden import Golden, find_golden, golden_root, locate
 
 from .conftest import IMAGE, golden_file_digests
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
+from sandbox.base.paths import find_tool
 from sandbox.errors import ImageError
-from sandbox.host import accel_verdict
-from sandbox.image import build_image, images_dir, list_images
-from sandbox.paths import find_tool
-from sandbox.recipe import find_recipe, parse_recipe
+from sandbox.imaging.image import build_image, images_dir, list_images
+from sandbox.imaging.recipe import find_recipe, parse_recipe
+from sandbox.vm.accel import accel_verdict
 
 from .conftest import IMAGE, env_with, sandbox_cli
 

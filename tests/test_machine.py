@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 import sandbox
+from sandbox.base.paths import runtime_dir
 from sandbox.errors import BootError, ChannelError, CommandFailed, CommandTimeout, WaitTimeout
-from sandbox.image import cached_image
-from sandbox.paths import runtime_dir
-from sandbox.recipe import find_recipe
+from sandbox.imaging.image import cached_image
+from sandbox.imaging.recipe import find_recipe
 
 from .conftest import IMAGE, ROOT, qemu_processes, sandbox_cli
 
@@ -277,7 +277,7 @@ def test_a_forked_child_starts_machines(built_image: dict[str, Any]) -> None:
     if child == 0:  # pragma: no cover - the child's status is the result
         import shutil
 
-        from sandbox.runs import current_run
+        from sandbox.vm.runs import current_run
 
         code = 3
         try:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import sandbox
-from sandbox.network import NetworkError
+from sandbox.net.segment import NetworkError
 
 from .conftest import ROOT, qemu_processes
 
@@ -215,7 +215,7 @@ def test_a_machine_on_no_network_is_unchanged(built_image: dict[str, Any]) -> No
 
 
 def test_named_machines_share_a_named_network(built_image: dict[str, Any]) -> None:
-    from sandbox.named_network import networks_dir
+    from sandbox.net.named_network import networks_dir
 
     from .conftest import sandbox_cli
 
@@ -291,7 +291,7 @@ def test_the_switch_pins_each_ports_mac_and_drops_spoofed_frames(
     """Real switch process, raw datagram sockets for members: a member sending frames as a
     peer's MAC neither takes the peer's unicast traffic nor reaches anyone, and a flood of
     random source MACs leaves the switch's table and memory as they were."""
-    from sandbox import switch
+    from sandbox.net import switch
 
     net = vm_network()
     assert net.path is not None
@@ -367,7 +367,7 @@ def test_a_named_network_survives_down_up_and_a_killed_switch(
     finds the switch and joins it after the grace): the network is there for each new
     machine. A switch killed while a member runs is started again by the next `up`, and
     knows the old member."""
-    from sandbox.named_network import networks_dir
+    from sandbox.net.named_network import networks_dir
 
     from .conftest import sandbox_cli
 
@@ -385,7 +385,7 @@ def test_a_named_network_survives_down_up_and_a_killed_switch(
             assert sandbox_cli("down", previous).returncode == 0
             time.sleep(wait)
             up(name)
-        from sandbox import switch
+        from sandbox.net import switch
 
         assert switch.request(path, "ping")["ports"] == 1  # those gone left it
         old = int((path / "switch.pid").read_text())
@@ -410,7 +410,7 @@ def test_a_named_network_survives_down_up_and_a_killed_switch(
 
 def test_a_named_network_held_by_another_command_is_a_network_error(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from sandbox import named_network, switch
+    from sandbox.net import named_network, switch
 
     network = f"held{os.getpid()}"
     path = named_network.networks_dir() / network
@@ -430,7 +430,7 @@ def test_a_network_lock_waiter_starts_over_when_the_directory_goes(tmp_path: Pat
     was waiting for that lock then holds the lock of a new directory, not the removed one."""
     import threading
 
-    from sandbox import switch
+    from sandbox.net import switch
 
     path, held, events = tmp_path / "net", threading.Event(), []
 

@@ -135,7 +135,7 @@ def qemu_of(uid: int, marker: str = "") -> list[str]:
 def leaked_runs(runtime: Path) -> list[str]:
     """Run directories whose owner process is gone (others may be live runs of the same
     account, a suite running beside this one)."""
-    from sandbox.pids import process_alive
+    from sandbox.base.processes import process_alive
 
     leaked = []
     for run in sorted(runtime.glob("run-*")) if runtime.is_dir() else []:
@@ -365,7 +365,7 @@ def test_a_runtime_directory_that_is_a_symlink_is_refused(
 @needs_root
 def test_the_reaper_never_kills_another_accounts_process(
         account: Account, tmp_path: Path) -> None:
-    from sandbox.pids import kill_tagged
+    from sandbox.base.processes import kill_tagged
 
     stranger = subprocess.Popen(["runuser", "-u", account.name, "--", "sleep", "60"])
     pid = None

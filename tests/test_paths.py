@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.access import kvm_access_problem, subordinate_range, unprivileged_build_problems
+from sandbox.base.paths import RUNTIME_LEAF, cache_dir, find_tool, runtime_dir, tool_env
 from sandbox.errors import HostError
-from sandbox.paths import RUNTIME_LEAF, cache_dir, find_tool, runtime_dir, tool_env
-from sandbox.recipe import builtin_recipes, known_recipes
+from sandbox.host.access import kvm_access_problem, subordinate_range, unprivileged_build_problems
+from sandbox.imaging.recipe import builtin_recipes, known_recipes
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_subordinate_ranges_are_read_by_name_or_uid(tmp_path: Path) -> None:
 
 
 def test_unprivileged_build_problems_name_their_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sandbox.access as host
+    import sandbox.host.access as host
 
     monkeypatch.setattr(host, "subordinate_range", lambda kind, path=None: None)
     problems = unprivileged_build_problems()
@@ -139,7 +139,7 @@ def test_unprivileged_build_problems_name_their_fix(monkeypatch: pytest.MonkeyPa
 
 
 def test_apparmor_restriction_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sandbox.access as host
+    import sandbox.host.access as host
 
     real = host._sysctl
     monkeypatch.setattr(host, "_sysctl", lambda name: "1" if "apparmor" in name else real(name))
@@ -171,7 +171,7 @@ def test_builtin_recipes_are_found_from_any_directory(
 
 def test_a_failed_probe_is_reported_but_not_kept(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sandbox.host as host
+    import sandbox.vm.accel as accel
     from sandbox.errors import HostError as Failed
 
     monkeypatch.setenv("SANDBOX_CACHE_DIR", str(tmp_path / "cache"))
@@ -181,13 +181,13 @@ def test_a_failed_probe_is_reported_but_not_kept(
         calls.append(1)
         raise Failed("the download failed")
 
-    monkeypatch.setattr(host, "probe_kernel", no_kernel)
-    monkeypatch.setattr(host, "_kvm_device_problem", lambda: None)  # KVM looks usable
-    first = host.accel_verdict()
+    monkeypatch.setattr(accel, "probe_kernel", no_kernel)
+    monkeypatch.setattr(accel, "_kvm_device_problem", lambda: None)  # KVM looks usable
+    first = accel.accel_verdict()
     assert first.accel == "tcg" and not first.conclusive
     assert "could not probe KVM (asked again next time): the download failed" in first.reason
     assert not list((tmp_path / "cache" / "host").glob("accel-*.json"))
-    host.accel_verdict()
+    accel.accel_verdict()
     assert len(calls) == 2  # probed again, not answered from a cache
 
 
@@ -238,7 +238,7 @@ def test_another_account_can_neither_read_the_cache_nor_hold_its_locks(
     import subprocess
     import tempfile
 
-    from sandbox.entries import entry_lock, publish
+    from sandbox.base.entries import entry_lock, publish
 
     from .ordinary import ordinary_account
 
@@ -274,8 +274,8 @@ def test_a_killed_kvm_probe_leaves_no_qemu(built_image: dict[str, object],
     import tempfile
     import time
 
-    from sandbox.image import cached_image
-    from sandbox.recipe import find_recipe
+    from sandbox.imaging.image import cached_image
+    from sandbox.imaging.recipe import find_recipe
 
     from .conftest import (
         IMAGE,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.errors import RecipeError
-from sandbox.recipe import find_recipe, known_recipes, parse_recipe
+from sandbox.imaging.recipe import find_recipe, known_recipes, parse_recipe
 
 
 def write(tmp_path: Path, text: str, name: str = "r.toml") -> Path:

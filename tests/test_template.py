@@ -13,11 +13,11 @@ import pytest
 
 import sandbox
 from sandbox.errors import SandboxWarning, TemplateError
-from sandbox.golden import discard_golden, find_golden
-from sandbox.host import resolve_accel
-from sandbox.image import get_image
-from sandbox.prepare import ensure_template
-from sandbox.template import find_template, templates
+from sandbox.imaging.image import get_image
+from sandbox.machine.prepare import ensure_template
+from sandbox.vm.accel import resolve_accel
+from sandbox.vm.golden import discard_golden, find_golden
+from sandbox.vm.template import find_template, templates
 
 from .conftest import IMAGE, golden_file_digests, sandbox_cli
 

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.commands import CommandResult, command_string, wrap
+from sandbox.base.processes import kill_tagged, process_alive, process_start_ticks
+from sandbox.base.sizes import format_size, parse_size
 from sandbox.errors import SandboxError, SandboxWarning, SnapshotError
-from sandbox.pids import kill_tagged, process_alive, process_start_ticks
-from sandbox.plan import MachineFiles, QemuPlan, lan_pci_address
-from sandbox.qemu import QemuProcess
-from sandbox.runs import orphaned_runs
-from sandbox.sizes import format_size, parse_size
-from sandbox.spec import MachineSpec
+from sandbox.guest.commands import CommandResult, command_string, wrap
+from sandbox.vm.files import MachineFiles
+from sandbox.vm.plan import QemuPlan, lan_pci_address
+from sandbox.vm.qemu import QemuProcess
+from sandbox.vm.runs import orphaned_runs
+from sandbox.vm.spec import MachineSpec
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -191,8 +192,8 @@ def test_kill_tagged_spares_a_process_without_the_tag(tmp_path: Path) -> None:
 
 
 def test_a_rebuilt_image_meets_no_old_golden_snapshot(tmp_path: Path) -> None:
-    from sandbox.golden import golden_key
-    from sandbox.image import Image
+    from sandbox.imaging.image import Image
+    from sandbox.vm.golden import golden_key
 
     manifest = {"name": "x", "digest": "d" * 64, "built_at": "2026-01-01T00:00:00+0000"}
     first = Image(tmp_path, manifest)
@@ -271,8 +272,8 @@ def test_commas_in_names_and_paths_stay_inside_their_option_values() -> None:
                                   "é"])
 def test_machine_names_are_checked_before_anything_starts(name: str) -> None:
     from sandbox.errors import MachineNameError
-    from sandbox.machine import Machine, launch
-    from sandbox.named import check_name
+    from sandbox.machine.machine import Machine, launch
+    from sandbox.machine.named import check_name
 
     rule = r"use 1 to 63 letters, digits, '\.', '_' or '-', starting with a letter or digit"
     for attempt in (lambda: Machine(name=name), lambda: launch(name=name),
@@ -292,7 +293,7 @@ _UNSAFE = {*map(chr, range(0x20)), *map(chr, range(0x7f, 0xa0)),
 
 
 def test_printable_leaves_no_control_character_and_is_idempotent() -> None:
-    from sandbox.console import printable
+    from sandbox.vm.console import printable
 
     hostile = ("\x1b]0;pwned\x07title \x1b[31mred\x1b[0m \x9b31mc1-csi \x9d8;;http://x\x9c "
                "\x1bP+q\x1b\\ \x1b(B \x1b7 \x90dcs\x9c \x1b]unterminated\nline2 \x1b\x1b[2J "
@@ -354,8 +355,8 @@ def _drip(conn: socket.socket) -> None:
 
 
 def test_an_agent_drip_feeding_its_answer_gets_its_timeout_in_all(tmp_path: Path) -> None:
-    from sandbox.agent import Agent
     from sandbox.errors import GuestDataError
+    from sandbox.guest.agent import Agent
 
     agent = Agent(_agent_peer(tmp_path, _drip), timeout=1.5)
     started = time.monotonic()
@@ -381,8 +382,8 @@ def test_an_agent_drip_feeding_its_answer_gets_its_timeout_in_all(tmp_path: Path
 ])
 def test_a_malformed_agent_answer_is_a_typed_error(tmp_path: Path, answer: bytes,
                                                     error: str) -> None:
-    from sandbox.agent import Agent
     from sandbox.errors import GuestDataError
+    from sandbox.guest.agent import Agent
 
     with pytest.raises(GuestDataError, match=error):
         Agent(_agent_peer(tmp_path, lambda conn: conn.sendall(answer)), timeout=5).request("x")
@@ -394,7 +395,7 @@ def test_a_malformed_agent_answer_is_a_typed_error(tmp_path: Path, answer: bytes
 
 
 def test_an_agent_error_from_the_guest_is_shown_escaped(tmp_path: Path) -> None:
-    from sandbox.agent import Agent
+    from sandbox.guest.agent import Agent
 
     answer = b'{"ok": false, "error": "\\u001b]0;pwned\\u0007bad\\u009b2J"}\n'
     with pytest.raises(SandboxError) as raised:
@@ -416,7 +417,7 @@ def _prelude_peer(send: Callable[[socket.socket], None]) -> socket.socket:
 
 def test_the_ssh_prelude_read_is_bounded_in_size_and_time() -> None:
     from sandbox.errors import GuestDataError, SnapshotError
-    from sandbox.golden import read_prelude
+    from sandbox.vm.golden import read_prelude
 
     def banner_then_silence(sock: socket.socket) -> None:
         sock.sendall(b"SSH-2.0-dropbear\r\n" + b"k" * 1000)
@@ -448,3 +449,125 @@ def test_the_ssh_prelude_read_is_bounded_in_size_and_time() -> None:
     with _prelude_peer(not_ssh) as host, \
             pytest.raises(SnapshotError, match="no banner"):
         read_prelude(host, quiet=0.3)
+
+
+# -- the layers ----------------------------------------------------------------------------------
+
+#: The package's layers, lowest first; a module may import its own layer and those before it.
+#: Layers in one tuple are peers: neither imports the other. "fronts" is everything else
+#: (the package's face, the plugin, its hookspecs, the CLI).
+LAYERS: list[tuple[str, ...]] = [("errors",), ("base",), ("host", "guest"), ("imaging",),
+                                 ("vm",), ("net",), ("machine",), ("fronts",)]
+PACKAGE = Path(__file__).resolve().parent.parent / "sandbox"
+
+
+def module_names(package: Path) -> dict[str, Path]:
+    """Every module under ``package``, by dotted name (a package by its own name)."""
+    names = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = [package.name, *path.relative_to(package).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = path
+    return names
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports: anywhere in the file (in functions, under
+    TYPE_CHECKING), relative or absolute; ``from X import name`` counts as X.name when that
+    is a module, else as X."""
+    import ast
+
+    modules = module_names(package)
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = ".".join(here.split(".")[:len(here.split(".")) - node.level + 1])
+                    source = f"{base}.{node.module}" if node.module else base
+                else:
+                    source = node.module or ""
+                targets.update(f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules
+                               else source for alias in node.names)
+        graph[name] = {target for target in targets if target in modules} - {name}
+    return graph
+
+
+def layer_of(module: str) -> str:
+    part = (module.split(".") + [""])[1]
+    return part if any(part in peers for peers in LAYERS[:-1]) else "fronts"
+
+
+def rank(layer: str) -> int:
+    return next(n for n, peers in enumerate(LAYERS) if layer in peers)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{module} ({layer_of(module)}) imports {target} ({layer_of(target)})"
+                  for module, targets in graph.items() for target in targets
+                  if layer_of(target) != layer_of(module)
+                  and rank(layer_of(target)) >= rank(layer_of(module)))
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in graph[module]:
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return circles
+
+
+def test_the_package_is_layered_without_circles() -> None:
+    graph = import_graph(PACKAGE)
+    assert "sandbox.vm.qemu" in graph and "sandbox.base.waits" in graph["sandbox.vm.qemu"]
+    assert {layer_of(module) for module in graph} == {
+        layer for peers in LAYERS for layer in peers}, "a layer without modules, or a new one"
+    assert import_circles(graph) == []
+    assert upward_imports(graph) == []
+
+
+def test_the_layer_check_sees_upward_imports_and_circles(tmp_path: Path) -> None:
+    package = tmp_path / "sandbox"
+    for layer in ("base", "vm", "machine"):
+        (package / layer).mkdir(parents=True)
+        (package / layer / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "base" / "waits.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from ..machine.machine import Machine\n")
+    (package / "vm" / "qemu.py").write_text("def f():\n    from . import plan\n")
+    (package / "vm" / "plan.py").write_text("import sandbox.vm.qemu\n")
+    (package / "machine" / "machine.py").write_text("from ..vm import plan\n")
+    graph = import_graph(package)
+    assert upward_imports(graph) == [
+        "sandbox.base.waits (base) imports sandbox.machine.machine (machine)"]
+    assert import_circles(graph) == [["sandbox.vm.plan", "sandbox.vm.qemu"]]

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from . import friendly, main
+from .common import friendly, main
 
 
 @main.command()
@@ -16,9 +16,10 @@ from . import friendly, main
 @friendly
 def doctor(as_json: bool, refresh: bool) -> None:
     """What this host can do: QEMU, tools, cache space, and KVM or TCG (with the reason)."""
-    from ..host import doctor_report
+    from ..host.doctor import doctor_report
+    from ..vm.accel import accel_verdict
 
-    report = doctor_report(refresh=refresh)
+    report = doctor_report(lambda: accel_verdict(refresh=refresh))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -62,8 +63,8 @@ def doctor(as_json: bool, refresh: bool) -> None:
 @friendly
 def prune() -> None:
     """Reap VMs and files of killed runs, and named VMs whose QEMU died."""
-    from ..named import prune_named
-    from ..runs import reap_orphans
+    from ..machine.named import prune_named
+    from ..vm.runs import reap_orphans
 
     reaped = reap_orphans() + prune_named()
     for line in reaped:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..sizes import format_size
-from . import emit, format_option, friendly, main
+from ..base.sizes import format_size
+from .common import emit, format_option, friendly, main
 
 
 @main.group()
@@ -23,9 +23,9 @@ def image() -> None:
 @friendly
 def image_build(recipe: str, force: bool, quiet: bool) -> None:
     """Build RECIPE (a name from images/ or a path to a .toml file), cached by content."""
-    from ..image import build_image, cached_image
-    from ..progress import Reporter
-    from ..recipe import find_recipe
+    from ..base.progress import Reporter
+    from ..imaging.image import build_image, cached_image
+    from ..imaging.recipe import find_recipe
 
     parsed = find_recipe(recipe)
     reporter = Reporter(quiet=quiet)
@@ -35,7 +35,7 @@ def image_build(recipe: str, force: bool, quiet: bool) -> None:
             click.echo(f"{hit.name}: cached ({hit.digest[:16]})", err=True)
         click.echo(str(hit.path))
         return
-    from ..golden import remove_stale
+    from ..vm.golden import remove_stale
 
     built = build_image(parsed, reporter=reporter, force=force)
     for line in remove_stale(built) if force else []:
@@ -56,8 +56,8 @@ def image_build(recipe: str, force: bool, quiet: bool) -> None:
 def image_list(fmt: str) -> None:
     """The known recipes (built-in, ./images, SANDBOX_IMAGES_PATH) and the images built."""
     from ..errors import SandboxError
-    from ..image import current_path, list_images
-    from ..recipe import known_recipes, parse_recipe
+    from ..imaging.image import current_path, list_images
+    from ..imaging.recipe import known_recipes, parse_recipe
 
     recipes = known_recipes()
     images = list_images()
@@ -96,7 +96,7 @@ def image_list(fmt: str) -> None:
 @friendly
 def image_inspect(name: str) -> None:
     """The manifest of a built image, as JSON."""
-    from ..image import find_images
+    from ..imaging.image import find_images
 
     found = find_images(name)
     click.echo(json.dumps([dict(i.manifest, path=str(i.path)) for i in found]
@@ -111,9 +111,9 @@ def image_inspect(name: str) -> None:
 @friendly
 def image_rm(name: str, old: bool) -> None:
     """Remove every built version of image NAME, and its golden snapshots, from the cache."""
-    from ..golden import remove_images
-    from ..image import current_path
-    from ..recipe import find_recipe
+    from ..imaging.image import current_path
+    from ..imaging.recipe import find_recipe
+    from ..vm.golden import remove_images
 
     keep = None
     if old:
@@ -144,9 +144,9 @@ def image_import(file: str, name: str | None, boot: str, user: str, memory: str,
                  force: bool) -> None:
     """Write images/NAME.toml for disk image FILE (qcow2, raw, VMDK, VDI, VHDX) and import it
     into the cache; prints the image's path."""
-    from ..disks import write_disk_recipe
-    from ..image import build_image
-    from ..progress import Reporter
+    from ..base.progress import Reporter
+    from ..imaging.foreign import write_disk_recipe
+    from ..imaging.image import build_image
 
     recipe = write_disk_recipe(Path(file), name=name, boot=boot, user=user, memory=memory,
                                cpus=cpus, force=force)

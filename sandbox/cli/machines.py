@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import SandboxError
-from . import friendly, machine_options, main
+from .common import friendly, machine_options, main
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..machine.machine import Machine
 
 
 def exit_with(status: int) -> None:
@@ -42,7 +42,7 @@ def command_line(command: tuple[str, ...]) -> str | list[str]:
 def run(copies: tuple[str, ...], command: tuple[str, ...], timeout: float | None,
         **shape: Any) -> None:
     """Run COMMAND in a throwaway VM, stream its output, exit with its status."""
-    from ..machine import launch
+    from ..machine.machine import launch
 
     transfers = []
     for copy in copies:
@@ -65,7 +65,7 @@ def run(copies: tuple[str, ...], command: tuple[str, ...], timeout: float | None
 @friendly
 def shell(**shape: Any) -> None:
     """An interactive shell in a throwaway VM, removed on exit."""
-    from ..machine import launch
+    from ..machine.machine import launch
 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise SandboxError("sandbox shell needs a terminal; use 'sandbox run -- CMD' in scripts")

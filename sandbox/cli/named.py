@@ -1,5 +1,5 @@
 """Named machines from the command line: ``up``, ``list``, ``exec``, ``ssh``, ``cp``,
-``snapshot``, ``logs`` and ``down`` (the core is :mod:`sandbox.named`)."""
+``snapshot``, ``logs`` and ``down`` (the core is :mod:`sandbox.machine.named`)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..errors import SandboxError
-from . import emit, format_option, friendly, machine_options, main
+from .common import emit, format_option, friendly, machine_options, main
 from .machines import command_line, exit_with, interactive_ssh, timeout_option
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..machine.machine import Machine
 
 
 @contextmanager
@@ -25,7 +25,7 @@ def _attached(name: str, *, connect_ssh: bool = True,
               monitor: bool = False) -> Iterator[Machine]:
     """A handle on named machine NAME, dropped (the VM keeps running) afterwards. Only the
     snapshot commands take the QMP monitor, which serves one client at a time."""
-    from ..named import attach
+    from ..machine.named import attach
 
     vm = attach(name, connect_ssh=connect_ssh, monitor=monitor)
     try:
@@ -43,9 +43,9 @@ def _attached(name: str, *, connect_ssh: bool = True,
 @friendly
 def up(name: str, networks: tuple[str, ...], **shape: Any) -> None:
     """Start a named VM that keeps running after this command (see list, exec, down)."""
-    from ..named import up as start_named
-    from ..progress import Reporter
-    from ..spec import MachineSpec
+    from ..base.progress import Reporter
+    from ..machine.named import up as start_named
+    from ..vm.spec import MachineSpec
 
     machine = start_named(MachineSpec.from_kwargs(**shape), name, reporter=Reporter(),
                           networks=networks)
@@ -61,7 +61,7 @@ def up(name: str, networks: tuple[str, ...], **shape: Any) -> None:
 @friendly
 def list_machines(fmt: str) -> None:
     """The named VMs, running or dead."""
-    from ..named import list_named
+    from ..machine.named import list_named
 
     emit([m.summary() for m in list_named()], fmt, [
         ("NAME", 24, lambda m: m["name"]), ("STATUS", 8, lambda m: m["status"]),
@@ -101,7 +101,7 @@ def ssh(name: str) -> None:
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
-    from ..sizes import parse_size
+    from ..base.sizes import parse_size
 
     try:
         return parse_size(value)
@@ -177,8 +177,8 @@ def snapshot_list(name: str) -> None:
 def logs(name: str, lines: int | None) -> None:
     """The serial console of VM NAME."""
     from ..errors import printable
-    from ..named import find_named
-    from ..plan import MachineFiles
+    from ..machine.named import find_named
+    from ..vm.files import MachineFiles
 
     named = find_named(name)
     # Guest output, shown on this terminal: no control sequences (titles, links, colours).
@@ -193,7 +193,7 @@ def logs(name: str, lines: int | None) -> None:
 @friendly
 def down(names: tuple[str, ...]) -> None:
     """Stop the named VMs and delete everything they had."""
-    from ..named import down as remove
+    from ..machine.named import down as remove
 
     for name in names:
         remove(name)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from . import emit, format_option, friendly, main
+from .common import emit, format_option, friendly, main
 
 
 @main.group()
@@ -22,10 +22,11 @@ def template() -> None:
 @friendly
 def save(machine: str, name: str, key: str | None) -> None:
     """Save named VM MACHINE, as it is now, as template NAME; MACHINE keeps running."""
-    from ..golden import Golden
-    from ..host import resolve_accel
-    from ..named import attach, find_named
-    from ..plan import named_tag, plan_for
+    from ..machine.named import attach, find_named
+    from ..vm.accel import resolve_accel
+    from ..vm.files import named_tag
+    from ..vm.golden import Golden
+    from ..vm.plan import plan_for
 
     state = find_named(machine).state
     vm = attach(machine, connect_ssh=False)
@@ -51,7 +52,7 @@ def save(machine: str, name: str, key: str | None) -> None:
 @friendly
 def list_templates(fmt: str) -> None:
     """The saved templates (stale ones say why: their base was made again or removed)."""
-    from ..template import templates
+    from ..vm.template import templates
 
     emit([t.summary() for t in templates()], fmt, [
         ("NAME", 16, lambda t: t["name"]), ("ID", 34, lambda t: t["id"]),
@@ -67,7 +68,7 @@ def list_templates(fmt: str) -> None:
 @friendly
 def remove(names: tuple[str, ...]) -> None:
     """Remove templates NAMES (every version of each, or one by its id)."""
-    from ..template import remove_template
+    from ..vm.template import remove_template
 
     for name in names:
         for line in remove_template(name):

@@ -1,0 +1,434 @@
+"""Golden snapshots: an image booted once, SSH ready, saved; the source of every clone.
+
+VM templating: during the golden boot guest RAM lives in a shared file-backed memory
+backend, and the save uses the migration capability ``x-ignore-shared``, so the saved state
+holds only devices (under 1 MB) while RAM stays in the file. A clone maps that file
+copy-on-write (``share=off``), loads the small device state and resumes in about 0.1 s.
+
+This module owns the format end to end: :func:`make` writes it, :class:`Golden` reads it,
+:meth:`Golden.start_clone` turns it into a running machine.
+
+Layout: ``<cache>/golden/<image>-<key>/``: ``ram``, ``state``, ``disk.qcow2`` (an overlay on
+the image's disk, frozen at save time), ``ssh-prelude`` (what the SSH server waiting in the
+snapshot sent before its client spoke), ``console.log`` (the boot's console) and
+``manifest.json``. Read-only once made, except ``ram``: QEMU 7.2 opens a memory backend's
+file read-write even for a private (``share=off``) mapping, so its owner keeps write
+permission on it (0644; the directory is 0555). Clones never write to it: their guest RAM is
+a copy-on-write private mapping.
+
+The key covers the image digest, the machine's shape (the QEMU command line without
+per-machine paths: memory, cpus, devices, accelerator), the QEMU version and this module's
+version, so any change makes a new golden snapshot instead of a broken clone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..base.entries import entry_lock, publish, remove_entry
+from ..base.paths import cache_dir
+from ..base.progress import QUIET, Reporter
+from ..errors import BootError, GuestDataError, SandboxError, SandboxWarning, SnapshotError
+from ..guest.agent import Agent
+from ..guest.files import GUEST_AGENT
+from ..guest.sockets import PreludeSocket
+from ..host.tools import qemu_version
+from ..imaging.image import Image, find_images, remove_image
+from . import console
+from .bringup import connect_booted, start_agent
+from .files import MachineFiles, run_tag
+from .plan import QemuPlan, create_overlay, plan_for
+from .qemu import QemuProcess
+from .runs import current_run
+from .spec import MachineSpec
+
+GOLDEN_VERSION = "4"
+#: The newest part of the boot's console a golden snapshot keeps, and gives its clones.
+GOLDEN_CONSOLE_BYTES = 256 << 10
+
+#: How long the golden boot may take to settle (systemd's boot jobs) before the save.
+SETTLE_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Golden:
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def user(self) -> str:
+        """The account its clones log in as."""
+        return str(self.manifest.get("user", "root"))
+
+    @property
+    def ram(self) -> Path:
+        return self.path / "ram"
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state"
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.qcow2"
+
+    @property
+    def console(self) -> Path:
+        """The serial console of the boot the snapshot was taken from."""
+        return self.path / "console.log"
+
+    @property
+    def ssh_prelude(self) -> bytes | None:
+        """What the SSH server waiting in the snapshot sent before its client spoke."""
+        path = self.path / "ssh-prelude"
+        return path.read_bytes() if path.exists() else None
+
+    @classmethod
+    def load(cls, path: Path) -> Golden:
+        return cls(path, json.loads((path / "manifest.json").read_text()))
+
+    def check(self) -> None:
+        """SnapshotError unless the files are what the manifest says (a cheap look, made
+        before every clone: sizes and the disk's header, not checksums)."""
+        try:
+            ram = self.ram.stat().st_size
+            state = self.state.stat().st_size
+            with self.disk.open("rb") as disk:
+                header = disk.read(4)
+            memory, state_bytes = int(self.manifest["memory_mib"]) << 20, \
+                int(self.manifest["state_bytes"])
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"its files are incomplete ({exc})") from exc
+        if ram != memory:
+            raise SnapshotError(f"its ram file has {ram} bytes, not {memory}")
+        if state != state_bytes:
+            raise SnapshotError(f"its state file has {state} bytes, not {state_bytes}")
+        if header != b"QFI\xfb":
+            raise SnapshotError("its disk is not a qcow2 image")
+
+    def start_clone(self, plan: QemuPlan, *, die_with_parent: bool, detachable: bool = False,
+                    identity: dict[str, object] | None = None) -> Clone:
+        """A running clone: QEMU started on ``plan`` (its disk a fresh overlay on this
+        snapshot's, its RAM this snapshot's file mapped copy-on-write), the device state
+        loaded, a new identity sent to the guest agent (with ``identity``'s fields: its
+        networks), resumed. SSH is the caller's."""
+        files = plan.files
+        if self.console.exists():
+            with files.console_log.open("wb") as log:
+                log.write(console.read_since(self.console, 0, GOLDEN_CONSOLE_BYTES)[0])
+                log.write(f"\n[sandbox: cloned from {self.path.parent.name}/{self.path.name}]\n"
+                          .encode())
+        process = QemuProcess(plan, files)
+        started = time.monotonic()
+        try:
+            process.launch(die_with_parent=die_with_parent, detachable=detachable)
+        except BootError as exc:  # QEMU refused its files (a ram file of the wrong size...)
+            process.stop()
+            raise SnapshotError(f"QEMU could not start on it: {exc}") from exc
+        clone = Clone(process, restore_seconds=0.0)
+        try:
+            prelude = self.ssh_prelude
+            if prelude is not None:
+                # Connect before the state loads: the port must count as open when the
+                # guest resumes, or the waiting server would read end-of-file.
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.connect(str(files.ssh_socket))
+                clone.port_socket = sock
+                process.wait_chardev_open("ssh0")
+                clone.prelude = prelude
+            process.load_state(self.state, "loading the golden snapshot")
+            if self.manifest.get("agent", True):
+                clone.agent = Agent(files.agent_socket)
+                clone.agent.send_identity(**(identity or {}))
+            process.qmp("cont")
+        except BaseException:
+            clone.close()
+            process.stop()
+            raise
+        clone.restore_seconds = time.monotonic() - started
+        if clone.agent is not None:
+            clone.identity = threading.Thread(target=clone.agent.finish, daemon=True)
+            clone.identity.start()
+        return clone
+
+
+@dataclass
+class Clone:
+    """A clone just resumed: its QEMU, and what its first SSH connection needs."""
+
+    process: QemuProcess
+    restore_seconds: float
+    #: The host end of the virtio-serial port where an SSH server waits, and what that
+    #: server already sent; None when the snapshot has no such server (connect over TCP).
+    port_socket: socket.socket | None = None
+    prelude: bytes | None = None
+    agent: Agent | None = None
+    identity: threading.Thread | None = None
+
+    def opener(self) -> Any:
+        """The byte stream opener for the first SSH connection, or None for TCP."""
+        if self.port_socket is None or self.prelude is None:
+            return None
+        sock, prelude = self.port_socket, self.prelude
+        return lambda timeout: PreludeSocket(sock, prelude)
+
+    def identity_error(self) -> str | None:
+        """Wait for the agent's answer; why the clock and randomness were not refreshed."""
+        if self.identity is not None:
+            self.identity.join(timeout=15)
+        return self.agent.error if self.agent is not None else None
+
+    def close(self) -> None:
+        if self.port_socket is not None:
+            self.port_socket.close()
+            self.port_socket = None
+
+
+def golden_root() -> Path:
+    path = cache_dir() / "golden"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def shape_plan(image: Image, spec: MachineSpec, accel: str) -> QemuPlan:
+    """The plan whose shape a golden snapshot of ``spec`` is made for (paths generic)."""
+    return plan_for(spec, image, accel, files=MachineFiles(Path("M")), tag="T",
+                    disk=Path("overlay.qcow2"), ram_file=Path("ram"))
+
+
+def golden_key(image: Image, plan: QemuPlan) -> str:
+    """The snapshot's key. It names the image's build, not only its digest: a forced
+    rebuild of the same recipe (a new disk, a new host key) must not meet old snapshots."""
+    payload = json.dumps([GOLDEN_VERSION, image.digest, image.manifest.get("built_at"),
+                          qemu_version(), plan.shape()])
+    if image.kind == "disk":  # the agent is started in its memory, not built in
+        payload += hashlib.sha256(GUEST_AGENT.read_bytes()).hexdigest()
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def locate(image: Image, spec: MachineSpec, accel: str) -> Path:
+    """Where the golden snapshot that machines of ``spec`` clone from is (or will be)."""
+    return golden_root() / f"{image.name}-{golden_key(image, shape_plan(image, spec, accel))[:16]}"
+
+
+def find_golden(image: Image, spec: MachineSpec, accel: str) -> Golden | None:
+    return _readable(locate(image, spec, accel))
+
+
+def _readable(path: Path) -> Golden | None:
+    """The snapshot at ``path``, or None when there is none or its manifest is unreadable."""
+    try:
+        return Golden.load(path)
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_golden(image: Image, spec: MachineSpec, accel: str, *,
+                  reporter: Reporter = QUIET) -> Golden:
+    """The golden snapshot for ``spec``: made once (under a lock, whatever the number of
+    callers) when the cache has none, or remade when its manifest was damaged."""
+    final = locate(image, spec, accel)
+    found = _readable(final)
+    if found is not None:
+        return found
+    with entry_lock(final):
+        found = _readable(final)
+        if found is not None:
+            return found
+        if final.exists():
+            warnings.warn(f"golden snapshot {final.name} has no readable manifest; rebuilding "
+                          "it", SandboxWarning, stacklevel=3)
+            remove_entry(final)
+
+        def build(work: Path) -> None:
+            started = time.monotonic()
+            with reporter.stage(f"{image.name}: golden snapshot (boot once, save booted state)"):
+                timings = make(image, spec, accel, work)
+            plan = shape_plan(image, spec, accel)
+            manifest = {
+                "image": image.name, "image_digest": image.digest,
+                "image_built_at": image.manifest.get("built_at"),
+                "key": golden_key(image, plan), "golden_version": GOLDEN_VERSION,
+                "qemu_version": qemu_version(), "shape": plan.shape(),
+                "memory_mib": plan.memory_mib, "cpus": plan.cpus, "accel": plan.accel,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "build_seconds": round(time.monotonic() - started, 2), **timings,
+            }
+            (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+        publish(final, build, owner_writable=("ram",))
+    return Golden.load(final)
+
+
+def make(image: Image, spec: MachineSpec, accel: str, target: Path) -> dict[str, Any]:
+    """Write a golden snapshot into ``target``: boot with RAM in a shared file, wait for
+    SSH, let the boot settle, arm the SSH port, quiesce, save the device state."""
+    started = time.monotonic()
+    run = current_run()
+    files = MachineFiles(run.machine_dir(f"golden-{target.name[-24:]}"))
+    disk = create_overlay(image.disk, target / "disk.qcow2")
+    plan = plan_for(spec, image, accel, files=files, tag=run_tag(run.id, files.dir.name),
+                    disk=disk, ram_file=target / "ram", ram_shared=True)
+    process = QemuProcess(plan, files)
+    port: socket.socket | None = None
+    try:
+        process.launch(die_with_parent=True)
+        ssh_port = process.hostfwd_ports().get(22)
+        if ssh_port is None:
+            raise BootError("QEMU started without the SSH port forward",
+                            console_tail=files.console_tail())
+        channel, user, cloud_init_errors = connect_booted(
+            image, process, files, ssh_port, spec.boot_timeout - (time.monotonic() - started))
+        booted = time.monotonic()
+        prelude = None
+        # An imported image has none of the sandbox's parts: its agent is started in memory.
+        agent = image.kind == "debian" or start_agent(channel, user, files.agent_socket)
+        if image.kind == "debian":
+            # Settle: let boot-time jobs finish so clones do not all redo them.
+            channel.run("systemctl is-system-running --wait >/dev/null 2>&1; sync",
+                        timeout=SETTLE_TIMEOUT)
+        if agent:  # it arms an SSH server on the port
+            port = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            port.connect(str(files.ssh_socket))
+            prelude = arm_ssh_port(process, files, port, image)
+        channel.close()  # quiesce: no TCP connection inside the saved state
+        time.sleep(0.2)
+        process.qmp("stop")
+        saving = time.monotonic()
+        process.save_state(target / "state", "saving the golden snapshot")
+        saved = time.monotonic()
+        if prelude is not None:
+            (target / "ssh-prelude").write_bytes(prelude)
+        console.copy(files.console_log, target / "console.log", GOLDEN_CONSOLE_BYTES)
+    finally:
+        process.stop()
+        if port is not None:  # closed only now: the save needs it open
+            port.close()
+        shutil.rmtree(files.dir, ignore_errors=True)
+    return {"boot_seconds": round(booted - started, 2), "user": user,
+            "agent": agent, **({"cloud_init_errors": cloud_init_errors} if cloud_init_errors
+                               else {}),
+            "save_seconds": round(saved - saving, 3),
+            "state_bytes": (target / "state").stat().st_size}
+
+
+def arm_ssh_port(process: QemuProcess, files: MachineFiles, sock: socket.socket,
+                 image: Image) -> bytes | None:
+    """Start an SSH server on the guest's virtio-serial SSH port (``sock`` is its host end)
+    and record what it sends before the client speaks (banner, key exchange offer). The
+    host end stays connected through the save, so every clone resumes with that server
+    waiting for its client."""
+    process.wait_chardev_open("ssh0")
+    try:
+        # The sandbox's dropbear in its images; an imported image's own OpenSSH server.
+        Agent(files.agent_socket).request(
+            "arm-ssh", server="dropbear" if image.kind == "debian" else "sshd")
+    except SandboxError as exc:
+        warnings.warn(f"clones will connect over TCP instead of a waiting SSH server ({exc})",
+                      SandboxWarning, stacklevel=4)
+        return None
+    try:
+        return read_prelude(sock)
+    except GuestDataError as exc:
+        warnings.warn(f"clones will connect over TCP instead of a waiting SSH server ({exc})",
+                      SandboxWarning, stacklevel=4)
+        return None
+
+
+#: The most a waiting SSH server may send before its client speaks (a banner and a key
+#: exchange offer: about 2 KiB), and the time it may take in all.
+PRELUDE_LIMIT = 64 << 10
+PRELUDE_TIMEOUT = 15.0
+
+
+def read_prelude(sock: socket.socket, *, limit: int = PRELUDE_LIMIT,
+                 timeout: float = PRELUDE_TIMEOUT, first: float = 2.0,
+                 quiet: float = 1.0) -> bytes:
+    """What a waiting SSH server sends before its client speaks: read until it falls silent
+    (nothing for ``quiet`` seconds; ``first`` for its first bytes). GuestDataError when it
+    sends over ``limit`` bytes or is not silent within ``timeout`` seconds in all (a server
+    that keeps talking); SnapshotError when it closes the port or sends no SSH banner."""
+    deadline = time.monotonic() + timeout
+    prelude = bytearray()
+    wait = first
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise GuestDataError(f"the waiting SSH server did not fall silent within "
+                                 f"{timeout:g} s ({len(prelude)} bytes)")
+        sock.settimeout(min(wait, left))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            if wait > left:  # cut short by the deadline: it may still be talking
+                continue
+            break
+        if not chunk:
+            raise SnapshotError("the waiting SSH server closed its port")
+        prelude += chunk
+        if len(prelude) > limit:
+            raise GuestDataError(f"the waiting SSH server sent over {limit} bytes before its "
+                                 "client spoke (a banner and key exchange offer take about 2 KiB)")
+        wait = quiet
+    if not prelude.startswith(b"SSH-"):
+        raise SnapshotError(f"the waiting SSH server sent no banner ({bytes(prelude[:40])!r})")
+    return bytes(prelude)
+
+
+def discard_golden(golden: Golden) -> None:
+    """Remove a golden snapshot that failed to load, so that the next clone rebuilds it:
+    under its lock, and only if it is still the same snapshot (another process may have
+    rebuilt it meanwhile, and clones of the new one must not lose it)."""
+    with entry_lock(golden.path):
+        current = _readable(golden.path)
+        if current is None or current.manifest.get("created_at") == \
+                golden.manifest.get("created_at"):
+            remove_entry(golden.path)
+
+
+def list_goldens() -> list[Golden]:
+    found = (_readable(p) for p in sorted(golden_root().iterdir()) if not p.name.startswith("."))
+    return [golden for golden in found if golden is not None]
+
+
+def remove_stale(image: Image) -> list[str]:
+    """Remove the golden snapshots made from an earlier build of ``image``'s name (after a
+    forced rebuild nothing can clone them); what was removed, one line each."""
+    removed = []
+    for golden in list_goldens():
+        if golden.manifest.get("image_digest") == image.digest and \
+                golden.manifest.get("image_built_at") != image.manifest.get("built_at"):
+            discard_golden(golden)
+            removed.append(f"removed golden snapshot {golden.path.name} (of an earlier build)")
+    return removed
+
+
+def remove_images(name: str, keep: Path | None = None) -> list[str]:
+    """Remove every built version of image ``name`` but the one at ``keep``, and the golden
+    snapshots made from them (they could not be cloned without them); what was removed,
+    one line each."""
+    removed, kept = [], None
+    for image in find_images(name):
+        if image.path == keep:
+            kept = image
+            continue
+        remove_image(image)
+        source = image.manifest.get("source")
+        removed.append(f"removed {image.name} {image.digest[:16]}" + (
+            f" (imported from {source}, sha256 {image.manifest['source_sha256']})"
+            if source else ""))
+    for golden in list_goldens():
+        if golden.manifest["image"] == name and (
+                kept is None or golden.manifest.get("image_digest") != kept.digest):
+            discard_golden(golden)
+            removed.append(f"removed golden snapshot {golden.path.name}")
+    return removed

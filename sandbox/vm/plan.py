@@ -1,0 +1,184 @@
+"""What one QEMU process runs: its command line (:class:`QemuPlan`, made by :func:`plan_for`)
+and the copy-on-write disk it starts from (:func:`create_overlay`); where its files are and
+how it is tagged is :mod:`sandbox.vm.files`.
+
+Pure logic apart from :func:`create_overlay`; unit tested.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..base.paths import find_tool
+from ..errors import SnapshotError
+from ..host.tools import qemu_binary
+from .accel import accel_verdict
+from .files import MachineFiles, qemu_option
+
+if TYPE_CHECKING:
+    from ..imaging.image import Image
+    from .spec import MachineSpec
+
+def create_overlay(backing: Path, overlay: Path) -> Path:
+    """A fresh copy-on-write qcow2 disk at ``overlay`` on the read-only ``backing`` disk."""
+    overlay.unlink(missing_ok=True)
+    result = subprocess.run([find_tool("qemu-img") or "qemu-img", "create", "-q", "-f", "qcow2",
+                             "-F", "qcow2", "-b", str(backing), str(overlay)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0:
+        raise SnapshotError(f"could not make a disk overlay on {backing}: "
+                            f"{result.stderr.strip() or f'qemu-img exited {result.returncode}'}")
+    return overlay
+
+
+# -- the plan -------------------------------------------------------------------------------
+
+#: The PCI slot of the NIC on private network 0 (network N: this + N). Fixed, so the guest
+#: finds its NICs by PCI address whatever its kernel names them (eth1, ens16, enp0s16).
+LAN_SLOT = 0x10
+
+
+def lan_pci_address(index: int) -> str:
+    """The PCI address of the NIC on private network number ``index``, as Linux names it."""
+    return f"0000:00:{LAN_SLOT + index:02x}.0"
+
+
+@dataclass(frozen=True)
+class QemuPlan:
+    """Everything needed to start one QEMU process for one machine."""
+
+    binary: str
+    tag: str                  # carried in -name, so the reaper can tell its processes apart
+    accel: str
+    kvm_cpu: str
+    memory_mib: int
+    cpus: int
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    disk: Path
+    files: MachineFiles
+    network: str
+    extra: tuple[str, ...] = field(default=())
+    #: Guest RAM in this file (golden snapshots): shared while a golden is made, a private
+    #: copy-on-write mapping in a clone.
+    ram_file: Path | None = None
+    ram_shared: bool = False
+    #: Wait for the machine state on the monitor (-incoming defer) instead of booting.
+    incoming: bool = False
+    #: One NIC per private network (sandbox.net.network): the switch's data socket of each, or
+    #: None for a NIC on a hub of its own (a golden boot: the NIC exists, nothing is on it).
+    lans: tuple[Path | None, ...] = ()
+    #: An imported disk image: booted by firmware (SeaBIOS, or this UEFI firmware) with its
+    #: cloud-init seed attached, instead of a direct kernel boot.
+    seed: Path | None = None
+    uefi: Path | None = None
+
+    def command(self) -> list[str]:
+        cpu = (self.kvm_cpu or "host") if self.accel == "kvm" else "max"
+        accel = "kvm" if self.accel == "kvm" else "tcg,thread=multi"
+        restrict = ",restrict=on" if self.network == "restricted" else ""
+        machine = "q35,vmport=off,hpet=off"
+        memory: list[str] = []
+        if self.ram_file is not None:
+            share = "on" if self.ram_shared else "off"
+            memory = ["-object", f"memory-backend-file,id=ram0,size={self.memory_mib}M,"
+                                 f"mem-path={qemu_option(self.ram_file)},share={share}"]
+            machine += ",memory-backend=ram0"
+        files = self.files
+        q = qemu_option
+        return [
+            self.binary,
+            "-name", f"{q(self.tag)},debug-threads=on",
+            "-machine", machine,
+            *memory,
+            "-accel", accel,
+            "-cpu", cpu,
+            "-m", str(self.memory_mib),
+            "-smp", str(self.cpus),
+            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
+            *self._boot_arguments(),
+            "-drive", f"file={q(self.disk)},if=none,id=disk0,format=qcow2,discard=unmap",
+            "-device", "virtio-blk-pci,drive=disk0" + (",bootindex=0" if self.seed else ""),
+            # Port 0: the host kernel picks a free port, so parallel machines never race
+            # for one; the chosen port is read back with "info usernet".
+            "-netdev", f"user,id=net0{restrict},hostfwd=tcp:127.0.0.1:0-:22",
+            "-device", "virtio-net-pci,netdev=net0",
+            *self._lan_arguments(),
+            "-device", "virtio-rng-pci",
+            # A kernel panic stops the guest where it is (panic=-1 would reboot it quietly)
+            # and shows as the run state guest-panicked (Debian's kernels load pvpanic-mmio).
+            "-device", "pvpanic", "-action", "panic=pause",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-chardev", f"socket,id=agent0,path={q(files.agent_socket)},server=on,wait=off",
+            "-device", "virtserialport,bus=vser0.0,chardev=agent0,name=org.sandbox.agent",
+            "-chardev", f"socket,id=ssh0,path={q(files.ssh_socket)},server=on,wait=off",
+            "-device", "virtserialport,bus=vser0.0,chardev=ssh0,name=org.sandbox.ssh",
+            # append: a clone's log starts with the golden boot's console, copied in first.
+            "-chardev", f"file,id=console0,path={q(files.console_log)},append=on",
+            "-serial", "chardev:console0",
+            "-qmp", f"unix:{q(files.qmp_socket)},server=on,wait=off",
+            "-pidfile", str(files.pidfile),
+            *(["-incoming", "defer"] if self.incoming else []),
+            *self.extra,
+        ]
+
+    def _boot_arguments(self) -> list[str]:
+        if self.seed is None:
+            return ["-kernel", str(self.kernel), "-initrd", str(self.initrd),
+                    "-append", self.cmdline]
+        # vmgenid: on every restore the guest sees a new generation ID, and Linux (5.18+)
+        # then reseeds its random number generator: clones never share random output.
+        return [*(["-bios", str(self.uefi)] if self.uefi else []),
+                "-drive", f"file={qemu_option(self.seed)},if=none,id=seed0,format=raw,"
+                          "readonly=on",
+                "-device", "virtio-blk-pci,drive=seed0", "-device", "vmgenid,guid=auto"]
+
+    def _lan_arguments(self) -> list[str]:
+        arguments = []
+        for index, switch in enumerate(self.lans):
+            lan = f"lan{index}"
+            local = qemu_option(self.files.lan_socket(index))
+            netdev = (f"dgram,id={lan},local.type=unix,local.path={local},"
+                      f"remote.type=unix,remote.path={qemu_option(switch)}"
+                      if switch is not None else f"hubport,id={lan},hubid={100 + index}")
+            arguments += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={lan},id={lan},"
+                                                        f"bus=pcie.0,addr={LAN_SLOT + index:#x}"]
+        return arguments
+
+    def shape(self) -> list[str]:
+        """The command line without per-machine paths and ports: what a saved machine state
+        depends on. Two plans with equal shapes can restore each other's snapshots."""
+        generic = replace(self, tag="T", disk=Path("D"), files=MachineFiles(Path("M")),
+                          ram_file=Path("R") if self.ram_file else None, ram_shared=False,
+                          incoming=False, network="restricted", binary="qemu",
+                          lans=(None,) * len(self.lans),
+                          seed=Path("S") if self.seed else None,
+                          uefi=Path("U") if self.uefi else None)
+        return generic.command()
+
+
+def plan_for(spec: MachineSpec, image: Image, accel: str, *, files: MachineFiles, tag: str,
+             disk: Path, ram_file: Path | None = None, ram_shared: bool = False,
+             incoming: bool = False, lans: tuple[Path | None, ...] | None = None) -> QemuPlan:
+    """The plan of a machine of ``spec`` on ``image``: the spec's shape, else the recipe's."""
+    return QemuPlan(
+        binary=qemu_binary(), tag=tag, accel=accel,
+        kvm_cpu=accel_verdict().kvm_cpu if accel == "kvm" else "",
+        memory_mib=spec.memory_mib or image.memory_mib, cpus=spec.cpus or image.cpus,
+        kernel=image.kernel, initrd=image.initrd, cmdline=image.kernel_cmdline, disk=disk,
+        files=files, network=spec.network, extra=spec.qemu_args, ram_file=ram_file,
+        ram_shared=ram_shared, incoming=incoming,
+        lans=lans if lans is not None else (None,) * len(spec.networks),
+        seed=image.seed, uefi=uefi_firmware() if image.boot == "uefi" else None)
+
+
+def uefi_firmware() -> Path:
+    from ..host.firmware import ovmf_firmware
+
+    return ovmf_firmware()
+
+
