@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,15 +154,28 @@ def read_until(fd: int, needle: bytes, timeout: float) -> bytes:
     return seen
 
 
-def test_interactive_shell_through_a_pseudo_terminal(built_image: dict[str, Any]) -> None:
+@contextlib.contextmanager
+def cli_in_terminal(*args: str, rows: int = 24,
+                    columns: int = 80) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``sandbox ARGS`` on a pseudo-terminal of its own (its controlling terminal, of the
+    size given): the process and the terminal's other end; both gone afterwards."""
     main_fd, child_fd = os.openpty()
-    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
-    process = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "shell"], stdin=child_fd,
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "sandbox.cli", *args], stdin=child_fd,
                                stdout=child_fd, stderr=child_fd, cwd=ROOT,
                                start_new_session=True,
                                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
     os.close(child_fd)
     try:
+        yield process, main_fd
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(main_fd)
+
+
+def test_interactive_shell_through_a_pseudo_terminal(built_image: dict[str, Any]) -> None:
+    with cli_in_terminal("shell", rows=33, columns=101) as (process, main_fd):
         read_until(main_fd, b"root@sandbox", 120)
         os.write(main_fd, b"echo $((6 * 7)); stty size\n")
         output = read_until(main_fd, b"33 101", 30)
@@ -172,10 +187,6 @@ def test_interactive_shell_through_a_pseudo_terminal(built_image: dict[str, Any]
         read_until(main_fd, b"after-interrupt\r\n", 30)
         os.write(main_fd, b"exit\n")
         assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        os.close(main_fd)
 
 
 @pytest.mark.parametrize("args", [["cp", "a", "b"], ["cp", "x:/a", "y:/b"]])

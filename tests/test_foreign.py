@@ -673,31 +673,18 @@ def test_a_cloud_init_module_error_is_a_warning_unless_the_recipe_says_fail(
 def test_sandbox_ssh_logs_in_as_the_imported_images_user(foreign: dict[str, Any]) -> None:
     """`sandbox ssh NAME` on a named machine of an imported image: the host's ssh client
     logs in as the image's user (cloud-init's default, here "debian"), not root."""
-    import fcntl
-    import termios
-
-    from .test_cli import read_until
+    from .test_cli import cli_in_terminal, read_until
 
     machine = f"ssh-user-{os.getpid()}"
     up = with_cli("up", machine, "--image", foreign["names"]["bios"])
     assert up.returncode == 0, up.stderr[-3000:]
     try:
-        main_fd, child_fd = os.openpty()
-        process = subprocess.Popen([sys.executable, "-m", "sandbox.cli", "ssh", machine],
-                                   stdin=child_fd, stdout=child_fd, stderr=child_fd, cwd=ROOT,
-                                   start_new_session=True,
-                                   preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
-        os.close(child_fd)
-        try:
+        with cli_in_terminal("ssh", machine) as (process, main_fd):
             os.write(main_fd, b"echo user=$(whoami)=\n")
             seen = read_until(main_fd, b"user=debian=", 60)  # (returns early at the end)
             assert b"user=debian=" in seen, seen[-500:]  # not "Please login as ... debian"
             os.write(main_fd, b"exit\n")
             assert process.wait(timeout=60) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-            os.close(main_fd)
     finally:
         down = with_cli("down", machine)
         assert down.returncode == 0, down.stderr
