@@ -171,3 +171,25 @@ class GuestDataError(SandboxError):
     within a deadline, or not in the form expected (an agent answer that is not JSON, a
     file for ``get`` that is too large or not a regular file). The message names the limit
     and how to raise it where there is a way."""
+
+
+class RegistryError(SandboxError):
+    """An OCI registry (``SANDBOX_REGISTRY``) could not be used: the message names the
+    registry, what was asked and what to do."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry did not answer (refused, timed out, DNS, TLS) within its bound."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry refused the credentials (or asked for some and none were found)."""
+
+
+class RegistryNotFound(RegistryError):
+    """The registry has no such tag, manifest or blob."""
+
+
+class DigestMismatch(RegistryError):
+    """Bytes from a registry or an export file are not what their digest says (tampered
+    or truncated); they were discarded."""

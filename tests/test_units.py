@@ -456,7 +456,8 @@ def test_the_ssh_prelude_read_is_bounded_in_size_and_time() -> None:
 #: The package's layers, lowest first; a module may import its own layer and those before it.
 #: Layers in one tuple are peers: neither imports the other. "fronts" is everything else
 #: (the package's face, the plugin, its hookspecs, the CLI).
-LAYERS: list[tuple[str, ...]] = [("errors",), ("base",), ("host", "guest"), ("imaging",),
+LAYERS: list[tuple[str, ...]] = [("errors",), ("base",), ("host", "guest"), ("share",),
+                                 ("imaging",),
                                  ("vm",), ("net",), ("machine",), ("fronts",)]
 PACKAGE = Path(__file__).resolve().parent.parent / "sandbox"
 
