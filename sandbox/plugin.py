@@ -9,6 +9,7 @@ then ``sandbox_*`` ini keys, then the image recipe's defaults.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
@@ -37,6 +38,10 @@ _OPTIONS = (
      "flag", None),
     ("log-dir", "write the console log and command transcript of each VM of a failed test "
      "into this directory (for CI artifacts)", "value", None),
+    ("registry", "OCI registry (host/repository) the cache pulls entries from before building "
+     "them (SANDBOX_REGISTRY)", "value", None),
+    ("push", "push the images, golden snapshots and templates built by this run to the "
+     "registry (SANDBOX_PUSH=1)", "flag", None),
 )
 _MACHINES = pytest.StashKey[list["Machine"]]()
 _CALL_FAILED = pytest.StashKey[bool]()
@@ -70,6 +75,13 @@ def pytest_configure(config: pytest.Config) -> None:
         "command_timeout=, template=): the shape of the machines of this test (vm, "
         "vm_factory); template= clones a saved template instead of the image")
     config.stash[_KEPT] = []
+    # The cache reads these from the environment: so do xdist workers and `sandbox` commands
+    # that tests run.
+    registry = _setting(config, "registry")
+    if registry is not None:
+        os.environ["SANDBOX_REGISTRY"] = str(registry)
+    if _setting(config, "push"):
+        os.environ["SANDBOX_PUSH"] = "1"
 
 
 def _setting(config: pytest.Config, name: str) -> Any:
