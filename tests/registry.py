@@ -49,7 +49,7 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 def make_tls(directory: Path) -> tuple[Path, Path, Path]:
     """A test CA and a server certificate for IP 127.0.0.1 signed by it, in ``directory``:
     (CA certificate, server certificate, server key)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sandbox test CA")])

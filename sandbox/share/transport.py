@@ -196,15 +196,22 @@ class Transport:
         own error codes when it sent some."""
         status = response.status_code
         try:
-            body = json.loads(self.read_bounded(response, ERROR_LIMIT, "an error"))
+            raw = self.read_bounded(response, ERROR_LIMIT, "an error")
+        except (RegistryError, Transient, RuntimeError):
+            raw = b""
+        try:
             detail = "; ".join(f"{item.get('code')}: {item.get('message')}"
-                               for item in body.get("errors", []) if isinstance(item, dict))
-        except (ValueError, AttributeError, RegistryError, Transient):
+                               for item in json.loads(raw).get("errors", [])
+                               if isinstance(item, dict))
+        except (ValueError, AttributeError):
             detail = ""
         said = f"{status} {response.reason}" + (f", {detail[:300]}" if detail else "")
         if status == 404:
             return RegistryNotFound(f"registry {self.host} has no {what} ({said}): check "
                                     f"the repository name, or push it first")
+        if status == 400 and not self.secure and b"HTTPS" in raw[:300]:
+            return RegistryError(f"registry {self.host} speaks HTTPS and was asked over plain "
+                                 f"HTTP: unset SANDBOX_REGISTRY_INSECURE")
         if status in (401, 403):
             return RegistryAuthError(f"registry {self.host} denied {what} ({said}): check "
                                      f"the account's rights, or run `docker login {self.host}`")

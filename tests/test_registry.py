@@ -1,0 +1,290 @@
+"""The OCI registry client against a real registry (Debian's docker-registry, started by
+tests/registry.py): blobs and manifests round trip, a pull resumes and refuses damaged
+bytes, credentials are found where docker keeps them, failures name their fix. No VMs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from sandbox.errors import DigestMismatch, RegistryAuthError, RegistryError, RegistryUnavailable
+from sandbox.share.credentials import find_credentials
+from sandbox.share.oci import OCI_MANIFEST, Reference, Registry
+
+from .registry import PASSWORD, USER, RegistryServer, docker_config, free_port
+
+SIZE = 6 << 20
+
+
+def blob(tmp_path: Path, size: int = SIZE, name: str = "blob") -> tuple[Path, str]:
+    path = tmp_path / name
+    path.write_bytes(os.urandom(size))
+    return path, "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def manifest_for(layer_digest: str, size: int, config_digest: str) -> dict[str, object]:
+    return {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+                       "digest": config_digest, "size": 2},
+            "layers": [{"mediaType": "application/vnd.sandbox.cache.v1.tar+zstd",
+                        "digest": layer_digest, "size": size}]}
+
+
+@pytest.fixture
+def no_docker_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No credentials anywhere docker would look: an empty home and DOCKER_CONFIG."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("DOCKER_CONFIG", str(home / ".docker"))
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    return home
+
+
+def client(server: RegistryServer, tmp_path: Path, repository: str = "vm-cache",
+           **options: object) -> Registry:
+    config = docker_config(tmp_path / "docker", server.host)
+    return Registry(server.reference(repository), auth_file=config, **options)  # type: ignore[arg-type]
+
+
+# -- references and defaults ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, host, repository", [
+    ("127.0.0.1:5000/vm-cache", "127.0.0.1:5000", "vm-cache"),
+    ("ghcr.io/acme/vm-cache", "ghcr.io", "acme/vm-cache"),
+    ("localhost:5000/a/b", "localhost:5000", "a/b"),
+    ("localhost/a", "localhost", "a"),
+])
+def test_references_parse(text: str, host: str, repository: str) -> None:
+    assert Reference.parse(text) == Reference(host, repository)
+
+
+@pytest.mark.parametrize("text", ["vm-cache", "acme/vm-cache", "ghcr.io/acme/vm-cache:latest",
+                                  "https://ghcr.io/acme/x", "ghcr.io/Acme/x", "ghcr.io/",
+                                  "ghcr.io/a//b", "ghcr.io/a/../b"])
+def test_bad_references_name_the_form_expected(text: str) -> None:
+    with pytest.raises(RegistryError, match="HOST\\[:PORT\\]/REPOSITORY"):
+        Reference.parse(text)
+
+
+def test_plain_http_only_for_this_machine_or_when_asked(monkeypatch: pytest.MonkeyPatch,
+                                                         ) -> None:
+    monkeypatch.delenv("SANDBOX_REGISTRY_INSECURE", raising=False)
+    assert Registry("127.0.0.1:5000/x").transport.base == "http://127.0.0.1:5000"
+    assert Registry("localhost:5000/x").transport.base == "http://localhost:5000"
+    assert Registry("ghcr.io/acme/x").transport.base == "https://ghcr.io"
+    assert Registry("127.0.0.1:5000/x", insecure=False).transport.base.startswith("https:")
+    monkeypatch.setenv("SANDBOX_REGISTRY_INSECURE", "1")
+    assert Registry("registry.example:5000/x").transport.base == "http://registry.example:5000"
+
+
+# -- blobs, manifests, tags ----------------------------------------------------------------------
+
+def test_blob_and_manifest_round_trip(registry: RegistryServer, tmp_path: Path) -> None:
+    remote = client(registry, tmp_path, "round-trip")
+    assert remote.ping() == (f"{registry.host} answers, credentials of user 'ci' accepted "
+                             f"(from {tmp_path / 'docker' / 'config.json'} "
+                             f"(auths.{registry.host}))")
+    path, digest = blob(tmp_path)
+    config, config_digest = tmp_path / "config", ""
+    config.write_bytes(b"{}")
+    config_digest = "sha256:" + hashlib.sha256(b"{}").hexdigest()
+    sent: list[int] = []
+    assert remote.push_blob(path, digest, advance=sent.append) is True
+    assert sum(sent) == SIZE
+    assert remote.push_blob(config, config_digest) is True
+    assert remote.blob_size(digest) == SIZE
+
+    manifest = manifest_for(digest, SIZE, config_digest)
+    manifest_digest = remote.put_manifest("v1", manifest)
+    assert remote.put_manifest("latest", manifest) == manifest_digest
+    assert remote.manifest("v1") == (manifest, manifest_digest)
+    assert remote.manifest(manifest_digest) == (manifest, manifest_digest)
+    assert sorted(remote.tags()) == ["latest", "v1"]
+
+    received: list[int] = []
+    dest = tmp_path / "pulled"
+    remote.pull_blob(digest, SIZE, dest, advance=received.append)
+    assert dest.read_bytes() == path.read_bytes()
+    assert sum(received) == SIZE
+    assert not dest.with_name("pulled.part").exists()
+
+
+def test_a_blob_already_there_is_not_sent_again(registry: RegistryServer,
+                                                tmp_path: Path) -> None:
+    remote = client(registry, tmp_path, "twice")
+    path, digest = blob(tmp_path, 1 << 20)
+    assert remote.push_blob(path, digest) is True
+    sent: list[int] = []
+    assert remote.push_blob(path, digest, advance=sent.append) is False
+    assert sent == []
+
+
+def test_a_blob_is_mounted_from_another_repository(registry: RegistryServer,
+                                                   tmp_path: Path) -> None:
+    source, target = client(registry, tmp_path, "mount-a"), client(registry, tmp_path, "mount-b")
+    path, digest = blob(tmp_path, 2 << 20)
+    source.push_blob(path, digest)
+    assert target.blob_size(digest) is None
+    sent: list[int] = []
+    assert target.push_blob(path, digest, advance=sent.append, mount_from="mount-a") is False
+    assert sent == []
+    assert target.blob_size(digest) == 2 << 20
+
+
+def test_missing_tag_and_missing_repository(registry: RegistryServer, tmp_path: Path) -> None:
+    remote = client(registry, tmp_path, "nothing-here")
+    assert remote.manifest("v1") is None
+    assert remote.tags() == []
+    assert remote.blob_size("sha256:" + "0" * 64) is None
+    with pytest.raises(RegistryError, match="not a valid tag"):
+        remote.manifest("../v1")
+
+
+def test_a_pull_resumes_from_its_partial_file(registry: RegistryServer, tmp_path: Path) -> None:
+    remote = client(registry, tmp_path, "resume")
+    path, digest = blob(tmp_path)
+    remote.push_blob(path, digest)
+    dest = tmp_path / "entry"
+    dest.with_name("entry.part").write_bytes(path.read_bytes()[:SIZE // 2])
+    received: list[int] = []
+    remote.pull_blob(digest, SIZE, dest, advance=received.append)
+    assert sum(received) == SIZE - SIZE // 2
+    assert dest.read_bytes() == path.read_bytes()
+    assert not dest.with_name("entry.part").exists()
+
+
+def test_a_damaged_blob_is_refused_and_nothing_is_left(registry: RegistryServer,
+                                                       tmp_path: Path) -> None:
+    remote = client(registry, tmp_path, "damaged")
+    path, digest = blob(tmp_path, 3 << 20)
+    remote.push_blob(path, digest)
+    stored = registry.blob_file(digest)
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    stored.write_bytes(bytes(data))
+    damaged = "sha256:" + hashlib.sha256(data).hexdigest()
+    dest = tmp_path / "entry"
+    with pytest.raises(DigestMismatch) as raised:
+        remote.pull_blob(digest, 3 << 20, dest)
+    assert digest in str(raised.value) and damaged in str(raised.value)
+    assert not dest.exists() and not dest.with_name("entry.part").exists()
+
+
+def test_a_blob_larger_than_announced_is_refused(registry: RegistryServer,
+                                                 tmp_path: Path) -> None:
+    remote = client(registry, tmp_path, "larger")
+    path, digest = blob(tmp_path, 2 << 20)
+    remote.push_blob(path, digest)
+    dest = tmp_path / "entry"
+    with pytest.raises(DigestMismatch, match="more than 1048576 bytes"):
+        remote.pull_blob(digest, 1 << 20, dest)
+    assert not dest.exists() and not dest.with_name("entry.part").exists()
+
+
+# -- credentials ---------------------------------------------------------------------------------
+
+def test_a_wrong_password_names_the_file_and_docker_login(registry: RegistryServer,
+                                                          tmp_path: Path) -> None:
+    config = docker_config(tmp_path, registry.host, password="wrong")
+    remote = Registry(registry.reference(), auth_file=config)
+    with pytest.raises(RegistryAuthError) as raised:
+        remote.ping()
+    message = str(raised.value)
+    assert "'ci'" in message and str(config) in message
+    assert f"docker login {registry.host}" in message
+
+
+def test_no_credentials_names_where_it_looked(registry: RegistryServer,
+                                             no_docker_config: Path) -> None:
+    remote = Registry(registry.reference())
+    with pytest.raises(RegistryAuthError) as raised:
+        remote.manifest("v1")
+    message = str(raised.value)
+    assert "none were found" in message and str(no_docker_config / ".docker") in message
+    assert f"docker login {registry.host}" in message
+
+
+def test_credentials_from_docker_config_in_either_key_form(
+        registry: RegistryServer, no_docker_config: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    docker = no_docker_config / ".docker"
+    docker.mkdir()
+    (docker / "config.json").write_text(json.dumps({"auths": {
+        f"https://{registry.host}": {"username": USER, "password": PASSWORD}}}))
+    assert "user 'ci' accepted" in Registry(registry.reference()).ping()
+    docker_config(tmp_path / "podman", registry.host)
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "podman" / "config.json"))
+    found = find_credentials(registry.host).credentials
+    assert found is not None and found.source.startswith(str(tmp_path / "podman"))
+
+
+def test_credentials_from_a_credential_helper(registry: RegistryServer, no_docker_config: Path,
+                                              tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-test"
+    asked = tmp_path / "asked"
+    helper.write_text(f"#!/bin/sh\n[ \"$1\" = get ] || exit 2\ncat > {asked}\n"
+                      f"echo '{{\"ServerURL\": \"x\", \"Username\": \"{USER}\", "
+                      f"\"Secret\": \"{PASSWORD}\"}}'\n")
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    docker = no_docker_config / ".docker"
+    docker.mkdir()
+    (docker / "config.json").write_text(json.dumps({"credHelpers": {registry.host: "test"}}))
+    assert "docker-credential-test" in Registry(registry.reference()).ping()
+    assert asked.read_text() == registry.host
+
+    (docker / "config.json").write_text(json.dumps({"credHelpers": {registry.host: "absent"}}))
+    with pytest.raises(RegistryAuthError, match="docker-credential-absent .* not on PATH"):
+        Registry(registry.reference()).ping()
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+def test_a_registry_that_is_down_is_reported_within_seconds(tmp_path: Path) -> None:
+    port = free_port()
+    remote = Registry(f"127.0.0.1:{port}/vm-cache", timeout=2)
+    started = time.monotonic()
+    with pytest.raises(RegistryUnavailable) as raised:
+        remote.manifest("v1")
+    assert time.monotonic() - started < 5
+    message = str(raised.value)
+    assert f"127.0.0.1:{port} did not answer (connection refused" in message
+    assert "SANDBOX_REGISTRY" in message
+
+
+def test_tls_with_the_test_ca(tls_registry: RegistryServer, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tls_registry.ca is not None
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_registry.ca))
+    remote = client(tls_registry, tmp_path, "tls", insecure=False)
+    assert "user 'ci' accepted" in remote.ping()
+    path, digest = blob(tmp_path, 1 << 20)
+    assert remote.push_blob(path, digest) is True
+    remote.pull_blob(digest, 1 << 20, tmp_path / "pulled")
+    assert (tmp_path / "pulled").read_bytes() == path.read_bytes()
+
+
+def test_tls_without_the_ca_names_the_fix(tls_registry: RegistryServer, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    remote = client(tls_registry, tmp_path, "tls", insecure=False)
+    started = time.monotonic()
+    with pytest.raises(RegistryUnavailable) as raised:
+        remote.ping()
+    assert time.monotonic() - started < 5
+    message = str(raised.value)
+    assert "TLS failed" in message and "REQUESTS_CA_BUNDLE" in message
+    assert "SANDBOX_REGISTRY_INSECURE=1" in message
