@@ -3,8 +3,10 @@
 free port, a config of its own, storage in a temporary directory, optionally htpasswd users
 (bcrypt entries) and TLS with a CA made here. It dies with the test run.
 
-tests/conftest.py exposes the session fixtures ``registry`` (htpasswd, plain HTTP) and
-``tls_registry`` (htpasswd, TLS); :func:`docker_config` writes a config.json for them."""
+tests/conftest.py exposes the session fixtures ``registry`` (htpasswd, plain HTTP),
+``tls_registry`` (htpasswd, TLS) and ``token_registry`` (Bearer tokens from a
+:class:`TokenServer`, the scheme ghcr.io uses); :func:`docker_config` writes a config.json
+for them."""
 
 from __future__ import annotations
 
@@ -15,16 +17,19 @@ import json
 import secrets
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import bcrypt
 import pytest
 import requests
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from sandbox.base.processes import spawn
@@ -80,12 +85,94 @@ def make_tls(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenServer:
+    """A token service for a registry's Bearer auth, in a thread of the test process: RS256
+    tokens carrying their signing certificate (``x5c``), granting user ``USER`` pull and
+    push and anyone anonymous pull only, for exactly the scopes asked. ``asked`` records
+    each request as (user or None, scopes)."""
+
+    ISSUER, SERVICE = "sandbox-test-issuer", "sandbox-tests"
+
+    def __init__(self, directory: Path, users: dict[str, str]) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sandbox test tokens")])
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                     .public_key(self.key.public_key())
+                     .serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(hours=1))
+                     .not_valid_after(now + datetime.timedelta(days=2))
+                     .sign(self.key, hashes.SHA256()))
+        self.bundle = directory / "token-signer.pem"
+        self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        self.users = users
+        self.asked: list[tuple[str | None, list[str]]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802  (the name http.server calls)
+                server.answer(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.realm = f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def token(self, user: str | None, scopes: list[str]) -> str:
+        access = []
+        for scope in scopes:
+            kind, _, rest = scope.partition(":")
+            repository, _, actions = rest.rpartition(":")
+            allowed = {"pull", "push"} if user else {"pull"}
+            access.append({"type": kind, "name": repository,
+                           "actions": sorted(set(actions.split(",")) & allowed)})
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(
+            self.cert.public_bytes(serialization.Encoding.DER)).decode()]}
+        claims = {"iss": self.ISSUER, "sub": user or "", "aud": self.SERVICE,
+                  "exp": now + 300, "nbf": now - 10, "iat": now,
+                  "jti": secrets.token_hex(8), "access": access}
+        signed = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        signature = self.key.sign(signed.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signed}.{_b64url(signature)}"
+
+    def answer(self, request: BaseHTTPRequestHandler) -> None:
+        query = parse_qs(urlsplit(request.path).query)
+        user: str | None = None
+        given = request.headers.get("Authorization", "")
+        if given.startswith("Basic "):
+            name, _, password = base64.b64decode(given[6:]).decode().partition(":")
+            if self.users.get(name) != password:
+                request.send_response(401)
+                request.end_headers()
+                return
+            user = name
+        scopes = query.get("scope", [])
+        self.asked.append((user, scopes))
+        body = json.dumps({"token": self.token(user, scopes), "expires_in": 300}).encode()
+        request.send_response(200)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 class RegistryServer:
     """One docker-registry process on 127.0.0.1, started by :meth:`start`, stopped by
     :meth:`stop` (by the pid it started)."""
 
     def __init__(self, directory: Path, *, users: dict[str, str] | None = None,
-                 tls: bool = False) -> None:
+                 tls: bool = False, tokens: TokenServer | None = None) -> None:
         self.directory = directory
         self.storage = directory / "storage"
         self.port = free_port()
@@ -108,6 +195,11 @@ class RegistryServer:
                 for user, password in users.items()))
             lines += ["auth:", "  htpasswd:", "    realm: sandbox-tests",
                       f"    path: {htpasswd}"]
+        if tokens is not None:
+            lines += ["auth:", "  token:", f"    realm: {tokens.realm}",
+                      f"    service: {tokens.SERVICE}", f"    issuer: {tokens.ISSUER}",
+                      f"    rootcertbundle: {tokens.bundle}"]
+        self.tokens = tokens
         self.config = directory / "config.yml"
         self.config.write_text("\n".join(lines) + "\n")
         self.url = f"{'https' if tls else 'http'}://{self.host}"
@@ -182,3 +274,17 @@ def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryS
         yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """A registry with Bearer tokens from a :class:`TokenServer` (``.tokens``), plain HTTP:
+    user ``USER`` may push, anonymous clients may pull."""
+    directory = tmp_path_factory.mktemp("token-registry")
+    tokens = TokenServer(directory, {USER: PASSWORD})
+    server = RegistryServer(directory, tokens=tokens)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        tokens.stop()

@@ -288,3 +288,47 @@ def test_tls_without_the_ca_names_the_fix(tls_registry: RegistryServer, tmp_path
     message = str(raised.value)
     assert "TLS failed" in message and "REQUESTS_CA_BUNDLE" in message
     assert "SANDBOX_REGISTRY_INSECURE=1" in message
+
+
+# -- Bearer tokens (the scheme ghcr.io uses) -----------------------------------------------------
+
+def test_bearer_tokens_per_scope(token_registry: RegistryServer, tmp_path: Path) -> None:
+    assert token_registry.tokens is not None
+    asked = token_registry.tokens.asked
+    remote = client(token_registry, tmp_path, "tokens")
+    assert "user 'ci' accepted" in remote.ping()
+    assert remote.manifest("v1") is None
+    assert asked[-1] == (USER, ["repository:tokens:pull"])
+    path, digest = blob(tmp_path, 1 << 20)
+    assert remote.push_blob(path, digest) is True
+    assert asked[-1] == (USER, ["repository:tokens:pull,push"]), "a pull token reused for push"
+    count = len(asked)
+    remote.pull_blob(digest, 1 << 20, tmp_path / "pulled")
+    assert remote.tags() == []
+    assert len(asked) == count, "tokens are kept per scope while they are valid"
+
+    other = client(token_registry, tmp_path, "tokens-mounted")
+    assert other.push_blob(path, digest, mount_from="tokens") is False
+    assert asked[-1] == (USER, ["repository:tokens-mounted:pull,push",
+                                "repository:tokens:pull"])
+    assert other.blob_size(digest) == 1 << 20
+
+
+def test_anonymous_tokens_pull_but_do_not_push(token_registry: RegistryServer,
+                                               no_docker_config: Path, tmp_path: Path) -> None:
+    pusher = client(token_registry, tmp_path, "public")
+    path, digest = blob(tmp_path, 1 << 20)
+    pusher.push_blob(path, digest)
+    anonymous = Registry(token_registry.reference("public"))
+    assert anonymous.ping().endswith("anonymous access accepted")
+    anonymous.pull_blob(digest, 1 << 20, tmp_path / "pulled")
+    assert (tmp_path / "pulled").read_bytes() == path.read_bytes()
+    with pytest.raises(RegistryAuthError, match="none were found"):
+        anonymous.push_blob(path, "sha256:" + hashlib.sha256(b"other").hexdigest())
+
+
+def test_a_wrong_password_at_the_token_service(token_registry: RegistryServer,
+                                               tmp_path: Path) -> None:
+    config = docker_config(tmp_path, token_registry.host, password="wrong")
+    with pytest.raises(RegistryAuthError, match="refused the credentials of user 'ci'"):
+        Registry(token_registry.reference(), auth_file=config).manifest("v1")
