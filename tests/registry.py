@@ -11,6 +11,7 @@ for them."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -165,6 +166,58 @@ class TokenServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class CuttingProxy:
+    """A TCP proxy in front of a registry that drops the first connection through which more
+    than ``cut_after`` bytes of answers went (a dropped download); after that cut every
+    connection passes whole.
+    ``sent`` holds what clients sent, to see the Range a resumed download asked for."""
+
+    def __init__(self, target_port: int, cut_after: int) -> None:
+        self.target_port, self.cut_after = target_port, cut_after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.connections = 0
+        self.cut = False
+        self.sent = bytearray()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, False, True),
+                             daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True, False),
+                             daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool,
+              record: bool) -> None:
+        passed = 0
+        try:
+            while data := source.recv(1 << 16):
+                if record:
+                    self.sent += data
+                if answers and not self.cut and passed + len(data) > self.cut_after:
+                    self.cut = True
+                    sink.sendall(data[:self.cut_after - passed])
+                    break
+                sink.sendall(data)
+                passed += len(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def stop(self) -> None:
+        self.listener.close()
 
 
 class RegistryServer:

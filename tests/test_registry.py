@@ -17,7 +17,14 @@ from sandbox.errors import DigestMismatch, RegistryAuthError, RegistryError, Reg
 from sandbox.share.credentials import find_credentials
 from sandbox.share.oci import OCI_MANIFEST, Reference, Registry
 
-from .registry import PASSWORD, USER, RegistryServer, docker_config, free_port
+from .registry import (
+    PASSWORD,
+    USER,
+    CuttingProxy,
+    RegistryServer,
+    docker_config,
+    free_port,
+)
 
 SIZE = 6 << 20
 
@@ -332,3 +339,21 @@ def test_a_wrong_password_at_the_token_service(token_registry: RegistryServer,
     config = docker_config(tmp_path, token_registry.host, password="wrong")
     with pytest.raises(RegistryAuthError, match="refused the credentials of user 'ci'"):
         Registry(token_registry.reference(), auth_file=config).manifest("v1")
+
+
+def test_a_dropped_download_resumes_where_it_stopped(registry: RegistryServer,
+                                                     tmp_path: Path) -> None:
+    path, digest = blob(tmp_path)
+    client(registry, tmp_path, "dropped").push_blob(path, digest)
+    proxy = CuttingProxy(registry.port, cut_after=SIZE // 3)
+    try:
+        config = docker_config(tmp_path / "proxied", f"127.0.0.1:{proxy.port}")
+        remote = Registry(f"127.0.0.1:{proxy.port}/dropped", auth_file=config)
+        received: list[int] = []
+        remote.pull_blob(digest, SIZE, tmp_path / "pulled", advance=received.append)
+    finally:
+        proxy.stop()
+    assert (tmp_path / "pulled").read_bytes() == path.read_bytes()
+    assert proxy.cut
+    assert b"Range: bytes=" in proxy.sent
+    assert sum(received) == SIZE, "resumed bytes are not counted twice"
