@@ -38,6 +38,7 @@ from sandbox.base.processes import spawn
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / ".tools" / "docker-registry" / "usr" / "bin" / "docker-registry"
 USER, PASSWORD = "ci", "secret-ci-password"
+IDENTITY_TOKEN = "identity-token-of-ci"
 START_SECONDS = 15.0
 
 
@@ -118,6 +119,9 @@ class TokenServer:
             def do_GET(self) -> None:  # noqa: N802  (the name http.server calls)
                 server.answer(self)
 
+            def do_POST(self) -> None:  # noqa: N802
+                server.answer(self)
+
             def log_message(self, *args: object) -> None:
                 pass
 
@@ -155,6 +159,14 @@ class TokenServer:
                 return
             user = name
         scopes = query.get("scope", [])
+        if request.command == "POST":  # an identity token exchanged for a registry token
+            length = min(int(request.headers.get("Content-Length", "0")), 1 << 16)
+            form = parse_qs(request.rfile.read(length).decode())
+            if form.get("refresh_token") != [IDENTITY_TOKEN]:
+                request.send_response(401)
+                request.end_headers()
+                return
+            user, scopes = USER, " ".join(form.get("scope", [])).split()
         self.asked.append((user, scopes))
         body = json.dumps({"token": self.token(user, scopes), "expires_in": 300}).encode()
         request.send_response(200)
@@ -170,12 +182,13 @@ class TokenServer:
 
 class CuttingProxy:
     """A TCP proxy in front of a registry that drops the first connection through which more
-    than ``cut_after`` bytes of answers went (a dropped download); after that cut every
-    connection passes whole.
+    than ``cut_after`` bytes of answers went (a dropped download), or of requests with
+    ``cut_requests`` (a dropped upload); after that cut every connection passes whole.
     ``sent`` holds what clients sent, to see the Range a resumed download asked for."""
 
-    def __init__(self, target_port: int, cut_after: int) -> None:
+    def __init__(self, target_port: int, cut_after: int, *, cut_requests: bool = False) -> None:
         self.target_port, self.cut_after = target_port, cut_after
+        self.cut_requests = cut_requests
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
         self.connections = 0
@@ -203,7 +216,8 @@ class CuttingProxy:
             while data := source.recv(1 << 16):
                 if record:
                     self.sent += data
-                if answers and not self.cut and passed + len(data) > self.cut_after:
+                if (answers != self.cut_requests and not self.cut
+                        and passed + len(data) > self.cut_after):
                     self.cut = True
                     sink.sendall(data[:self.cut_after - passed])
                     break

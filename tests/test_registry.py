@@ -4,6 +4,7 @@ bytes, credentials are found where docker keeps them, failures name their fix. N
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from sandbox.share.credentials import find_credentials
 from sandbox.share.oci import OCI_MANIFEST, Reference, Registry
 
 from .registry import (
+    IDENTITY_TOKEN,
     PASSWORD,
     USER,
     CuttingProxy,
@@ -357,3 +359,58 @@ def test_a_dropped_download_resumes_where_it_stopped(registry: RegistryServer,
     assert proxy.cut
     assert b"Range: bytes=" in proxy.sent
     assert sum(received) == SIZE, "resumed bytes are not counted twice"
+
+
+def test_a_dropped_upload_starts_again(registry: RegistryServer, tmp_path: Path) -> None:
+    path, digest = blob(tmp_path)
+    proxy = CuttingProxy(registry.port, cut_after=SIZE // 3, cut_requests=True)
+    try:
+        config = docker_config(tmp_path / "proxied", f"127.0.0.1:{proxy.port}")
+        remote = Registry(f"127.0.0.1:{proxy.port}/dropped-upload", auth_file=config)
+        sent: list[int] = []
+        assert remote.push_blob(path, digest, advance=sent.append) is True
+    finally:
+        proxy.stop()
+    assert proxy.cut
+    assert sum(sent) == SIZE, "bytes sent again are not counted twice"
+    dest = tmp_path / "pulled"
+    client(registry, tmp_path, "dropped-upload").pull_blob(digest, SIZE, dest)
+    assert dest.read_bytes() == path.read_bytes()
+
+
+def test_a_file_that_is_not_its_digest_is_refused_by_the_registry(
+        registry: RegistryServer, tmp_path: Path) -> None:
+    path, _ = blob(tmp_path, 1 << 20)
+    wrong = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+    with pytest.raises(DigestMismatch, match=f"should have digest {wrong}"):
+        client(registry, tmp_path, "wrong-digest").push_blob(path, wrong)
+
+
+def test_credentials_from_a_creds_store(registry: RegistryServer, no_docker_config: Path,
+                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-store"
+    helper.write_text(f"#!/bin/sh\nserver=$(cat)\nif [ \"$server\" = {registry.host} ]; then\n"
+                      f"  echo '{{\"Username\": \"{USER}\", \"Secret\": \"{PASSWORD}\"}}'\n"
+                      f"else\n  echo 'credentials not found in native keychain'; exit 1\nfi\n")
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    docker = no_docker_config / ".docker"
+    docker.mkdir()
+    (docker / "config.json").write_text(json.dumps({"auths": {registry.host: {}},
+                                                    "credsStore": "store"}))
+    assert "docker-credential-store" in Registry(registry.reference()).ping()
+    assert find_credentials("other.example").credentials is None
+
+
+def test_an_identity_token_is_exchanged_for_registry_tokens(
+        token_registry: RegistryServer, tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"auths": {token_registry.host: {
+        "auth": base64.b64encode(b"<token>:").decode(), "identitytoken": IDENTITY_TOKEN}}}))
+    remote = Registry(token_registry.reference("identity"), auth_file=config)
+    path, digest = blob(tmp_path, 1 << 20)
+    assert remote.push_blob(path, digest) is True
+    assert token_registry.tokens is not None
+    assert token_registry.tokens.asked[-1] == (USER, ["repository:identity:pull,push"])

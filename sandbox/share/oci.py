@@ -248,8 +248,8 @@ class Registry:
             response.close()
             if response.status_code == 201:
                 return False
-            if response.status_code == 202:
-                location = response.headers.get("Location")
+            if response.status_code == 202 and response.headers.get("Location"):
+                location = urljoin(self.transport.base + "/", response.headers["Location"])
 
         def upload() -> None:
             nonlocal location
