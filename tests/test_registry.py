@@ -9,7 +9,10 @@ import hashlib
 import json
 import os
 import stat
+import threading
 import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -414,3 +417,114 @@ def test_an_identity_token_is_exchanged_for_registry_tokens(
     assert remote.push_blob(path, digest) is True
     assert token_registry.tokens is not None
     assert token_registry.tokens.asked[-1] == (USER, ["repository:identity:pull,push"])
+
+
+# -- what Debian's registry never does: 5xx, 429, pages of tags, lies -----------------------------
+
+class ScriptedServer:
+    """An HTTP server answering each path with the answers scripted for it, in turn (the
+    last repeated), recording every request: for the behaviours a real registry cannot be
+    made to show on demand."""
+
+    def __init__(self, script: dict[str, list[tuple[int, dict[str, str], bytes]]]) -> None:
+        self.script = script
+        self.requests: list[tuple[str, str]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802  (the name http.server calls)
+                server.answer(self)
+
+            do_HEAD = do_GET  # noqa: N815
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, request: BaseHTTPRequestHandler) -> None:
+        self.requests.append((request.command, request.path))
+        answers = self.script.get(request.path.split("?")[0], [(404, {}, b"")])
+        status, headers, body = answers.pop(0) if len(answers) > 1 else answers[0]
+        request.send_response(status)
+        headers = {"Content-Length": str(len(body)), **headers}
+        for name, value in headers.items():
+            request.send_header(name, value)
+        request.end_headers()
+        if request.command != "HEAD":
+            request.wfile.write(body)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., ScriptedServer]]:
+    servers: list[ScriptedServer] = []
+
+    def start(script: dict[str, list[tuple[int, dict[str, str], bytes]]]) -> ScriptedServer:
+        servers.append(ScriptedServer(script))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_5xx_is_retried_a_bounded_number_of_times(scripted: Callable[..., ScriptedServer],
+                                                  ) -> None:
+    server = scripted({"/v2/": [(503, {}, b"")]})
+    with pytest.raises(RegistryUnavailable, match="kept failing \\(it answered 503"):
+        Registry(f"{server.host}/r", attempts=3).ping()
+    assert len(server.requests) == 3
+
+
+def test_429_is_retried_and_then_answered(scripted: Callable[..., ScriptedServer]) -> None:
+    server = scripted({"/v2/": [(429, {}, b""), (200, {}, b"{}")]})
+    assert Registry(f"{server.host}/r").ping() == f"{server.host} answers, no credentials needed"
+    assert len(server.requests) == 2
+
+
+def test_4xx_is_never_retried(scripted: Callable[..., ScriptedServer]) -> None:
+    digest = "sha256:" + "1" * 64
+    server = scripted({f"/v2/r/blobs/{digest}": [(403, {}, b"")],
+                       "/v2/r/manifests/v1": [(400, {}, b'{"errors": [{"code": "BAD"}]}')]})
+    remote = Registry(f"{server.host}/r")
+    with pytest.raises(RegistryAuthError, match="denied blob"):
+        remote.blob_size(digest)
+    with pytest.raises(RegistryError, match="BAD"):
+        remote.manifest("v1")
+    assert len(server.requests) == 2
+
+
+def test_tags_follow_their_pages(scripted: Callable[..., ScriptedServer]) -> None:
+    server = scripted({"/v2/r/tags/list": [
+        (200, {"Link": '</v2/r/tags/list?last=b&n=2>; rel="next"'},
+         b'{"name": "r", "tags": ["a", "b"]}'),
+        (200, {}, b'{"name": "r", "tags": ["c"]}')]})
+    assert Registry(f"{server.host}/r").tags() == ["a", "b", "c"]
+    assert server.requests[1] == ("GET", "/v2/r/tags/list?last=b&n=2")
+
+    elsewhere = scripted({"/v2/r/tags/list": [
+        (200, {"Link": '<http://example.com/v2/r/tags/list?last=b>; rel="next"'},
+         b'{"tags": ["a"]}')]})
+    with pytest.raises(RegistryError, match="another host"):
+        Registry(f"{elsewhere.host}/r").tags()
+
+
+def test_manifests_are_bounded_and_checked(scripted: Callable[..., ScriptedServer]) -> None:
+    body = json.dumps({"schemaVersion": 2}).encode()
+    lying = "sha256:" + hashlib.sha256(b"another manifest").hexdigest()
+    server = scripted({
+        "/v2/r/manifests/big": [(200, {}, b" " * ((4 << 20) + 1))],
+        "/v2/r/manifests/lie": [(200, {"Docker-Content-Digest": lying}, body)]})
+    remote = Registry(f"{server.host}/r")
+    with pytest.raises(RegistryError, match="more than the 4194304"):
+        remote.manifest("big")
+    with pytest.raises(DigestMismatch, match=f"should have digest {lying}"):
+        remote.manifest("lie")
