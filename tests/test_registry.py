@@ -17,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.errors import DigestMismatch, RegistryAuthError, RegistryError, RegistryUnavailable
+from sandbox.errors import (
+    DigestMismatch,
+    RegistryAuthError,
+    RegistryError,
+    RegistryNotFound,
+    RegistryUnavailable,
+)
 from sandbox.share.credentials import find_credentials
 from sandbox.share.oci import OCI_MANIFEST, Reference, Registry
 
@@ -528,3 +534,29 @@ def test_manifests_are_bounded_and_checked(scripted: Callable[..., ScriptedServe
         remote.manifest("big")
     with pytest.raises(DigestMismatch, match=f"should have digest {lying}"):
         remote.manifest("lie")
+
+
+def test_a_transfer_past_its_deadline_stops_and_keeps_what_it_has(
+        registry: RegistryServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    remote = client(registry, tmp_path, "deadline")
+    path, digest = blob(tmp_path)
+    monkeypatch.setattr(Registry, "_seconds", lambda self, size: 0.0)
+    with pytest.raises(RegistryUnavailable, match="did not take blob .* within 0 s"):
+        remote.push_blob(path, digest)
+    monkeypatch.undo()
+    remote.push_blob(path, digest)
+    monkeypatch.setattr(Registry, "_seconds", lambda self, size: 0.0)
+    dest = tmp_path / "entry"
+    with pytest.raises(RegistryUnavailable, match="did not send blob .* for the next pull"):
+        remote.pull_blob(digest, SIZE, dest)
+    assert 0 < dest.with_name("entry.part").stat().st_size < SIZE
+    monkeypatch.undo()
+    remote.pull_blob(digest, SIZE, dest)
+    assert dest.read_bytes() == path.read_bytes()
+
+
+def test_a_missing_blob_is_not_found(registry: RegistryServer, tmp_path: Path) -> None:
+    with pytest.raises(RegistryNotFound, match="has no blob"):
+        client(registry, tmp_path, "empty").pull_blob("sha256:" + "2" * 64, 10,
+                                                      tmp_path / "entry")
+    assert not (tmp_path / "entry.part").exists()

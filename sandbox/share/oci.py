@@ -19,7 +19,7 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import requests
 
-from ..errors import DigestMismatch, RegistryError
+from ..errors import DigestMismatch, RegistryError, RegistryUnavailable
 from .auth import Authenticator
 from .credentials import find_credentials
 from .transport import Transient, Transport
@@ -90,8 +90,10 @@ class _FileBody:
     """A file sent as a request body in chunks, with a known length (so requests sends a
     Content-Length rather than chunked encoding), reporting new bytes to ``advance``."""
 
-    def __init__(self, path: Path, size: int, advance: Callable[[int], None]) -> None:
+    def __init__(self, path: Path, size: int, advance: Callable[[int], None],
+                 deadline: float, late: Callable[[], Exception]) -> None:
         self.path, self.size, self.advance = path, size, advance
+        self.deadline, self.late = deadline, late
 
     def __len__(self) -> int:
         return self.size
@@ -99,6 +101,8 @@ class _FileBody:
     def __iter__(self) -> Iterator[bytes]:
         with self.path.open("rb") as handle:
             while chunk := handle.read(CHUNK):
+                if time.monotonic() > self.deadline:
+                    raise self.late()
                 self.advance(len(chunk))
                 yield chunk
 
@@ -238,6 +242,12 @@ class Registry:
             return False
         size = path.stat().st_size
         progress = _Progress(advance)
+        seconds = self._seconds(size)
+        deadline = time.monotonic() + seconds
+
+        def late() -> Exception:
+            return RegistryUnavailable(f"registry {self.host} did not take blob {digest} "
+                                       f"({size} bytes) within {seconds:.0f} s")
         location: str | None = None
         if mount_from is not None and mount_from != self.repository:
             Reference.parse(f"{self.host}/{mount_from}")
@@ -258,7 +268,7 @@ class Registry:
             separator = "&" if urlsplit(start).query else "?"
             response = self.transport.request(
                 "PUT", f"{start}{separator}{urlencode({'digest': digest})}",
-                scope=self.push_scope, body=lambda: _FileBody(path, size, progress),
+                scope=self.push_scope, body=lambda: _FileBody(path, size, progress, deadline, late),
                 headers={"Content-Type": "application/octet-stream"}, retry=False)
             response.close()
             if response.status_code == 400 and "DIGEST_INVALID" in response.text:
@@ -268,7 +278,7 @@ class Registry:
             if response.status_code != 201:
                 raise self.transport.status_error(response, f"upload of blob {digest}")
 
-        self.transport.retrying(upload, seconds=self._seconds(size))
+        self.transport.retrying(upload, seconds=seconds)
         return True
 
     def _start_upload(self) -> str:
@@ -316,11 +326,14 @@ class Registry:
             with response:
                 if response.status_code == 416:
                     return  # nothing beyond what we have: the digest check tells
-                if response.status_code == 200 or (
-                        response.status_code == 206 and not response.headers.get(
-                            "Content-Range", "").startswith(f"bytes {have}-")):
-                    have, hasher = 0, hashlib.sha256()
+                resumed = response.status_code == 206 and response.headers.get(
+                    "Content-Range", "").startswith(f"bytes {have}-")
+                if response.status_code in (200, 206) and not resumed:
+                    have, hasher = 0, hashlib.sha256()  # the whole blob, from its start
                     progress.restart()
+                    if response.status_code == 206:
+                        part.unlink(missing_ok=True)
+                        raise Transient("the registry answered another range than asked")
                 elif response.status_code != 206:
                     raise self.transport.status_error(response, f"blob {digest}")
                 with part.open("r+b" if have else "wb") as handle:
@@ -336,8 +349,10 @@ class Registry:
                             have += len(chunk)
                             progress(len(chunk))
                             if time.monotonic() > deadline:
-                                raise Transient(f"blob {digest} not received within "
-                                                f"{seconds:.0f} s")
+                                raise RegistryUnavailable(
+                                    f"registry {self.host} did not send blob {digest} "
+                                    f"within {seconds:.0f} s ({have} of {size} bytes, kept "
+                                    f"in {part} for the next pull to resume)")
                     except requests.RequestException as error:
                         raise Transient(f"the connection dropped: {error}"[:200]) from None
                     finally:
