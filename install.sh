@@ -66,4 +66,21 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+
+# The registry server for tests/test_registry.py, unpacked into .tools/ rather than
+# installed: installing Debian's docker-registry package would start its service, an open
+# registry (no auth, no TLS) listening on every interface. apt-get download and dpkg-deb -x
+# need no root; the tests start their own server on 127.0.0.1 with their own config.
+registry_bin=.tools/docker-registry/usr/bin/docker-registry
+if [ ! -x "$registry_bin" ]; then
+    download=$(mktemp -d)
+    trap 'rm -rf "$download"' EXIT
+    if (cd "$download" && apt-get download -q docker-registry >/dev/null); then
+        mkdir -p .tools/docker-registry
+        dpkg-deb -x "$download"/docker-registry_*.deb .tools/docker-registry
+    else
+        echo "install.sh: docker-registry could not be downloaded (apt-get update as root" \
+             "may help); tests/test_registry.py skips without it" >&2
+    fi
+fi
 echo "install.sh: ready: .venv/bin/sandbox, .venv/bin/pytest (check the host: .venv/bin/sandbox doctor)"

@@ -18,6 +18,8 @@ import sandbox
 from sandbox.imaging.image import cached_image
 from sandbox.imaging.recipe import find_recipe
 
+from .registry import registry, tls_registry, token_registry  # noqa: F401  (session fixtures)
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "debian-12"
 
