@@ -74,13 +74,15 @@ fi
 registry_bin=.tools/docker-registry/usr/bin/docker-registry
 if [ ! -x "$registry_bin" ]; then
     download=$(mktemp -d)
+    chmod 755 "$download"   # apt fetches as its own _apt account where it can
     trap 'rm -rf "$download"' EXIT
-    if (cd "$download" && apt-get download -q docker-registry >/dev/null); then
+    if (cd "$download" && apt-get download -q docker-registry >/dev/null 2>&1); then
         mkdir -p .tools/docker-registry
         dpkg-deb -x "$download"/docker-registry_*.deb .tools/docker-registry
     else
         echo "install.sh: docker-registry could not be downloaded (apt-get update as root" \
-             "may help); tests/test_registry.py skips without it" >&2
+             "may help); the registry tests need it" >&2
+        exit 1
     fi
 fi
 echo "install.sh: ready: .venv/bin/sandbox, .venv/bin/pytest (check the host: .venv/bin/sandbox doctor)"

@@ -282,7 +282,7 @@ class RegistryServer:
 
     def start(self) -> RegistryServer:
         if not SERVER.exists():
-            pytest.skip(f"{SERVER} is missing: run ./install.sh")
+            pytest.fail(f"{SERVER} is missing: run ./install.sh", pytrace=False)
         self.storage.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as log:
             self.process = spawn([str(SERVER), "serve", str(self.config)],

@@ -3,12 +3,13 @@
 The command group and what its commands share are :mod:`.common`; one module per noun:
 :mod:`.host` (doctor, prune), :mod:`.images` (image build, list, inspect, rm),
 :mod:`.machines` (throwaway machines: run, shell), :mod:`.named` (named machines: up, list,
-exec, ssh, cp, snapshot, logs, down) and :mod:`.templates` (template save, ls, rm).
+exec, ssh, cp, snapshot, logs, down) and :mod:`.templates` (template save, ls, rm); :mod:`.share` (push, pull, export,
+import: entries moved between hosts).
 """
 
 from __future__ import annotations
 
-from . import host, images, machines, named, templates  # each adds its commands to main
+from . import host, images, machines, named, share, templates  # each adds its commands to main
 from .common import main
 
-__all__ = ["host", "images", "machines", "main", "named", "templates"]
+__all__ = ["host", "images", "machines", "main", "named", "share", "templates"]

@@ -10,6 +10,23 @@ import click
 from .common import friendly, main
 
 
+def registry_report() -> dict[str, object]:
+    """The configured registry (SANDBOX_REGISTRY), whether it answers and whether the
+    credentials work. Its failure is not a host problem: runs build locally instead."""
+    from ..errors import SandboxError
+    from ..share.store import push_wanted, registry, registry_setting
+
+    reference = registry_setting()
+    if reference is None:
+        return {"reference": None, "ok": None, "detail": "none set (SANDBOX_REGISTRY)",
+                "push": False}
+    try:
+        return {"reference": reference, "ok": True, "detail": registry(reference).ping(),
+                "push": push_wanted()}
+    except SandboxError as exc:
+        return {"reference": reference, "ok": False, "detail": str(exc), "push": push_wanted()}
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--refresh", is_flag=True, help="Probe the accelerator again, ignoring the cache.")
@@ -20,6 +37,7 @@ def doctor(as_json: bool, refresh: bool) -> None:
     from ..vm.accel import accel_verdict
 
     report = doctor_report(lambda: accel_verdict(refresh=refresh))
+    report["registry"] = registry_report()
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -54,6 +72,14 @@ def doctor(as_json: bool, refresh: bool) -> None:
                       "or more): see kvm access" if kvm["problem"] and not accel["kvm_usable"]
                       else accel["reason"])
             click.echo(f"{'accelerator':<20} {label} {reason}")
+        registry = report["registry"]
+        if registry["reference"]:
+            state = (f"{'answers':<10}" if registry["ok"] else
+                     click.style(f"{'unusable':<10}", fg="red"))
+            push = "pushes what it builds" if registry["push"] else \
+                "pulls only (SANDBOX_PUSH=1 pushes what is built)"
+            click.echo(f"{'registry':<20} {state} {registry['reference']}: "
+                       f"{registry['detail']}; {push}")
         for problem in report["problems"]:
             click.echo(click.style(f"problem: {problem}", fg="red"), err=True)
     sys.exit(0 if report["ok"] else 1)
