@@ -9,8 +9,8 @@ image; a template on its golden snapshot or parent template), so pulling one bri
 needs.
 
 Everything pulled is untrusted until checked: each blob's sha256 as it arrives (the client),
-each file's size and sha256 after decompression (bounded: a small blob cannot inflate past
-the size it declares), file names from a fixed set, and every qcow2 file's header: no
+each file's size and zstd's content checksum after decompression (bounded: a small blob
+cannot inflate past the size it declares), file names from a fixed set, and every qcow2 file's header: no
 external data file, and a backing file only where the entry's format has one, naming the
 entry it stands on by the relative path the cache uses. Files are written sparse (a golden
 snapshot's RAM is mostly holes), and the entry appears only when complete (temp + rename,
@@ -57,7 +57,9 @@ PRIVATE = ("client_key", "seed.iso")
 OWNER_WRITABLE = ("ram",)
 #: The largest entry manifest (JSON) and the most files one entry may have.
 CONFIG_LIMIT = 1 << 20
-ZSTD_LEVEL = 3
+#: zstd level 1: 2.8x on an image disk at several times the speed of level 3 (which saves
+#: a further 10%).
+ZSTD_LEVEL = 1
 CHUNK = 1 << 20
 _ENTRY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,126}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -137,7 +139,7 @@ def push_entry(sink: Sink, entry: Entry, *, reporter: Reporter = QUIET,
         for name in names:
             source = entry.path / name
             blob = scratch / name
-            digest, plain, size = compress(source, blob)
+            digest, size = compress(source, blob)
             stored = blob.stat().st_size
             with reporter.progress(f"pushing {entry.path.name}/{name}", stored) as advance:
                 if sink.push_blob(blob, digest, advance=advance):
@@ -146,8 +148,7 @@ def push_entry(sink: Sink, entry: Entry, *, reporter: Reporter = QUIET,
             sizes["size"] += size
             sizes["stored"] += stored
             layers.append({"mediaType": FILE_TYPE, "digest": digest, "size": stored,
-                           "annotations": {TITLE: name, "sandbox.size": str(size),
-                                           "sandbox.sha256": plain}})
+                           "annotations": {TITLE: name, "sandbox.size": str(size)}})
         config_path = scratch / "manifest.json"
         config_path.write_bytes(config)
         config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
@@ -166,10 +167,11 @@ def push_entry(sink: Sink, entry: Entry, *, reporter: Reporter = QUIET,
     return sizes
 
 
-def compress(source: Path, blob: Path) -> tuple[str, str, int]:
-    """Compress ``source`` into ``blob`` (zstd, multithreaded); the blob's digest, the
-    file's sha256 and its size. Holes are read as zeros, which zstd stores in a few bytes."""
-    blob_hash, plain_hash, size = hashlib.sha256(), hashlib.sha256(), 0
+def compress(source: Path, blob: Path) -> tuple[str, int]:
+    """Compress ``source`` into ``blob`` (zstd, multithreaded, with zstd's content checksum);
+    the blob's digest and the file's size. Holes are read as zeros, which zstd stores in a
+    few bytes."""
+    blob_hash, size = hashlib.sha256(), 0
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_checksum=True)
 
     class Hashing:
@@ -180,10 +182,9 @@ def compress(source: Path, blob: Path) -> tuple[str, str, int]:
     with source.open("rb") as src, blob.open("wb") as out, \
             compressor.stream_writer(Hashing(), closefd=False) as writer:  # type: ignore[arg-type]
         while chunk := src.read(CHUNK * 8):
-            plain_hash.update(chunk)
             size += len(chunk)
             writer.write(chunk)
-    return "sha256:" + blob_hash.hexdigest(), plain_hash.hexdigest(), size
+    return "sha256:" + blob_hash.hexdigest(), size
 
 
 # -- pulling ----------------------------------------------------------------------------------
@@ -249,13 +250,11 @@ def lookup(source: Source, tag: str, where: str) -> Remote | None:
         try:
             name = layer["annotations"][TITLE]
             int(layer["annotations"]["sandbox.size"])
-            plain = layer["annotations"]["sandbox.sha256"]
         except (KeyError, TypeError, ValueError) as exc:
             raise bad(f"a file's annotations lack {exc}") from None
         if name not in FILES[kind] or name in names:
             raise bad(f"file {name!r}")
-        if layer.get("mediaType") != FILE_TYPE or not _DIGEST.match(str(layer.get("digest"))) \
-                or not _KEY.match(str(plain)):
+        if layer.get("mediaType") != FILE_TYPE or not _DIGEST.match(str(layer.get("digest"))):
             raise bad(f"file {name}'s type or digest")
         names.add(name)
     for need in needs:
@@ -297,8 +296,7 @@ def unpack(source: Source, remote: Remote, final: Path, *, max_size: int,
             with reporter.progress(f"pulling {remote.entry}/{name}", int(layer["size"])) \
                     as advance:
                 source.pull_blob(layer["digest"], int(layer["size"]), blob, advance=advance)
-            decompress(blob, work / name, int(layer["annotations"]["sandbox.size"]),
-                       layer["annotations"]["sandbox.sha256"])
+            decompress(blob, work / name, int(layer["annotations"]["sandbox.size"]))
             blob.unlink()
         (work / "manifest.json").write_bytes(config_bytes)
         for qcow2 in work.glob("*.qcow2"):
@@ -310,11 +308,11 @@ def unpack(source: Source, remote: Remote, final: Path, *, max_size: int,
     return publish(final, build, private=PRIVATE, owner_writable=OWNER_WRITABLE)
 
 
-def decompress(blob: Path, dest: Path, size: int, sha256: str) -> None:
-    """Decompress ``blob`` into ``dest``, sparse (zero blocks are skipped, not written),
-    stopping at ``size`` bytes; DigestMismatch unless exactly ``size`` bytes with ``sha256``
-    came out."""
-    digest, written = hashlib.sha256(), 0
+def decompress(blob: Path, dest: Path, size: int) -> None:
+    """Decompress ``blob`` (its digest already checked) into ``dest``, sparse (zero blocks
+    are skipped, not written), stopping at ``size`` bytes; DigestMismatch unless exactly
+    ``size`` bytes came out and zstd's content checksum holds."""
+    written = 0
     block = 64 << 10
     zero = bytes(block)
     decompressor = zstandard.ZstdDecompressor()
@@ -326,7 +324,6 @@ def decompress(blob: Path, dest: Path, size: int, sha256: str) -> None:
                 if written > size:
                     raise DigestMismatch(f"{dest.name} decompresses to more than the {size} "
                                          "bytes its entry declares; it was discarded")
-                digest.update(chunk)
                 view = memoryview(chunk)
                 for start in range(0, len(view), block):
                     part = view[start:start + block]
@@ -338,10 +335,9 @@ def decompress(blob: Path, dest: Path, size: int, sha256: str) -> None:
     except zstandard.ZstdError as exc:
         raise DigestMismatch(f"{dest.name} is not a valid zstd stream ({exc}); it was "
                              "discarded") from None
-    if written != size or digest.hexdigest() != sha256:
-        raise DigestMismatch(f"{dest.name} should have sha256 {sha256} and {size} bytes, but "
-                             f"has sha256 {digest.hexdigest()} and {written} bytes; it was "
-                             "discarded")
+    if written != size:
+        raise DigestMismatch(f"{dest.name} should have {size} bytes, but has {written}; it "
+                             "was discarded")
 
 
 def qcow2_backing(path: Path) -> str | None:
