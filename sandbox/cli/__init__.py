@@ -3,8 +3,8 @@
 The command group and what its commands share are :mod:`.common`; one module per noun:
 :mod:`.host` (doctor, prune), :mod:`.images` (image build, list, inspect, rm),
 :mod:`.machines` (throwaway machines: run, shell), :mod:`.named` (named machines: up, list,
-exec, ssh, cp, snapshot, logs, down) and :mod:`.templates` (template save, ls, rm); :mod:`.share` (push, pull, export,
-import: entries moved between hosts).
+exec, ssh, cp, snapshot, logs, down), :mod:`.templates` (template save, ls, rm) and
+:mod:`.share` (push, pull, export, import: entries moved between hosts).
 """
 
 from __future__ import annotations

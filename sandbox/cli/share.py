@@ -11,8 +11,8 @@ from typing import Any
 import click
 
 from ..base.progress import Reporter
+from ..base.sizes import format_size
 from .common import friendly, main
-from .images import format_size
 
 registry_option = click.option(
     "--registry", default=None, metavar="HOST/REPO",
