@@ -11,10 +11,11 @@ needs.
 Everything pulled is untrusted until checked: each blob's sha256 as it arrives (the client),
 each file's size and zstd's content checksum after decompression (bounded: a small blob
 cannot inflate past the size it declares), file names from a fixed set, and every qcow2
-file's header: no external data file, and a backing file only where the entry's format has one, naming the
-entry it stands on by the relative path the cache uses. Files are written sparse (a golden
-snapshot's RAM is mostly holes), and the entry appears only when complete (temp + rename,
-:func:`sandbox.base.entries.publish`, under the entry's lock held by the caller).
+file's header: no external data file, and a backing file only where the entry's format has
+one, naming the entry it stands on by the relative path the cache uses. Files are written
+sparse (a golden snapshot's RAM is mostly holes), and the entry appears only when complete
+(temp + rename, :func:`sandbox.base.entries.publish`, under the entry's lock held by the
+caller).
 """
 
 from __future__ import annotations
