@@ -9,9 +9,17 @@ In the automatic path a registry that cannot be used never fails a run: its erro
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +28,19 @@ from ..base.paths import cache_dir
 from ..base.progress import QUIET, Reporter
 from ..base.sizes import parse_size
 from ..errors import RegistryError, SandboxError, SandboxWarning
-from .artifact import KINDS, Entry, Remote, Sink, Source, lookup, push_entry, tag_for, unpack
+from .artifact import (
+    KINDS,
+    MANIFEST_TYPE,
+    Entry,
+    Remote,
+    Sink,
+    Source,
+    downloads_dir,
+    lookup,
+    push_entry,
+    tag_for,
+    unpack,
+)
 
 #: Registry errors already warned about in this process (one warning per registry and cause).
 _WARNED: set[str] = set()
@@ -72,29 +92,163 @@ def _warn(reference: str, exc: SandboxError, what: str) -> None:
                       SandboxWarning, stacklevel=3)
 
 
-def fetch(kind: str, key: str, final: Path, *, reporter: Reporter = QUIET,
-          check: Callable[[Path, dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
-    """Pull the entry ``kind``/``key`` from the configured registry into ``final`` (the
-    caller holds its lock and found it missing): its manifest, or None when no registry is
-    set, the registry has no such entry, or the registry failed (warned once; the caller
-    builds)."""
-    reference = registry_setting()
-    if reference is None:
-        return None
+class RemoteEntry:
+    """What the registry said of one missing entry (see :func:`remote_entry`)."""
+
+    def __init__(self, kind: str, key: str, final: Path) -> None:
+        self.kind, self.key, self.final = kind, key, final
+        #: The entry's manifest when it was pulled; None when the caller must build it.
+        self.manifest: dict[str, Any] | None = None
+        self.reference = registry_setting()
+        self._claim: Claim | None = None
+
+    def built(self, entry: Entry, *, reporter: Reporter = QUIET,
+              extra_tags: tuple[str, ...] = ()) -> None:
+        """The caller built the entry: push it when ``SANDBOX_PUSH=1`` (a failure is a
+        warning), which also ends this host's claim on it."""
+        offer(entry, reporter=reporter, extra_tags=extra_tags)
+        self.release()
+
+    def release(self) -> None:
+        if self._claim is not None:
+            self._claim.stop()
+            self._claim = None
+
+
+@contextmanager
+def remote_entry(kind: str, key: str, final: Path, *, reporter: Reporter = QUIET,
+                 check: Callable[[Path, dict[str, Any]], None] | None = None
+                 ) -> Iterator[RemoteEntry]:
+    """For an entry missing from the cache (call it holding the entry's lock): pull it from
+    the configured registry when the registry has it (``.manifest`` is then set), else leave
+    it to the caller to build (and call ``.built(entry)``).
+
+    Runners that miss the same entry at once build it once: a runner that will push
+    (``SANDBOX_PUSH=1``) claims the entry with a small tag (``claim-<tag>``, refreshed while
+    it builds); the others wait for the entry to appear and pull it, or build it themselves
+    when the claim is not refreshed for :data:`CLAIM_STALE` seconds (its runner died). A
+    registry that cannot be used is a warning: the caller builds."""
+    state = RemoteEntry(kind, key, final)
     try:
-        source = registry(reference)
-        remote = lookup(source, tag_for(kind, key), f"registry {reference}")
-        if remote is None:
+        if state.reference is not None:
+            try:
+                state.manifest, state._claim = _obtain(state.reference, kind, key, final,
+                                                       reporter, check)
+            except SandboxError as exc:
+                _warn(state.reference, exc, f"{final.name} is made here instead")
+        yield state
+    finally:
+        state.release()
+
+
+#: A claim not refreshed for this long is abandoned (its runner died); the claimant
+#: refreshes it every CLAIM_REFRESH seconds while it builds.
+CLAIM_STALE = 60.0
+CLAIM_REFRESH = 15.0
+#: How long a new claim settles before it is read back (concurrent claims: the last one
+#: written wins, and every claimant reads the same winner).
+CLAIM_SETTLE = 1.5
+#: How long a runner waits for another runner's claimed entry in all.
+CLAIM_WAIT = float(os.environ.get("SANDBOX_CLAIM_WAIT", "1800"))
+
+
+def _obtain(reference: str, kind: str, key: str, final: Path, reporter: Reporter,
+            check: Callable[[Path, dict[str, Any]], None] | None
+            ) -> tuple[dict[str, Any] | None, Claim | None]:
+    source = registry(reference)
+    tag = tag_for(kind, key)
+    where = f"registry {reference}"
+    deadline = time.monotonic() + CLAIM_WAIT
+    claim: Claim | None = None
+    waited = False
+    while True:
+        remote = lookup(source, tag, where)
+        if remote is not None:
+            if remote.entry != final.name:
+                raise RegistryError(f"{remote.tag} is entry {remote.entry}, not {final.name}")
+            if claim is not None:
+                claim.stop()
+            with reporter.stage(f"{final.name}: pulling {remote.stored >> 20} MiB from "
+                                f"{reference}"):
+                return unpack(source, remote, final, max_size=max_entry_size(), check=check,
+                              reporter=reporter), None
+        holder = Claim.current(source, tag)
+        if holder is None or holder.stale or time.monotonic() > deadline:
+            if not push_wanted():
+                return None, None
+            if claim is None:
+                claim = Claim(source, tag)
+                claim.put()
+                time.sleep(CLAIM_SETTLE)
+                continue
+        if claim is not None and holder is not None and holder.owner == claim.owner:
+            claim.start()
+            return None, claim
+        if not waited:
+            waited = True
+            owner = holder.owner if holder is not None else "?"
+            reporter.note(f"{final.name}: another runner is making it ({owner}); waiting for "
+                          f"it to appear in {reference}")
+        if claim is not None:  # another runner's claim won
+            claim = None
+        time.sleep(2.0)
+
+
+class Claim:
+    """A runner's claim on an entry it is about to build: a manifest tagged
+    ``claim-<tag>`` whose annotations name the runner and the time of the claim."""
+
+    EMPTY = b"{}"
+
+    def __init__(self, source: Any, tag: str, owner: str | None = None,
+                 at: float | None = None) -> None:
+        self.source, self.tag = source, tag
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.at = at if at is not None else time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def stale(self) -> bool:
+        return time.time() - self.at > CLAIM_STALE
+
+    @classmethod
+    def current(cls, source: Any, tag: str) -> Claim | None:
+        found = source.manifest(f"claim-{tag}")
+        if found is None:
             return None
-        if remote.entry != final.name:
-            raise RegistryError(f"{remote.tag} is entry {remote.entry}, not {final.name}")
-        with reporter.stage(f"{final.name}: pulling from {reference} "
-                            f"({remote.stored >> 20} MiB)"):
-            return unpack(source, remote, final, max_size=max_entry_size(), check=check,
-                          reporter=reporter)
-    except SandboxError as exc:
-        _warn(reference, exc, f"{final.name} is made here instead")
-        return None
+        notes = found[0].get("annotations") or {}
+        try:
+            return cls(source, tag, str(notes["sandbox.claim"]), float(notes["sandbox.at"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def put(self) -> None:
+        with tempfile.NamedTemporaryFile(dir=downloads_dir()) as empty:
+            empty.write(self.EMPTY)
+            empty.flush()
+            digest = "sha256:" + hashlib.sha256(self.EMPTY).hexdigest()
+            self.source.push_blob(Path(empty.name), digest)
+        self.at = time.time()
+        self.source.put_manifest(f"claim-{self.tag}", {
+            "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": digest,
+                       "size": len(self.EMPTY)},
+            "layers": [],
+            "annotations": {"sandbox.claim": self.owner, "sandbox.at": f"{self.at:.3f}"}})
+
+    def start(self) -> None:
+        """Refresh the claim every CLAIM_REFRESH seconds until :meth:`stop`."""
+        def refresh() -> None:
+            while not self._stop.wait(CLAIM_REFRESH):
+                # A failed refresh: the next one tries again; waiters time out at worst.
+                with contextlib.suppress(SandboxError):
+                    self.put()
+        self._thread = threading.Thread(target=refresh, daemon=True, name="sandbox-claim")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def offer(entry: Entry, *, reporter: Reporter = QUIET, extra_tags: tuple[str, ...] = ()) -> None:
