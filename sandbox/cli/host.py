@@ -54,6 +54,12 @@ def doctor(as_json: bool, refresh: bool) -> None:
                       "or more): see kvm access" if kvm["problem"] and not accel["kvm_usable"]
                       else accel["reason"])
             click.echo(f"{'accelerator':<20} {label} {reason}")
+        cpu = report["cpu"]
+        portable = ("saved states name this CPU: they load only on the same model; set "
+                    "cpu= (e.g. x86-64-v3) to share them" if cpu["keys_name_host"] else
+                    "saved states do not depend on this host's CPU")
+        click.echo(f"{'cpu':<20} {cpu['default_model']:<10} {cpu['host']} "
+                   f"({cpu['identity']}); {portable}")
         for problem in report["problems"]:
             click.echo(click.style(f"problem: {problem}", fg="red"), err=True)
     sys.exit(0 if report["ok"] else 1)
