@@ -177,10 +177,10 @@ def plan_for(spec: MachineSpec, image: Image, accel: str, *, files: MachineFiles
     binary = qemu_binary()
     kvm_cpu = accel_verdict().kvm_cpu if accel == "kvm" else ""
     cpu = guest_cpu(spec.cpu or image.cpu, accel, binary)
+    hosts_cpu = accel == "kvm" and (cpu or kvm_cpu or "host") in HOST_DEPENDENT
     return QemuPlan(
         binary=binary, tag=tag, accel=accel, kvm_cpu=kvm_cpu, cpu=cpu,
-        host_cpu=host_cpu_identity() if accel == "kvm" and (cpu or kvm_cpu or "host")
-        in HOST_DEPENDENT else "",
+        host_cpu=host_cpu_identity() if hosts_cpu else "",
         memory_mib=spec.memory_mib or image.memory_mib, cpus=spec.cpus or image.cpus,
         kernel=image.kernel, initrd=image.initrd, cmdline=image.kernel_cmdline, disk=disk,
         files=files, network=spec.network, extra=spec.qemu_args, ram_file=ram_file,
