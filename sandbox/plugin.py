@@ -32,6 +32,8 @@ _OPTIONS = (
      "value", "accel"),
     ("memory", "guest memory, e.g. 2G", "value", "memory"),
     ("cpus", "guest vCPUs", "value", "cpus"),
+    ("cpu", "guest CPU model (QEMU -cpu), e.g. x86-64-v3, Haswell, host, max", "value",
+     "cpu"),
     ("cold-boot", "boot every VM from scratch instead of cloning a golden snapshot", "flag",
      "cold"),
     ("keep-on-failure", "leave the VMs of a failed test running and print how to reach them",
@@ -71,7 +73,7 @@ def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "vm(image=, memory=, cpus=, network=, accel=, cold=, qemu_args=, boot_timeout=, "
+        "vm(image=, memory=, cpus=, cpu=, network=, accel=, cold=, qemu_args=, boot_timeout=, "
         "command_timeout=, template=): the shape of the machines of this test (vm, "
         "vm_factory); template= clones a saved template instead of the image")
     config.stash[_KEPT] = []

@@ -29,6 +29,17 @@ def test_run_propagates_the_exit_status(built_image: dict[str, Any]) -> None:
     assert result.stderr.endswith("to-stderr\n")
 
 
+def test_run_with_a_cpu_model_and_a_model_this_qemu_lacks(built_image: dict[str, Any]) -> None:
+    result = sandbox_cli("run", "--cpu", "Nehalem", "--", "grep", "-m1", "model name",
+                         "/proc/cpuinfo")
+    assert result.returncode == 0, result.stderr
+    assert "Nehalem" in result.stdout
+    result = sandbox_cli("run", "--cpu", "Pentium9000", "--", "true")
+    assert result.returncode != 0
+    assert "CPU model 'Pentium9000' is unknown to" in result.stderr
+    assert "x86-64-v3" in result.stderr and "-cpu help" in result.stderr
+
+
 def test_run_timeout_kills_the_command_and_says_so(built_image: dict[str, Any]) -> None:
     started = time.monotonic()
     result = sandbox_cli("run", "--timeout", "3", "--", "sleep 60; echo never", timeout=120)

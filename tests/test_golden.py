@@ -108,3 +108,18 @@ def test_golden_key_follows_the_machine_shape(built_image: dict[str, Any]) -> No
     assert located(memory="2G") != base
     assert located(cpus=1) != base
     assert located(qemu_args=["-device", "virtio-balloon-pci"]) != base
+
+
+def test_a_named_cpu_model_boots_from_a_golden_snapshot_of_its_own(
+        built_image: dict[str, Any]) -> None:
+    with sandbox.launch(IMAGE, cpu="Nehalem") as vm:
+        assert vm.restore_seconds is not None
+        model = vm.succeed("grep -m1 'model name' /proc/cpuinfo")
+        assert "Nehalem" in model, model
+        assert " sse4_2 " in vm.succeed("grep -m1 flags /proc/cpuinfo") + " "
+        assert vm.succeed("echo alive") == "alive\n"
+    nehalem = golden_for(cpu="Nehalem")
+    assert nehalem.path == located(cpu="Nehalem") != located()
+    assert "Nehalem" in nehalem.manifest["shape"]
+    with sandbox.launch(IMAGE) as vm:
+        assert "Nehalem" not in vm.succeed("grep -m1 'model name' /proc/cpuinfo")

@@ -110,6 +110,35 @@ def test_option_precedence_marker_then_cli_then_ini(pytester: pytest.Pytester) -
     result.assert_outcomes(passed=2)
 
 
+def test_cpu_from_marker_option_and_ini(pytester: pytest.Pytester) -> None:
+    pytester.makeini("""
+        [pytest]
+        sandbox_cpu = Nehalem
+    """)
+    pytester.makepyfile("""
+        import pytest
+        from sandbox.plugin import machine_shape
+        from sandbox.vm.spec import MachineSpec
+
+        def test_ini(request):
+            assert machine_shape(request) == {"cpu": "Nehalem"}
+
+        @pytest.mark.vm(cpu="x86-64-v3")
+        def test_marker(request):
+            assert MachineSpec.from_kwargs(**machine_shape(request)).cpu == "x86-64-v3"
+
+        @pytest.mark.vm(cpu="Haswell,+avx2")
+        def test_bad(vm):
+            pass
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*cpu: CPU model 'Haswell,+avx2' is not a model name*"])
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sandbox-cpu=max",
+                                           "-k", "test_marker")
+    result.assert_outcomes(passed=1)
+
+
 def test_unknown_marker_argument_is_named(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("""
         import pytest

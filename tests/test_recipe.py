@@ -60,6 +60,9 @@ def test_misspelled_file_field_is_named(tmp_path: Path) -> None:
     ('[[files]]\npath = "/a"\nsource = "../../../../etc/passwd"\n',
      "outside the recipe's directory"),
     ("suite = \n", "not valid TOML"),
+    ("cpu = 3\n", "field 'cpu' must be str"),
+    ('cpu = "Haswell,+avx2"\n', "field 'cpu': CPU model 'Haswell,\\+avx2' is not a model name"),
+    ('cpu = ""\n', "field 'cpu': CPU model '' is not a model name"),
 ])
 def test_bad_values_name_the_field(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
@@ -103,3 +106,15 @@ def test_disk_fields_stay_out_of_a_debian_recipes_key(tmp_path: Path) -> None:
     recipe = parse_recipe(disk)
     assert recipe.kind == "disk" and recipe.disk_path == tmp_path / "a.vmdk"
     assert not {"suite", "packages", "disk_size"} & set(recipe.canonical())
+
+
+def test_cpu_model_is_read_and_keys_recipes_that_set_it(tmp_path: Path) -> None:
+    plain = parse_recipe(write(tmp_path, 'packages = ["curl"]\nmemory = "2G"\n', "my-image.toml"))
+    assert plain.cpu == ""
+    assert "cpu" not in plain.canonical()
+    # The digest this recipe had before recipes had a cpu field: its image stays cached.
+    assert plain.digest() == "0fb5823507ad8df17575b718b7a3d56ee40835c36338e7c037fac4614ee69480"
+    pinned = parse_recipe(write(tmp_path, 'packages = ["curl"]\nmemory = "2G"\n'
+                                          'cpu = "x86-64-v3"\n', "my-image.toml"))
+    assert pinned.cpu == "x86-64-v3" and pinned.canonical()["cpu"] == "x86-64-v3"
+    assert pinned.digest() != plain.digest()

@@ -572,3 +572,169 @@ def test_the_layer_check_sees_upward_imports_and_circles(tmp_path: Path) -> None
     assert upward_imports(graph) == [
         "sandbox.base.waits (base) imports sandbox.machine.machine (machine)"]
     assert import_circles(graph) == [["sandbox.vm.plan", "sandbox.vm.qemu"]]
+
+
+# -- the guest CPU model and the host CPU in keys ---------------------------------------------
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 85
+model name\t: Intel(R) Xeon(R) Gold 6230
+stepping\t: 7
+flags\t\t: fpu vme avx2 avx512f
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+"""
+
+
+def test_host_cpu_identity_names_the_processor_not_the_order_of_its_flags() -> None:
+    from sandbox.host.cpu import host_cpu_identity
+
+    one = host_cpu_identity(CPUINFO)
+    assert one.startswith("GenuineIntel:6:85:7:")
+    assert host_cpu_identity(CPUINFO.replace("fpu vme avx2", "avx2 fpu vme")) == one
+    assert host_cpu_identity(CPUINFO.replace("stepping\t: 7", "stepping\t: 4")) != one
+    assert host_cpu_identity(CPUINFO.replace(" avx512f", "")) != one
+    assert host_cpu_identity() == host_cpu_identity()  # this host's, read once
+
+
+@pytest.mark.parametrize("cpu", ["x86-64-v3", "Haswell", "host", "max", "Skylake-Server-v4"])
+def test_spec_takes_a_cpu_model_name(cpu: str) -> None:
+    spec = MachineSpec.from_kwargs(cpu=cpu)
+    assert spec.cpu == cpu
+    assert MachineSpec.from_kwargs(**spec.to_kwargs()) == spec
+
+
+@pytest.mark.parametrize("cpu", ["", "Haswell,+avx2", "host,migratable=off", "a b", 3])
+def test_spec_rejects_what_is_not_a_cpu_model_name(cpu: object) -> None:
+    with pytest.raises(SandboxError, match=r"cpu: CPU model .* is not a model name"):
+        MachineSpec.from_kwargs(cpu=cpu)
+
+
+def test_command_line_uses_the_cpu_setting_under_both_accelerators() -> None:
+    def cpu_of(p: QemuPlan) -> str:
+        command = p.command()
+        return command[command.index("-cpu") + 1]
+
+    assert cpu_of(plan()) == "max"
+    assert cpu_of(plan(cpu="Haswell")) == "Haswell"
+    assert cpu_of(plan(accel="kvm", kvm_cpu="host")) == "host"
+    assert cpu_of(plan(accel="kvm", kvm_cpu="host", cpu="Haswell")) == "Haswell"
+    # The host identity is part of the shape, never of the command line.
+    assert not [a for a in plan(accel="kvm", host_cpu="X:6:85:7:f").command() if "X:6" in a]
+
+
+def test_abi_levels_map_to_named_models_on_a_qemu_that_lacks_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.errors import HostError
+    from sandbox.host import cpu
+
+    qemu72 = ("Haswell", "Haswell-noTSX", "Nehalem", "qemu64", "Skylake-Server-noTSX-IBRS",
+              "EPYC-v1", "host", "max")
+    monkeypatch.setattr(cpu, "qemu_cpu_models", lambda binary: qemu72)
+    assert cpu.qemu_cpu_model("x86-64-v3", "qemu") == "Haswell-noTSX"
+    assert cpu.qemu_cpu_model("x86-64-v2", "qemu") == "Nehalem"
+    assert cpu.qemu_cpu_model("Haswell", "qemu") == "Haswell"
+    with pytest.raises(HostError, match=r"'haswell' is unknown to qemu \(did you mean "
+                                        r"'Haswell'\?\); models it knows include host, max, "
+                                        r"x86-64-v1.*Haswell"):
+        cpu.qemu_cpu_model("haswell", "qemu")
+    monkeypatch.setattr(cpu, "qemu_cpu_models", lambda binary: (*qemu72, "x86-64-v3"))
+    assert cpu.qemu_cpu_model("x86-64-v3", "qemu") == "x86-64-v3"
+
+
+def test_this_qemu_runs_every_abi_level() -> None:
+    from sandbox.host.cpu import ABI_LEVEL_MODELS, qemu_cpu_model, qemu_cpu_models
+    from sandbox.host.tools import qemu_binary
+
+    binary = qemu_binary()
+    assert "Haswell" in qemu_cpu_models(binary) and "max" in qemu_cpu_models(binary)
+    for level in ABI_LEVEL_MODELS:
+        assert qemu_cpu_model(level, binary) in qemu_cpu_models(binary)
+
+
+class _Verdict:
+    kvm_cpu = "host"
+
+
+def _shape_on(monkeypatch: pytest.MonkeyPatch, identity: str, accel: str,
+              **spec: object) -> list[str]:
+    return _plan_on(monkeypatch, identity, accel, **spec).shape()
+
+
+def _plan_on(monkeypatch: pytest.MonkeyPatch, identity: str, accel: str,
+             **spec: object) -> QemuPlan:
+    """The plan of a machine of ``spec`` under ``accel`` on a host whose CPU is ``identity``."""
+    from sandbox.imaging.image import Image
+    from sandbox.vm import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "host_cpu_identity", lambda: identity)
+    monkeypatch.setattr(plan_module, "accel_verdict", lambda: _Verdict())
+    image = Image(Path("/i"), {"name": "debian-12", "digest": "d", "memory": "1G", "cpus": 2,
+                               "recipe": {"cpu": spec.pop("recipe_cpu")}
+                               if "recipe_cpu" in spec else {}})
+    return plan_module.plan_for(MachineSpec.from_kwargs(**spec), image, accel,
+                                files=MachineFiles(Path("M")), tag="T", disk=Path("D"),
+                                ram_file=Path("R"))
+
+
+INTEL = "GenuineIntel:6:85:7:0123456789abcdef"
+AMD = "AuthenticAMD:25:1:1:fedcba9876543210"
+
+
+def test_tcg_shapes_are_the_same_whatever_the_host_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    for spec in ({}, {"cpu": "max"}, {"cpu": "Haswell"}, {"cpu": "x86-64-v3"}):
+        assert _shape_on(monkeypatch, INTEL, "tcg", **spec) == \
+            _shape_on(monkeypatch, AMD, "tcg", **spec)
+        assert not [a for a in _shape_on(monkeypatch, INTEL, "tcg", **spec) if "host-cpu" in a]
+    # the default under TCG is max: same shape, so the same golden snapshot as before
+    assert _shape_on(monkeypatch, INTEL, "tcg") == _shape_on(monkeypatch, INTEL, "tcg", cpu="max")
+    assert _shape_on(monkeypatch, INTEL, "tcg") != \
+        _shape_on(monkeypatch, INTEL, "tcg", cpu="Haswell")
+
+
+def test_kvm_with_the_host_cpu_puts_the_host_cpu_in_the_shape(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for spec in ({}, {"cpu": "host"}, {"cpu": "max"}, {"recipe_cpu": "host"}):
+        intel = _shape_on(monkeypatch, INTEL, "kvm", **dict(spec))
+        assert intel != _shape_on(monkeypatch, AMD, "kvm", **dict(spec))
+        assert intel[-1] == f"#host-cpu={INTEL}"
+        assert intel == _shape_on(monkeypatch, INTEL, "kvm", **dict(spec))
+
+
+def test_kvm_with_a_named_model_moves_between_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    for spec in ({"cpu": "Haswell"}, {"cpu": "x86-64-v3"}, {"recipe_cpu": "Nehalem"}):
+        intel = _shape_on(monkeypatch, INTEL, "kvm", **dict(spec))
+        assert intel == _shape_on(monkeypatch, AMD, "kvm", **dict(spec))
+        assert not [a for a in intel if "host-cpu" in a]
+    # the machine's setting wins over the recipe's
+    assert _shape_on(monkeypatch, INTEL, "kvm", cpu="Haswell", recipe_cpu="Nehalem") == \
+        _shape_on(monkeypatch, INTEL, "kvm", cpu="Haswell")
+
+
+def test_golden_key_and_template_id_follow_the_host_cpu_only_under_kvm_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.imaging.image import Image
+    from sandbox.vm.golden import golden_key
+    from sandbox.vm.template import template_id
+
+    image = Image(Path("/i"), {"name": "debian-12", "digest": "d", "built_at": "t"})
+
+    def keys(identity: str, accel: str, **spec: object) -> tuple[str, str]:
+        shaped = _plan_on(monkeypatch, identity, accel, **spec)
+        return (golden_key(image, shaped),
+                template_id("web", "v1", {"kind": "golden"}, shaped.shape()))
+
+    assert keys(INTEL, "tcg") == keys(AMD, "tcg")
+    assert keys(INTEL, "kvm", cpu="x86-64-v3") == keys(AMD, "kvm", cpu="x86-64-v3")
+    one, two = keys(INTEL, "kvm"), keys(AMD, "kvm")
+    assert one[0] != two[0] and one[1] != two[1]
+
+
+def test_cpu_host_needs_kvm(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.errors import HostError
+
+    with pytest.raises(HostError, match="cpu='host' needs KVM.*use cpu='max'"):
+        _shape_on(monkeypatch, INTEL, "tcg", cpu="host")

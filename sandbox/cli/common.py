@@ -39,6 +39,9 @@ def machine_options(*, cold: bool = True) -> Callable[[F], F]:
                      help="Recipe name or .toml path."),
         click.option("--memory", default=None, help="Guest memory, e.g. 2G."),
         click.option("--cpus", type=int, default=None, help="Guest vCPUs."),
+        click.option("--cpu", default=None, metavar="MODEL",
+                     help="Guest CPU model (QEMU -cpu): x86-64-v3, Haswell, host, max. "
+                          "Default: the recipe's, else max (TCG) or host (KVM)."),
         click.option("--net", "network", type=click.Choice(NETWORKS), default=NETWORKS[0],
                      show_default=True, help="'user' gives the guest network egress."),
         click.option("--accel", type=click.Choice(ACCELS), default=ACCELS[0],

@@ -72,6 +72,12 @@ def doctor(as_json: bool, refresh: bool) -> None:
                       "or more): see kvm access" if kvm["problem"] and not accel["kvm_usable"]
                       else accel["reason"])
             click.echo(f"{'accelerator':<20} {label} {reason}")
+        cpu = report["cpu"]
+        portable = ("saved states name this CPU: they load only on the same model; set "
+                    "cpu= (e.g. x86-64-v3) to share them" if cpu["keys_name_host"] else
+                    "saved states do not depend on this host's CPU")
+        click.echo(f"{'cpu':<20} {cpu['default_model']:<10} {cpu['host']} "
+                   f"({cpu['identity']}); {portable}")
         registry = report["registry"]
         if registry["reference"]:
             state = (f"{'answers':<10}" if registry["ok"] else

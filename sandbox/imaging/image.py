@@ -102,6 +102,11 @@ class Image:
         return int(self.manifest["cpus"])
 
     @property
+    def cpu(self) -> str:
+        """The recipe's CPU model ("": the accelerator's default)."""
+        return str(self.manifest.get("recipe", {}).get("cpu", ""))
+
+    @property
     def size(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir())
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..base.sizes import parse_size
 from ..errors import RecipeError
+from ..host.cpu import cpu_model_problem
 
 
 def builtin_recipes() -> Path | None:
@@ -62,6 +63,8 @@ class Recipe:
     kernel_cmdline: str = ""
     memory: str = "1G"
     cpus: int = 2
+    #: The guest's default CPU model (QEMU's -cpu), "": the accelerator's default.
+    cpu: str = ""
     disk_size: str = "2G"
     #: A disk recipe's image: a path (relative to the recipe) or an http(s) URL.
     disk: str = ""
@@ -106,6 +109,8 @@ class Recipe:
             data.pop(key)
         if data.get("cloud_init_errors") == "warn":  # the default: keys made before it stay
             data.pop("cloud_init_errors")
+        if not data["cpu"]:  # the same: recipes without a cpu keep their keys
+            data.pop("cpu")
         base = self.path.parent if self.path else Path.cwd()
         data["files"] = [
             {"path": f.path, "mode": f.mode,
@@ -122,7 +127,7 @@ class Recipe:
 _FIELDS: dict[str, type | tuple[type, ...]] = {
     "description": str, "suite": str, "mirror": str, "components": list, "packages": list,
     "files": list, "customize": list, "kernel_cmdline": str, "memory": (str, int),
-    "cpus": int, "disk_size": (str, int), "name": str, "disk": str, "sha256": str,
+    "cpus": int, "cpu": str, "disk_size": (str, int), "name": str, "disk": str, "sha256": str,
     "boot": str, "user": str, "cloud_init": dict, "cloud_init_errors": str,
 }
 #: Fields of recipes built from Debian packages, which a disk recipe cannot have.
@@ -180,6 +185,8 @@ def parse_recipe(path: Path) -> Recipe:
                 raise RecipeError(f"{where}: field {key!r}: {exc}") from None
     if "cpus" in raw and not 1 <= raw["cpus"] <= 64:
         raise RecipeError(f"{where}: field 'cpus' must be between 1 and 64, got {raw['cpus']}")
+    if "cpu" in raw and (problem := cpu_model_problem(raw["cpu"])):
+        raise RecipeError(f"{where}: field 'cpu': {problem}")
     _check_disk_fields(where, raw)
 
     files = []
@@ -220,6 +227,7 @@ def parse_recipe(path: Path) -> Recipe:
         kernel_cmdline=raw.get("kernel_cmdline", ""),
         memory=str(raw.get("memory", "1G")),
         cpus=raw.get("cpus", 2),
+        cpu=raw.get("cpu", ""),
         disk_size=str(raw.get("disk_size", "2G")),
         disk=raw.get("disk", ""),
         sha256=raw.get("sha256", "").lower(),

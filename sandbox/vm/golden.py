@@ -351,7 +351,7 @@ PRELUDE_TIMEOUT = 15.0
 
 
 def read_prelude(sock: socket.socket, *, limit: int = PRELUDE_LIMIT,
-                 timeout: float = PRELUDE_TIMEOUT, first: float = 2.0,
+                 timeout: float = PRELUDE_TIMEOUT, first: float = 10.0,
                  quiet: float = 1.0) -> bytes:
     """What a waiting SSH server sends before its client speaks: read until it falls silent
     (nothing for ``quiet`` seconds; ``first`` for its first bytes). GuestDataError when it

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..base.paths import find_tool
-from ..errors import SnapshotError
+from ..errors import HostError, SnapshotError
+from ..host.cpu import HOST_DEPENDENT, host_cpu_identity, qemu_cpu_model
 from ..host.tools import qemu_binary
 from .accel import accel_verdict
 from .files import MachineFiles, qemu_option
@@ -76,9 +77,15 @@ class QemuPlan:
     #: cloud-init seed attached, instead of a direct kernel boot.
     seed: Path | None = None
     uefi: Path | None = None
+    #: The CPU model asked for (spec, else recipe), as this QEMU names it; "": the
+    #: accelerator's default (max under TCG, kvm_cpu under KVM).
+    cpu: str = ""
+    #: The host processor (sandbox.host.cpu.host_cpu_identity) when the guest's CPU is the
+    #: host's (KVM with host or max), else "": part of the shape, not of the command line.
+    host_cpu: str = ""
 
     def command(self) -> list[str]:
-        cpu = (self.kvm_cpu or "host") if self.accel == "kvm" else "max"
+        cpu = self.cpu or ((self.kvm_cpu or "host") if self.accel == "kvm" else "max")
         accel = "kvm" if self.accel == "kvm" else "tcg,thread=multi"
         restrict = ",restrict=on" if self.network == "restricted" else ""
         machine = "q35,vmport=off,hpet=off"
@@ -151,29 +158,45 @@ class QemuPlan:
 
     def shape(self) -> list[str]:
         """The command line without per-machine paths and ports: what a saved machine state
-        depends on. Two plans with equal shapes can restore each other's snapshots."""
+        depends on. Two plans with equal shapes can restore each other's snapshots. When the
+        guest's CPU is the host's, a last item names the host processor: a state saved on
+        another processor is then another key (rebuilt), never a failed load."""
         generic = replace(self, tag="T", disk=Path("D"), files=MachineFiles(Path("M")),
                           ram_file=Path("R") if self.ram_file else None, ram_shared=False,
                           incoming=False, network="restricted", binary="qemu",
                           lans=(None,) * len(self.lans),
                           seed=Path("S") if self.seed else None,
                           uefi=Path("U") if self.uefi else None)
-        return generic.command()
+        return generic.command() + ([f"#host-cpu={self.host_cpu}"] if self.host_cpu else [])
 
 
 def plan_for(spec: MachineSpec, image: Image, accel: str, *, files: MachineFiles, tag: str,
              disk: Path, ram_file: Path | None = None, ram_shared: bool = False,
              incoming: bool = False, lans: tuple[Path | None, ...] | None = None) -> QemuPlan:
     """The plan of a machine of ``spec`` on ``image``: the spec's shape, else the recipe's."""
+    binary = qemu_binary()
+    kvm_cpu = accel_verdict().kvm_cpu if accel == "kvm" else ""
+    cpu = guest_cpu(spec.cpu or image.cpu, accel, binary)
+    hosts_cpu = accel == "kvm" and (cpu or kvm_cpu or "host") in HOST_DEPENDENT
     return QemuPlan(
-        binary=qemu_binary(), tag=tag, accel=accel,
-        kvm_cpu=accel_verdict().kvm_cpu if accel == "kvm" else "",
+        binary=binary, tag=tag, accel=accel, kvm_cpu=kvm_cpu, cpu=cpu,
+        host_cpu=host_cpu_identity() if hosts_cpu else "",
         memory_mib=spec.memory_mib or image.memory_mib, cpus=spec.cpus or image.cpus,
         kernel=image.kernel, initrd=image.initrd, cmdline=image.kernel_cmdline, disk=disk,
         files=files, network=spec.network, extra=spec.qemu_args, ram_file=ram_file,
         ram_shared=ram_shared, incoming=incoming,
         lans=lans if lans is not None else (None,) * len(spec.networks),
         seed=image.seed, uefi=uefi_firmware() if image.boot == "uefi" else None)
+
+
+def guest_cpu(requested: str, accel: str, binary: str) -> str:
+    """The -cpu model for the setting ``requested`` ("" stays "": the accelerator's default)."""
+    if not requested:
+        return ""
+    if requested == "host" and accel != "kvm":
+        raise HostError("cpu='host' needs KVM, and this machine runs under TCG (sandbox doctor "
+                        "says why); use cpu='max' or a named model such as x86-64-v3")
+    return qemu_cpu_model(requested, binary)
 
 
 def uefi_firmware() -> Path:

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..base.sizes import parse_size
 from ..errors import MachineNameError, SandboxError
+from ..host.cpu import cpu_model_problem
 
 #: "restricted": no egress, the guest reaches nothing, only forwarded ports reach it.
 #: "user": QEMU user networking with egress (NAT through the host).
@@ -42,6 +43,9 @@ class MachineSpec:
     image: str = "debian-12"
     memory: str | int | None = None
     cpus: int | None = None
+    #: The guest's CPU model (QEMU's -cpu: x86-64-v3, Haswell, host, max). None: the recipe's,
+    #: else max under TCG and the accelerator probe's choice (host) under KVM.
+    cpu: str | None = None
     accel: str = "auto"
     #: "restricted": no egress, the guest reaches nothing, only forwarded ports reach it.
     #: "user": QEMU user networking with egress (NAT through the host).
@@ -68,6 +72,8 @@ class MachineSpec:
             raise SandboxError(f"unknown accel {self.accel!r}: use {', '.join(ACCELS)}")
         if self.cpus is not None and not (isinstance(self.cpus, int) and 1 <= self.cpus <= 64):
             raise SandboxError(f"cpus must be a whole number from 1 to 64, got {self.cpus!r}")
+        if self.cpu is not None and (problem := cpu_model_problem(self.cpu)):
+            raise SandboxError(f"cpu: {problem}")
         if self.memory is not None:
             try:
                 size = parse_size(self.memory, default_unit="M")

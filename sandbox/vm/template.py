@@ -220,7 +220,8 @@ def clone_spec(template: Template, requested: MachineSpec) -> tuple[MachineSpec,
                             "vm_template fixture does that by itself)") from exc
     saved = template.spec()
     clashes = [f"{field}={getattr(requested, field)!r} (it has {getattr(saved, field)!r})"
-               for field, default in (("memory_mib", None), ("cpus", None), ("qemu_args", ()),
+               for field, default in (("memory_mib", None), ("cpus", None), ("cpu", None),
+                                      ("qemu_args", ()),
                                       ("network", "restricted"), ("image", "debian-12"))
                if getattr(requested, field) not in (default, getattr(saved, field))]
     if requested.cold:
