@@ -153,6 +153,7 @@ class QemuPlan:
         """The command line without per-machine paths and ports: what a saved machine state
         depends on. Two plans with equal shapes can restore each other's snapshots."""
         generic = replace(self, tag="T", disk=Path("D"), files=MachineFiles(Path("M")),
+                          kernel=Path("K"), initrd=Path("I"),
                           ram_file=Path("R") if self.ram_file else None, ram_shared=False,
                           incoming=False, network="restricted", binary="qemu",
                           lans=(None,) * len(self.lans),
