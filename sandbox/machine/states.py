@@ -183,7 +183,10 @@ class SavedStates:
             "image": self.image.name, "image_entry": self.image.path.name,
             "image_digest": self.image.digest,
             "image_built_at": self.image.manifest.get("built_at"),
-            "spec": dict(self.spec.to_kwargs(), template=None),
+            # Its networks by number only: their directories are this run's, and a clone
+            # brings its own (as many).
+            "spec": dict(self.spec.to_kwargs(), template=None,
+                         networks=[f"network-{i}" for i in range(len(self.spec.networks))]),
             "qemu_version": qemu_version(), "shape": plan.shape(),
             "memory_mib": plan.memory_mib, "cpus": plan.cpus, "accel": plan.accel,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
