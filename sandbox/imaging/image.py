@@ -95,10 +95,14 @@ class Image:
     def client_key(self) -> KeyPair:
         """The SSH client key baked into this image: the copy its entry keeps (it travels
         with the entry), or this cache's key for an entry made before entries kept one."""
+        if "client_key" not in self.manifest:
+            return cache_key()
         private = self.path / CLIENT_KEY
-        if "client_key" in self.manifest and private.exists():
-            return KeyPair(private, str(self.manifest["client_key"]))
-        return cache_key()
+        if not private.exists():
+            raise ImageError(f"image entry {self.path.name} lacks its SSH client key "
+                             f"({CLIENT_KEY}): it was copied incompletely; remove it (sandbox "
+                             f"image rm {self.name}) and build or fetch it again")
+        return KeyPair(private, str(self.manifest["client_key"]))
 
     @property
     def memory(self) -> str:
