@@ -198,8 +198,8 @@ def test_a_template_copied_to_another_cache_is_found_and_cloned_there(
         assert golden is not None
         original = str(cache_dir())
         copy_entries(second_cache, image.path, golden.path, made.path)
-        assert len(made.manifest["key_full"]) == 64
-        assert made.id == f"{name}-{made.manifest['key_full'][:16]}"
+        assert len(made.manifest["key"]) == 64
+        assert made.id == f"{name}-{made.manifest['key'][:16]}"
         assert made.manifest["base"] == {"kind": "golden", "entry": golden.path.name,
                                          "created_at": golden.manifest["created_at"]}
         with monkeypatch.context() as patch:

@@ -179,7 +179,7 @@ class SavedStates:
             "kind": "template", "name": name, "user_key": key, "user": self.user,
             "agent": agent,
             "template_version": TEMPLATE_VERSION, "base": base,
-            "key_full": template_key(name, key, base, plan.shape()),
+            "key": template_key(name, key, base, plan.shape()),
             "image": self.image.name, "image_entry": self.image.path.name,
             "image_digest": self.image.digest,
             "image_built_at": self.image.manifest.get("built_at"),

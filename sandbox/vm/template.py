@@ -224,7 +224,8 @@ def remove_template(name: str) -> list[str]:
 
 def template_key(name: str, key: str | None, base: dict[str, Any], shape: list[str]) -> str:
     """The full content key (64 hex digits) of template ``name`` for ``key`` on ``base``
-    (:func:`base_entry`: an entry name and when it was made, no path) and ``shape``."""
+    (:func:`base_entry`: an entry name and when it was made, no path) and ``shape``; its
+    manifest's ``key``, as a golden snapshot's (``user_key`` is the user's)."""
     payload = json.dumps([TEMPLATE_VERSION, name, key,
                           [base["kind"], base["entry"], base["created_at"]],
                           qemu_version(), shape])
