@@ -351,10 +351,13 @@ def arm_ssh_port(process: QemuProcess, files: MachineFiles, sock: socket.socket,
 #: exchange offer: about 2 KiB), and the time it may take in all.
 PRELUDE_LIMIT = 64 << 10
 PRELUDE_TIMEOUT = 15.0
+#: How long the server just started may take to send its first bytes: a few seconds when
+#: TCG guests share a busy host (2 s was seen to fall short there).
+PRELUDE_FIRST = 10.0
 
 
 def read_prelude(sock: socket.socket, *, limit: int = PRELUDE_LIMIT,
-                 timeout: float = PRELUDE_TIMEOUT, first: float = 2.0,
+                 timeout: float = PRELUDE_TIMEOUT, first: float = PRELUDE_FIRST,
                  quiet: float = 1.0) -> bytes:
     """What a waiting SSH server sends before its client speaks: read until it falls silent
     (nothing for ``quiet`` seconds; ``first`` for its first bytes). GuestDataError when it
