@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -111,3 +112,57 @@ def file_sha256(path: Path) -> str:
 def golden_file_digests(directory: Path) -> dict[str, str]:
     """sha256 of a golden snapshot's ram, state and disk."""
     return {name: file_sha256(directory / name) for name in ("ram", "state", "disk.qcow2")}
+
+
+def copy_entries(target: Path, *entries: Path) -> Path:
+    """A second cache at ``target`` holding copies of cache ``entries`` (each under its own
+    kind's folder: images, golden, templates), made as another host would receive them:
+    file by file, sparse files kept sparse, no keys of the first cache. Returns ``target``."""
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for entry in entries:
+        folder = target / entry.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cp", "-a", "--sparse=always", str(entry), str(folder / entry.name)],
+                       check=True, timeout=300)
+    return target
+
+
+@pytest.fixture
+def second_cache(tmp_path: Path) -> Iterator[Path]:
+    """Where a test may make a second cache (another host's, as it were); removed after the
+    test, sealed entries and all. ``SANDBOX_CACHE_DIR`` is the test's to point at it."""
+    path = tmp_path / "second-cache"
+    yield path
+    if path.exists():
+        subprocess.run(["chmod", "-R", "u+w", str(path)], check=False)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def host_path_mentions(entry: Path, host_path: str) -> list[str]:
+    """The parts of cache entry ``entry`` that name ``host_path``: its files but the guest's
+    RAM, kernel and initrd and the private key (the manifest, the device state, the console,
+    the seed...), the first MiB of its qcow2 disk (the header: the backing file), and the
+    backing file ``qemu-img info`` reads there."""
+    found = []
+    needle = host_path.encode()
+    for file in sorted(entry.iterdir()):
+        if file.name in ("ram", "vmlinuz", "initrd.img", "client_key"):
+            continue
+        with file.open("rb") as handle:
+            data = handle.read(1 << 20) if file.suffix == ".qcow2" else handle.read()
+        if needle in data:
+            found.append(file.name)
+    disk = entry / "disk.qcow2"
+    info = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(disk)],
+                          capture_output=True, text=True, check=True, cwd="/")
+    backing = json.loads(info.stdout).get("backing-filename", "")
+    if host_path in backing:
+        found.append(f"disk.qcow2 backing file {backing}")
+    return found
+
+
+def backing_chain(disk: Path) -> list[str]:
+    """The files ``qemu-img info --backing-chain`` opens for ``disk``, in order."""
+    info = subprocess.run(["qemu-img", "info", "--backing-chain", "--output=json", "-U",
+                           str(disk)], capture_output=True, text=True, check=True, cwd="/")
+    return [os.path.normpath(layer["filename"]) for layer in json.loads(info.stdout)]

@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 
 import sandbox
+from sandbox.base.paths import cache_dir
 from sandbox.errors import SandboxWarning
+from sandbox.guest.keys import cache_key
 from sandbox.imaging.image import get_image
 from sandbox.vm.accel import resolve_accel
 from sandbox.vm.golden import Golden, find_golden, golden_root, locate
 
-from .conftest import IMAGE, golden_file_digests
+from .conftest import IMAGE, backing_chain, copy_entries, golden_file_digests, host_path_mentions
 
 
 def located(**shape: Any) -> Path:
@@ -123,3 +125,32 @@ def test_a_named_cpu_model_boots_from_a_golden_snapshot_of_its_own(
     assert "Nehalem" in nehalem.manifest["shape"]
     with sandbox.launch(IMAGE) as vm:
         assert "Nehalem" not in vm.succeed("grep -m1 'model name' /proc/cpuinfo")
+
+
+def test_a_cache_copied_elsewhere_clones_with_no_rebuild_and_the_image_key(
+        built_image: dict[str, Any], second_cache: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image and golden snapshot entries, copied file by file into a cache at another
+    path with another cache key (another host's, as it were), clone there as they are."""
+    sandbox.launch(IMAGE).close()  # the golden snapshot exists
+    image, golden, original = get_image(IMAGE), golden_for(), str(cache_dir())
+    copy_entries(second_cache, image.path, golden.path)
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(second_cache))
+    assert cache_key().public_line != image.manifest["client_key"]
+    moved = second_cache / "golden" / golden.path.name
+    with sandbox.launch(IMAGE) as vm:
+        assert vm.succeed("echo moved") == "moved\n"
+        assert vm.source is not None and vm.source.path == moved
+        assert vm.image is not None and vm.image.path == second_cache / "images" / image.path.name
+        assert vm.key_path == vm.image.path / "client_key"
+        assert vm.image.manifest["built_at"] == image.manifest["built_at"]
+        assert vm.source.manifest["created_at"] == golden.manifest["created_at"]
+    assert sorted(p.name for p in (second_cache / "golden").iterdir()
+                  if not p.name.startswith(".")) == [golden.path.name]
+    assert sorted(p.name for p in (second_cache / "images").iterdir()
+                  if not p.name.startswith(".")) == [image.path.name]
+    assert backing_chain(moved / "disk.qcow2") == [
+        str(moved / "disk.qcow2"), str(second_cache / "images" / image.path.name / "disk.qcow2")]
+    assert golden.manifest["image_entry"] == image.path.name
+    for entry in (moved, second_cache / "images" / image.path.name):
+        assert host_path_mentions(entry, original) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import textwrap
 import time
@@ -14,13 +15,14 @@ from typing import Any
 
 import pytest
 
-from sandbox.base.paths import find_tool
+from sandbox.base.paths import cache_dir, find_tool
 from sandbox.errors import ImageError
-from sandbox.imaging.image import build_image, images_dir, list_images
+from sandbox.guest.keys import cache_key
+from sandbox.imaging.image import build_image, get_image, image_key, images_dir, list_images
 from sandbox.imaging.recipe import find_recipe, parse_recipe
 from sandbox.vm.accel import accel_verdict
 
-from .conftest import IMAGE, env_with, sandbox_cli
+from .conftest import IMAGE, env_with, host_path_mentions, sandbox_cli
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -64,12 +66,28 @@ def test_cached_build_is_a_hit_and_image_is_read_only(built_image: dict[str, Any
     assert "cached" in result.stderr
     path = Path(result.stdout.strip())
     assert {p.name for p in path.iterdir()} == {"disk.qcow2", "vmlinuz", "initrd.img",
-                                                 "manifest.json"}
+                                                 "manifest.json", "client_key"}
     assert path.stat().st_mode & 0o222 == 0
     assert all(p.stat().st_mode & 0o222 == 0 for p in path.iterdir())
     info = subprocess.run(["qemu-img", "info", "--output=json", str(path / "disk.qcow2")],
                           capture_output=True, text=True, check=True)
     assert json.loads(info.stdout)["format"] == "qcow2"
+
+
+def test_an_image_keeps_the_key_baked_into_it_and_no_path_of_its_cache(
+        built_image: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An entry that moves to another cache (another host, another account) is found there
+    by the same key, and logged into with the key it carries."""
+    image = get_image(IMAGE)
+    key = image.client_key()
+    assert key.private_path == image.path / "client_key"
+    assert stat.S_IMODE(key.private_path.stat().st_mode) == 0o400
+    assert key.public_line == image.manifest["client_key"] == cache_key().public_line
+    assert f"ssh-ed25519 {key.load().get_base64()}" == " ".join(key.public_line.split()[:2])
+    assert host_path_mentions(image.path, str(cache_dir())) == []
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(tmp_path / "other"))
+    assert cache_key().public_line != image.manifest["client_key"]  # another cache's key...
+    assert image_key(find_recipe(IMAGE)) == image.digest  # ...and the same image key
 
 
 def test_image_list_and_inspect(built_image: dict[str, Any]) -> None:

@@ -76,7 +76,7 @@ def test_keep_on_failure_leaves_the_vm_reachable(pytester: pytest.Pytester,
     text = result.stdout.str()
     assert "kept VM test_keep_me" in text
     assert "sandbox ssh test_keep_me" in text
-    assert re.search(r"ssh -i \S+id_ed25519 -p \d+ .*root@127.0.0.1", text)
+    assert re.search(r"ssh -i \S+/images/[^/ ]+/client_key -p \d+ .*root@127.0.0.1", text)
     try:
         listed = json.loads(sandbox_cli("list", "--format", "json").stdout)
         assert [m["status"] for m in listed if m["name"] == "test_keep_me"] == ["running"]

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import sandbox
+from sandbox.base.paths import cache_dir
 from sandbox.errors import SandboxWarning, TemplateError
 from sandbox.imaging.image import get_image
 from sandbox.machine.prepare import ensure_template
@@ -19,7 +20,14 @@ from sandbox.vm.accel import resolve_accel
 from sandbox.vm.golden import discard_golden, find_golden
 from sandbox.vm.template import find_template, templates
 
-from .conftest import IMAGE, golden_file_digests, sandbox_cli
+from .conftest import (
+    IMAGE,
+    backing_chain,
+    copy_entries,
+    golden_file_digests,
+    host_path_mentions,
+    sandbox_cli,
+)
 
 #: Set up in the template: a file, and a process that keeps running.
 SETUP = ("echo prepared > /root/prepared && "
@@ -172,6 +180,56 @@ def test_a_template_whose_base_was_made_again_is_stale(built_image: dict[str, An
         assert remade.id != made.id and not remade.stale
         with sandbox.launch(template=name) as clone:
             assert clone.succeed("cat /root/one") == "one\n"
+    finally:
+        sandbox.remove_template(name)
+
+
+def test_a_template_copied_to_another_cache_is_found_and_cloned_there(
+        built_image: dict[str, Any], second_cache: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Image, golden snapshot and template entries, copied file by file into a cache at
+    another path with another cache key: the template's maker computes the same id there and
+    reuses it (no setup), its clones run, and a template saved from one stacks on it."""
+    name = unique("portable")
+    made = ensure_template(name, SETUP, key="k")
+    try:
+        image = get_image(IMAGE)
+        golden = find_golden(image, sandbox.MachineSpec(image=IMAGE), resolve_accel("auto"))
+        assert golden is not None
+        original = str(cache_dir())
+        copy_entries(second_cache, image.path, golden.path, made.path)
+        assert len(made.manifest["key"]) == 64
+        assert made.id == f"{name}-{made.manifest['key'][:16]}"
+        assert made.manifest["base"] == {"kind": "golden", "entry": golden.path.name,
+                                         "created_at": golden.manifest["created_at"]}
+        with monkeypatch.context() as patch:
+            patch.setenv("SANDBOX_CACHE_DIR", str(second_cache))
+
+            def not_again(vm: sandbox.Machine) -> None:
+                raise AssertionError("the setup ran again: the copied template was not found")
+
+            found = ensure_template(name, not_again, key="k")
+            assert found.id == made.id and found.path == second_cache / "templates" / made.id
+            assert found.manifest["created_at"] == made.manifest["created_at"]
+            with sandbox.launch(template=name) as clone:
+                assert clone.succeed(CHECK) == "prepared\nloop-alive\n"
+                assert clone.key_path == second_cache / "images" / image.path.name / "client_key"
+                clone.succeed("echo stacked > /root/stacked")
+                stacked = clone.save_template(f"{name}-on", key="k")
+            assert stacked.manifest["base"]["entry"] == made.id
+            with sandbox.launch(template=stacked) as clone:
+                assert clone.succeed("cat /root/prepared /root/stacked") == "prepared\nstacked\n"
+            assert backing_chain(stacked.path / "disk.qcow2") == [
+                str(stacked.path / "disk.qcow2"), str(found.path / "disk.qcow2"),
+                str(second_cache / "golden" / golden.path.name / "disk.qcow2"),
+                str(second_cache / "images" / image.path.name / "disk.qcow2")]
+            entries = [p for kind in ("images", "golden", "templates")
+                       for p in sorted((second_cache / kind).iterdir())
+                       if not p.name.startswith(".")]
+            assert len(entries) == 4  # nothing was made again
+            for entry in entries:
+                assert host_path_mentions(entry, original) == [], entry.name
+                assert host_path_mentions(entry, str(second_cache)) == [], entry.name
     finally:
         sandbox.remove_template(name)
 

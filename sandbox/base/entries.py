@@ -1,8 +1,13 @@
-"""Cache entries (images, golden snapshots): made once, under a file lock, in a temporary
-directory beside their final place; sealed read-only; published with one atomic rename.
+"""Cache entries (images, golden snapshots, templates): made once, under a file lock, in a
+temporary directory beside their final place; sealed read-only; published with one atomic
+rename.
 
 A temporary directory is named ``.tmp-<entry>-<pid>``: one whose builder process is gone
 was abandoned (the builder was killed) and is removed by the next builder.
+
+Nothing in an entry names a path of this host: entries may be copied into another host's
+cache. An entry refers to another by its directory name, and a disk overlay in one names its
+backing file relative to its own directory (:func:`entry_backing`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ def entry_lock(final: Path, on_wait: Callable[[], None] | None = None,
         yield
     finally:
         lock.release()
+
+
+def entry_backing(disk: Path, entry: Path) -> Path:
+    """The relative path by which a disk overlay in entry directory ``entry`` (or in its
+    temporary directory: the same parent) names ``disk`` of another entry of the same cache,
+    e.g. ``../../images/<entry>/disk.qcow2``. QEMU resolves a relative backing file against
+    the overlay's own directory, so the path holds wherever the cache is."""
+    return Path(os.path.relpath(disk, entry))
 
 
 def publish(final: Path, build: Callable[[Path], T], *, owner_writable: tuple[str, ...] = (),

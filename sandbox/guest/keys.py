@@ -1,4 +1,6 @@
-"""The SSH client key of one cache: ed25519, made once, baked into every image built there."""
+"""SSH client keys: the cache's own (ed25519, made once, baked into every image built
+there) and the copy each image entry keeps of the key baked into it, which travels with the
+entry to other hosts."""
 
 from __future__ import annotations
 
@@ -20,6 +22,13 @@ class KeyPair:
 
     def load(self) -> paramiko.PKey:
         return paramiko.Ed25519Key.from_private_key_file(str(self.private_path))
+
+    def copy_to(self, target: Path) -> KeyPair:
+        """This keypair with its private key copied to ``target`` (made private, 0600)."""
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(self.private_path.read_bytes())
+        return KeyPair(target, self.public_line)
 
 
 def cache_key() -> KeyPair:

@@ -14,7 +14,6 @@ attributes (file capabilities). The root path is kept because it is faster.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -29,12 +28,12 @@ from ..base.progress import Reporter
 from ..base.sizes import format_size
 from ..errors import HostError, ImageError
 from ..guest.files import GUEST_AGENT, GUEST_SETUP
-from ..guest.keys import cache_key
+from ..guest.keys import KeyPair
 from ..host.access import TOOL_PACKAGES, unprivileged_build_problems
 from .recipe import Recipe
 
 #: Bumped whenever the build pipeline changes what ends up in an image.
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "4"
 
 
 #: Packages the sandbox itself relies on inside every guest, added to each recipe's list
@@ -90,8 +89,9 @@ def check_space(recipe: Recipe, directory: Path) -> None:
 
 
 def build_into(recipe: Recipe, key: str, work: Path, tools: dict[str, str],
-                reporter: Reporter) -> dict[str, Any]:
-    """mmdebstrap, then the filesystem, then qcow2. Everything the guest setup needs goes
+               reporter: Reporter, client: KeyPair) -> dict[str, Any]:
+    """mmdebstrap, then the filesystem, then qcow2 (``client``'s key lets SSH in); the
+    manifest (the caller writes it). Everything the guest setup needs goes
     into the tree and everything it makes comes out through mmdebstrap's own copy-in and
     copy-out hooks, so the same hooks work in root and in unshare mode (where the namespace's
     root may not read this account's files)."""
@@ -108,7 +108,7 @@ def build_into(recipe: Recipe, key: str, work: Path, tools: dict[str, str],
         (stage / "customize" / f"{index:04d}").write_text(script + "\n")
     env = tool_env()
     env.update(LC_ALL="C.UTF-8",
-               SANDBOX_AUTHORIZED_KEY=cache_key().public_line,
+               SANDBOX_AUTHORIZED_KEY=client.public_line,
                SANDBOX_FILES="\n".join(f"{i} {oct(f.mode)[2:]} {f.path}"
                                        for i, f in enumerate(recipe.files)))
     packages = list(dict.fromkeys([*BASE_PACKAGES, *recipe.packages]))
@@ -179,10 +179,10 @@ def build_into(recipe: Recipe, key: str, work: Path, tools: dict[str, str],
         "disk_size": recipe.disk_size,
         "tree_bytes": tree_bytes,
         "host_key": " ".join(host_key[:2]),
+        "client_key": client.public_line,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "build_seconds": round(time.monotonic() - started, 1),
     }
-    (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

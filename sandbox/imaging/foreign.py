@@ -44,13 +44,13 @@ from ..errors import (
     ImageError,
     RecipeError,
 )
-from ..guest.keys import cache_key
+from ..guest.keys import KeyPair
 from ..host.firmware import ovmf_firmware
 from .recipe import Recipe
 from .seed import host_key_pair, user_data, write_seed
 
 #: Bumped whenever importing changes what ends up in an entry.
-IMPORT_VERSION = "1"
+IMPORT_VERSION = "2"
 SUPPORTED_FORMATS = ("qcow2", "raw", "vmdk", "vdi", "vhdx")
 #: How long one read of a download may wait for data.
 DOWNLOAD_TIMEOUT = 30.0
@@ -248,8 +248,9 @@ def write_disk_recipe(disk: Path, *, name: str | None, boot: str, user: str, mem
 
 
 def import_into(recipe: Recipe, key: str, digest: str, work: Path,
-                reporter: Reporter) -> dict[str, Any]:
-    """Fill cache entry ``work`` from the recipe's disk; the entry's manifest."""
+                reporter: Reporter, client: KeyPair) -> dict[str, Any]:
+    """Fill cache entry ``work`` from the recipe's disk (its seed lets ``client``'s key in);
+    the entry's manifest."""
     started = time.monotonic()
     qemu_img = find_tool("qemu-img")
     if qemu_img is None:
@@ -284,7 +285,7 @@ def import_into(recipe: Recipe, key: str, digest: str, work: Path,
     hostname = recipe.name.replace(".", "-").replace("_", "-")[:63]
     write_seed(work / "seed.iso", instance_id=f"{recipe.name}-{key[:16]}", hostname=hostname,
                user_data_text=user_data(user=recipe.user,
-                                        authorized_key=cache_key().public_line,
+                                        authorized_key=client.public_line,
                                         host_key=(private, public),
                                         extra=recipe.cloud_init_user_data))
     return {
@@ -299,6 +300,7 @@ def import_into(recipe: Recipe, key: str, digest: str, work: Path,
         "boot": recipe.boot, "user": recipe.user, "hostname": hostname,
         "memory": recipe.memory, "cpus": recipe.cpus,
         "host_key": " ".join(public.split()[:2]),
+        "client_key": client.public_line,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "build_seconds": round(time.monotonic() - started, 1),
     }

@@ -20,10 +20,13 @@ from ..base.progress import QUIET, Reporter
 from ..base.sizes import parse_size
 from ..errors import ImageError, SandboxError
 from ..guest.files import GUEST_AGENT, GUEST_SETUP
-from ..guest.keys import cache_key
+from ..guest.keys import KeyPair, cache_key
 from .debian import BUILDER_VERSION, build_into, check_space, require_tools
 from .foreign import IMPORT_VERSION, import_into, source_sha256
 from .recipe import Recipe, find_recipe
+
+#: The entry's copy of the SSH client key baked into the image (private, 0400).
+CLIENT_KEY = "client_key"
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,18 @@ class Image:
     def host_key(self) -> str:
         return str(self.manifest["host_key"])
 
+    def client_key(self) -> KeyPair:
+        """The SSH client key baked into this image: the copy its entry keeps (it travels
+        with the entry), or this cache's key for an entry made before entries kept one."""
+        if "client_key" not in self.manifest:
+            return cache_key()
+        private = self.path / CLIENT_KEY
+        if not private.exists():
+            raise ImageError(f"image entry {self.path.name} lacks its SSH client key "
+                             f"({CLIENT_KEY}): it was copied incompletely; remove it (sandbox "
+                             f"image rm {self.name}) and build or fetch it again")
+        return KeyPair(private, str(self.manifest["client_key"]))
+
     @property
     def memory(self) -> str:
         return str(self.manifest["memory"])
@@ -122,13 +137,13 @@ def images_dir() -> Path:
 
 
 def image_key(recipe: Recipe) -> str:
-    """Content address of the image a recipe builds (recipe, builder, baked-in key; for a
-    disk recipe the disk's sha256 instead of the builder)."""
+    """Content address of the image a recipe builds (recipe, builder; for a disk recipe the
+    disk's sha256 instead of the builder). Not the SSH client key baked in: each entry
+    keeps its own (:meth:`Image.client_key`), so hosts with other cache keys share entries."""
     if recipe.kind == "disk":
-        return recipe.digest("disk", IMPORT_VERSION, source_sha256(recipe),
-                             cache_key().public_line)
+        return recipe.digest("disk", IMPORT_VERSION, source_sha256(recipe))
     setup = hashlib.sha256(GUEST_SETUP.read_bytes() + GUEST_AGENT.read_bytes()).hexdigest()
-    return recipe.digest(BUILDER_VERSION, setup, cache_key().public_line)
+    return recipe.digest(BUILDER_VERSION, setup)
 
 
 def image_path(recipe: Recipe, key: str | None = None) -> Path:
@@ -192,13 +207,21 @@ def build_image(recipe: Recipe, *, reporter: Reporter = QUIET, force: bool = Fal
             digest = source_sha256(recipe)
             with reporter.stage(f"{recipe.name}: importing {recipe.disk}"):
                 manifest = publish(final, lambda work: _with_manifest(
-                    work, import_into(recipe, key, digest, work, reporter)),
-                    private=("seed.iso",))
+                    work, import_into(recipe, key, digest, work, reporter,
+                                      _client_key(work))),
+                    private=("seed.iso", CLIENT_KEY))
             return Image(final, manifest, built_now=True)
         tools = require_tools()
         check_space(recipe, images_dir())
-        manifest = publish(final, lambda work: build_into(recipe, key, work, tools, reporter))
+        manifest = publish(final, lambda work: _with_manifest(
+            work, build_into(recipe, key, work, tools, reporter, _client_key(work))),
+            private=(CLIENT_KEY,))
         return Image(final, manifest, built_now=True)
+
+
+def _client_key(work: Path) -> KeyPair:
+    """The key an image built in ``work`` lets in: this cache's, copied into the entry."""
+    return cache_key().copy_to(work / CLIENT_KEY)
 
 
 def _with_manifest(work: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -233,7 +233,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         qemu = self.qemu
         try:
             self._channel = connect(
-                opener or tcp(("127.0.0.1", self.ssh_port)), cache_key().load(),
+                opener or tcp(("127.0.0.1", self.ssh_port)), self.image.client_key().load(),
                 self.image.host_key, timeout=max(0.0, timeout), attempts=attempts, user=self.user,
                 alive=lambda: qemu.check_alive("QEMU exited while the guest was booting"))
         except ChannelError as exc:
@@ -314,7 +314,8 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
 
     @property
     def key_path(self) -> Path:
-        return cache_key().private_path
+        """The SSH client key that logs into this machine (its image's)."""
+        return self.image.client_key().private_path if self.image else cache_key().private_path
 
     def ssh_command(self) -> str:
         """A plain ``ssh`` command line that reaches this machine from the host."""

@@ -26,9 +26,12 @@ from ..vm.template import (
     Template,
     base_entry,
     check_name,
+    image_base,
     load_template,
+    rebase_into_entry,
     reload_into_shared_ram,
     template_id,
+    template_key,
     templates_root,
 )
 
@@ -125,8 +128,7 @@ class SavedStates:
             return base_entry("template" if source.manifest.get("kind") == "template"
                               else "golden", source)
         assert self.image is not None
-        return {"kind": "image", "path": str(self.image.path),
-                "created_at": self.image.manifest.get("built_at")}
+        return image_base(self.image)
 
     def template_location(self, name: str, key: str | None) -> Path:
         """Where template ``name`` for ``key`` saved from this machine is cached."""
@@ -163,6 +165,8 @@ class SavedStates:
             self._resume_after_save(port, prelude)
             port = None  # the machine's now
             copied = time.monotonic()
+            base = self.template_base()
+            rebase_into_entry(work / "disk.qcow2", base, work)
             reload_into_shared_ram(self.spec, self.image, self.accel, full, work)
             full.unlink()
         finally:
@@ -174,11 +178,15 @@ class SavedStates:
         manifest = {
             "kind": "template", "name": name, "user_key": key, "user": self.user,
             "agent": agent,
-            "template_version": TEMPLATE_VERSION, "base": self.template_base(),
-            "image": self.image.name, "image_path": str(self.image.path),
+            "template_version": TEMPLATE_VERSION, "base": base,
+            "key": template_key(name, key, base, plan.shape()),
+            "image": self.image.name, "image_entry": self.image.path.name,
             "image_digest": self.image.digest,
             "image_built_at": self.image.manifest.get("built_at"),
-            "spec": dict(self.spec.to_kwargs(), template=None),
+            # Its networks by number only: their directories are this run's, and a clone
+            # brings its own (as many).
+            "spec": dict(self.spec.to_kwargs(), template=None,
+                         networks=[f"network-{i}" for i in range(len(self.spec.networks))]),
             "qemu_version": qemu_version(), "shape": plan.shape(),
             "memory_mib": plan.memory_mib, "cpus": plan.cpus, "accel": plan.accel,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

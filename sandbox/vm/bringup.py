@@ -17,7 +17,6 @@ from ..guest.agent import Agent
 from ..guest.channel import connect
 from ..guest.commands import as_root
 from ..guest.files import GUEST_AGENT
-from ..guest.keys import cache_key
 from ..guest.sockets import tcp
 from . import console
 
@@ -90,8 +89,9 @@ def connect_booted(image: Image, process: QemuProcess, files: MachineFiles, ssh_
     try:
         if image.kind == "disk":
             user = BootWatch(image, files.console_log).wait(deadline, alive)
-        channel = connect(tcp(("127.0.0.1", ssh_port)), cache_key().load(), image.host_key,
-                          timeout=max(0.0, deadline - time.monotonic()), alive=alive, user=user)
+        channel = connect(tcp(("127.0.0.1", ssh_port)), image.client_key().load(),
+                          image.host_key, timeout=max(0.0, deadline - time.monotonic()),
+                          alive=alive, user=user)
     except ChannelError as exc:
         raise BootError(f"{image.name} did not come up: {exc}",
                         console_tail=files.console_tail()) from exc

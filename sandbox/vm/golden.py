@@ -9,9 +9,11 @@ This module owns the format end to end: :func:`make` writes it, :class:`Golden` 
 :meth:`Golden.start_clone` turns it into a running machine.
 
 Layout: ``<cache>/golden/<image>-<key>/``: ``ram``, ``state``, ``disk.qcow2`` (an overlay on
-the image's disk, frozen at save time), ``ssh-prelude`` (what the SSH server waiting in the
-snapshot sent before its client spoke), ``console.log`` (the boot's console) and
-``manifest.json``. Read-only once made, except ``ram``: QEMU 7.2 opens a memory backend's
+the image's disk, frozen at save time; its backing file is relative,
+``../../images/<entry>/disk.qcow2``, so the entry works in any cache it is copied to),
+``ssh-prelude`` (what the SSH server waiting in the snapshot sent before its client spoke),
+``console.log`` (the boot's console) and ``manifest.json`` (naming its image by entry name,
+``image_entry``). Read-only once made, except ``ram``: QEMU 7.2 opens a memory backend's
 file read-write even for a private (``share=off``) mapping, so its owner keeps write
 permission on it (0644; the directory is 0555). Clones never write to it: their guest RAM is
 a copy-on-write private mapping.
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..base.entries import entry_lock, publish, remove_entry
+from ..base.entries import entry_backing, entry_lock, publish, remove_entry
 from ..base.paths import cache_dir
 from ..base.progress import QUIET, Reporter
 from ..errors import BootError, GuestDataError, SandboxError, SandboxWarning, SnapshotError
@@ -51,7 +53,7 @@ from .qemu import QemuProcess
 from .runs import current_run
 from .spec import MachineSpec
 
-GOLDEN_VERSION = "4"
+GOLDEN_VERSION = "5"
 #: The newest part of the boot's console a golden snapshot keeps, and gives its clones.
 GOLDEN_CONSOLE_BYTES = 256 << 10
 
@@ -255,7 +257,8 @@ def ensure_golden(image: Image, spec: MachineSpec, accel: str, *,
                 timings = make(image, spec, accel, work)
             plan = shape_plan(image, spec, accel)
             manifest = {
-                "image": image.name, "image_digest": image.digest,
+                "image": image.name, "image_entry": image.path.name,
+                "image_digest": image.digest,
                 "image_built_at": image.manifest.get("built_at"),
                 "key": golden_key(image, plan), "golden_version": GOLDEN_VERSION,
                 "qemu_version": qemu_version(), "shape": plan.shape(),
@@ -275,7 +278,7 @@ def make(image: Image, spec: MachineSpec, accel: str, target: Path) -> dict[str,
     started = time.monotonic()
     run = current_run()
     files = MachineFiles(run.machine_dir(f"golden-{target.name[-24:]}"))
-    disk = create_overlay(image.disk, target / "disk.qcow2")
+    disk = create_overlay(entry_backing(image.disk, target), target / "disk.qcow2")
     plan = plan_for(spec, image, accel, files=files, tag=run_tag(run.id, files.dir.name),
                     disk=disk, ram_file=target / "ram", ram_shared=True)
     process = QemuProcess(plan, files)
@@ -348,10 +351,13 @@ def arm_ssh_port(process: QemuProcess, files: MachineFiles, sock: socket.socket,
 #: exchange offer: about 2 KiB), and the time it may take in all.
 PRELUDE_LIMIT = 64 << 10
 PRELUDE_TIMEOUT = 15.0
+#: How long the server just started may take to send its first bytes: a few seconds when
+#: TCG guests share a busy host (2 s was seen to fall short there).
+PRELUDE_FIRST = 10.0
 
 
 def read_prelude(sock: socket.socket, *, limit: int = PRELUDE_LIMIT,
-                 timeout: float = PRELUDE_TIMEOUT, first: float = 10.0,
+                 timeout: float = PRELUDE_TIMEOUT, first: float = PRELUDE_FIRST,
                  quiet: float = 1.0) -> bytes:
     """What a waiting SSH server sends before its client speaks: read until it falls silent
     (nothing for ``quiet`` seconds; ``first`` for its first bytes). GuestDataError when it

@@ -162,6 +162,7 @@ class QemuPlan:
         guest's CPU is the host's, a last item names the host processor: a state saved on
         another processor is then another key (rebuilt), never a failed load."""
         generic = replace(self, tag="T", disk=Path("D"), files=MachineFiles(Path("M")),
+                          kernel=Path("K"), initrd=Path("I"),
                           ram_file=Path("R") if self.ram_file else None, ram_shared=False,
                           incoming=False, network="restricted", binary="qemu",
                           lans=(None,) * len(self.lans),

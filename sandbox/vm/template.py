@@ -19,9 +19,13 @@ and 2 are the machine's, :meth:`sandbox.machine.states.SavedStates.save_template
    saves it again with ``x-ignore-shared``: RAM stays in the file, the state is tiny.
 
 Layout: ``<cache>/templates/<name>-<id>/``; the id covers the name, the user's key, the
-base (the golden snapshot or template the machine came from, as made at that time) and the
-machine's shape. A template whose base was rebuilt or removed is stale: listed, never
-cloned (its disk is an overlay on a base that no longer exists as it was).
+base (the golden snapshot or template the machine came from, by entry name, as made at that
+time) and the machine's shape; never a path, so hosts that share entries agree on it. The
+manifest names its base and image by entry name (resolved in the current cache), and
+``disk.qcow2`` names its base's disk by a relative path (``../../golden/<entry>/disk.qcow2``,
+``../<id>/disk.qcow2``, ``../../images/<entry>/disk.qcow2``). A template whose base was
+rebuilt or removed is stale: listed, never cloned (its disk is an overlay on a base that no
+longer exists as it was).
 """
 
 from __future__ import annotations
@@ -31,24 +35,26 @@ import json
 import re
 import shutil
 import socket
+import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..base.entries import entry_lock, remove_entry
-from ..base.paths import cache_dir
+from ..base.entries import entry_backing, entry_lock, remove_entry
+from ..base.paths import cache_dir, find_tool
 from ..errors import SnapshotError, TemplateError
 from ..host.tools import qemu_version
-from ..imaging.image import Image
+from ..imaging.image import Image, images_dir
 from .files import MachineFiles, run_tag
-from .golden import Golden
+from .golden import Golden, golden_root
 from .plan import create_overlay, plan_for
 from .qemu import QemuProcess
 from .runs import current_run
 from .spec import MachineSpec
 
-TEMPLATE_VERSION = "1"
+TEMPLATE_VERSION = "2"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_ENTRY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ class Template:
     def base(self) -> str:
         """What it was made from: ``golden:<entry>`` or ``template:<id>`` or ``image:<name>``."""
         base = self.manifest["base"]
-        return f"{base['kind']}:{Path(base['path']).name}"
+        return f"{base['kind']}:{base.get('entry') or Path(base.get('path', '?')).name}"
 
     @property
     def created(self) -> str:
@@ -130,11 +136,32 @@ def check_name(name: str) -> str:
     return name
 
 
+def base_path(base: dict[str, Any]) -> Path:
+    """Where the entry a template's manifest names as its ``base`` is in this cache."""
+    root = {"image": images_dir, "golden": golden_root, "template": templates_root}
+    return root[base["kind"]]() / entry_name(base["entry"])
+
+
+def entry_name(value: object) -> str:
+    """An entry name read from a manifest (which may come from another host): one plain
+    directory name, never a path."""
+    if not isinstance(value, str) or not _ENTRY.match(value):
+        raise TemplateError(f"its manifest names an entry {value!r}, which is not an entry "
+                            "name")
+    return value
+
+
 def _base_problem(manifest: dict[str, Any]) -> str | None:
+    if manifest.get("template_version") != TEMPLATE_VERSION:
+        return (f"it was saved by another version of the sandbox (template format "
+                f"{manifest.get('template_version')}, not {TEMPLATE_VERSION})")
     if manifest.get("qemu_version") != qemu_version():
         return f"it was saved by QEMU {manifest.get('qemu_version')}, not {qemu_version()}"
     base = manifest["base"]
-    path = Path(base["path"])
+    try:
+        path = base_path(base)
+    except (TemplateError, KeyError, TypeError) as exc:
+        return f"its manifest does not name its base ({exc})"
     if base["kind"] == "image":
         return None if (path / "disk.qcow2").exists() else f"its image {path.name} is gone"
     try:
@@ -195,9 +222,19 @@ def remove_template(name: str) -> list[str]:
     return removed
 
 
+def template_key(name: str, key: str | None, base: dict[str, Any], shape: list[str]) -> str:
+    """The full content key (64 hex digits) of template ``name`` for ``key`` on ``base``
+    (:func:`base_entry`: an entry name and when it was made, no path) and ``shape``; its
+    manifest's ``key``, as a golden snapshot's (``user_key`` is the user's)."""
+    payload = json.dumps([TEMPLATE_VERSION, name, key,
+                          [base["kind"], base["entry"], base["created_at"]],
+                          qemu_version(), shape])
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 def template_id(name: str, key: str | None, base: dict[str, Any], shape: list[str]) -> str:
-    payload = json.dumps([TEMPLATE_VERSION, name, key, base, qemu_version(), shape])
-    return f"{name}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+    """The template's entry name: ``name-`` and the first 16 digits of :func:`template_key`."""
+    return f"{name}-{template_key(name, key, base, shape)[:16]}"
 
 
 def clone_spec(template: Template, requested: MachineSpec) -> tuple[MachineSpec, Image, str]:
@@ -207,7 +244,7 @@ def clone_spec(template: Template, requested: MachineSpec) -> tuple[MachineSpec,
     from .accel import resolve_accel
 
     problem = template.stale_reason()
-    image_path = Path(template.manifest["image_path"])
+    image_path = images_dir() / entry_name(template.manifest.get("image_entry"))
     if problem is None and not (image_path / "manifest.json").exists():
         problem = f"its image {image_path.name} is gone"
     if problem is not None:
@@ -245,8 +282,28 @@ def clone_spec(template: Template, requested: MachineSpec) -> tuple[MachineSpec,
 
 
 def base_entry(kind: str, source: Golden) -> dict[str, Any]:
-    return {"kind": kind, "path": str(source.path),
+    """How a template's manifest names the golden snapshot or template (``kind``) it was
+    made from: by entry name, and when that was made (another make is another base)."""
+    return {"kind": kind, "entry": source.path.name,
             "created_at": source.manifest.get("created_at")}
+
+
+def image_base(image: Image) -> dict[str, Any]:
+    """How a template's manifest names the image it was made from (a cold-booted machine)."""
+    return {"kind": "image", "entry": image.path.name,
+            "created_at": image.manifest.get("built_at")}
+
+
+def rebase_into_entry(overlay: Path, base: dict[str, Any], entry: Path) -> None:
+    """Point ``overlay`` (a copy of a machine's disk overlay, in entry directory ``entry``)
+    at its base's disk by a relative path (the header only: the data stays as it is)."""
+    backing = entry_backing(base_path(base) / "disk.qcow2", entry)
+    result = subprocess.run([find_tool("qemu-img") or "qemu-img", "rebase", "-u", "-f", "qcow2",
+                             "-F", "qcow2", "-b", str(backing), str(overlay)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode != 0:
+        raise SnapshotError(f"could not point the template's disk at {backing}: "
+                            f"{result.stderr.strip() or f'qemu-img exited {result.returncode}'}")
 
 
 # -- saving -----------------------------------------------------------------------------------
