@@ -417,7 +417,7 @@ def _prelude_peer(send: Callable[[socket.socket], None]) -> socket.socket:
 
 def test_the_ssh_prelude_read_is_bounded_in_size_and_time() -> None:
     from sandbox.errors import GuestDataError, SnapshotError
-    from sandbox.vm.golden import read_prelude
+    from sandbox.guest.sockets import read_prelude
 
     def banner_then_silence(sock: socket.socket) -> None:
         sock.sendall(b"SSH-2.0-dropbear\r\n" + b"k" * 1000)

@@ -21,6 +21,8 @@ from ..base.sizes import parse_size
 from ..errors import ImageError, SandboxError
 from ..guest.files import GUEST_AGENT, GUEST_SETUP
 from ..guest.keys import KeyPair, cache_key
+from ..share.artifact import Entry
+from ..share.store import offer, remote_entry
 from .debian import BUILDER_VERSION, build_into, check_space, require_tools
 from .foreign import IMPORT_VERSION, import_into, source_sha256
 from .recipe import Recipe, find_recipe
@@ -194,7 +196,9 @@ def remove_image(image: Image) -> None:
 
 
 def build_image(recipe: Recipe, *, reporter: Reporter = QUIET, force: bool = False) -> Image:
-    """Build ``recipe`` into the cache, or return the copy a concurrent builder made."""
+    """Build ``recipe`` into the cache, or return the copy a concurrent builder made. With a
+    registry set (``SANDBOX_REGISTRY``) a missing image is pulled from it when it has one,
+    and one built here is pushed when ``SANDBOX_PUSH=1`` (:mod:`sandbox.share.store`)."""
     key = image_key(recipe)
     final = image_path(recipe, key)
     with entry_lock(final, lambda: reporter.note(f"waiting for a concurrent build of "
@@ -203,20 +207,46 @@ def build_image(recipe: Recipe, *, reporter: Reporter = QUIET, force: bool = Fal
             if not force:
                 return Image.load(final)
             remove_image(Image.load(final))
-        if recipe.kind == "disk":
-            digest = source_sha256(recipe)
-            with reporter.stage(f"{recipe.name}: importing {recipe.disk}"):
-                manifest = publish(final, lambda work: _with_manifest(
-                    work, import_into(recipe, key, digest, work, reporter,
-                                      _client_key(work))),
-                    private=("seed.iso", CLIENT_KEY))
-            return Image(final, manifest, built_now=True)
-        tools = require_tools()
-        check_space(recipe, images_dir())
-        manifest = publish(final, lambda work: _with_manifest(
-            work, build_into(recipe, key, work, tools, reporter, _client_key(work))),
-            private=(CLIENT_KEY,))
+        if force:  # a rebuild, asked for: not the registry's copy
+            image = _build(recipe, key, final, reporter)
+            offer(Entry("image", final, key), reporter=reporter)
+            return image
+        with remote_entry("image", key, final, reporter=reporter,
+                          check=lambda work, manifest: check_pulled(key, work, manifest)
+                          ) as remote:
+            if remote.manifest is not None:
+                return Image(final, remote.manifest)
+            image = _build(recipe, key, final, reporter)
+            remote.built(Entry("image", final, key), reporter=reporter)
+            return image
+
+
+def check_pulled(key: str, work: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a pulled image that is not the one asked for, or lacks what logs into it."""
+    if manifest.get("digest") != key:
+        raise ImageError(f"the registry's image-{key[:16]}... holds image "
+                         f"{str(manifest.get('digest'))[:16]}...; it was not used")
+    if not (work / CLIENT_KEY).exists() or not str(manifest.get("client_key", "")).startswith(
+            "ssh-ed25519 "):
+        raise ImageError(f"the registry's image-{key[:16]}... has no client key; it was not "
+                         "used")
+
+
+def _build(recipe: Recipe, key: str, final: Path, reporter: Reporter) -> Image:
+    if recipe.kind == "disk":
+        digest = source_sha256(recipe)
+        with reporter.stage(f"{recipe.name}: importing {recipe.disk}"):
+            manifest = publish(final, lambda work: _with_manifest(
+                work, import_into(recipe, key, digest, work, reporter,
+                                  _client_key(work))),
+                private=("seed.iso", CLIENT_KEY))
         return Image(final, manifest, built_now=True)
+    tools = require_tools()
+    check_space(recipe, images_dir())
+    manifest = publish(final, lambda work: _with_manifest(
+        work, build_into(recipe, key, work, tools, reporter, _client_key(work))),
+        private=(CLIENT_KEY,))
+    return Image(final, manifest, built_now=True)
 
 
 def _client_key(work: Path) -> KeyPair:

@@ -19,15 +19,18 @@ from typing import TYPE_CHECKING, Any
 from ..base.entries import entry_lock, publish, remove_entry
 from ..base.progress import QUIET, Reporter
 from ..errors import SandboxError, SandboxWarning, TemplateError
+from ..share.artifact import Entry, tag_for
+from ..share.store import remote_entry
 from ..vm.spec import MachineSpec
 from ..vm.template import (
     Template,
     base_entry,
     check_name,
+    check_pulled,
     clone_spec,
     find_template,
     load_template,
-    template_id,
+    template_key,
     templates_root,
 )
 
@@ -85,9 +88,10 @@ def run_setup(machine: Machine, name: str, setup: Step | Sequence[Step]) -> None
 
 
 def expected_location(name: str, key: str | None, spec: MachineSpec, *,
-                      reporter: Reporter = QUIET) -> Path:
-    """Where template ``name`` for ``key``, made from a machine of ``spec``, is (or will be):
-    its base (the golden snapshot, made now if needed, or the base template) decides."""
+                      reporter: Reporter = QUIET) -> tuple[Path, str, str]:
+    """Where template ``name`` for ``key``, made from a machine of ``spec``, is (or will be),
+    its full content key and the registry tag of its base: its base (the golden snapshot,
+    made or pulled now if needed, or the base template) decides."""
     from ..imaging.image import get_image
     from ..vm.accel import resolve_accel
     from ..vm.golden import ensure_golden, shape_plan
@@ -97,13 +101,17 @@ def expected_location(name: str, key: str | None, spec: MachineSpec, *,
     if spec.template is not None:
         parent = find_template(spec.template)
         clone_spec(parent, spec)  # usable?
-        return templates_root() / template_id(name, key, base_entry("template", parent.golden),
-                                              list(parent.manifest["shape"]))
-    image = get_image(spec.image, reporter=reporter)
-    accel = resolve_accel(spec.accel)
-    golden = ensure_golden(image, spec, accel, reporter=reporter)
-    return templates_root() / template_id(name, key, base_entry("golden", golden),
-                                          shape_plan(image, spec, accel).shape())
+        full = template_key(name, key, base_entry("template", parent.golden),
+                            list(parent.manifest["shape"]))
+        base_tag = tag_for("template", str(parent.manifest["key"]))
+    else:
+        image = get_image(spec.image, reporter=reporter)
+        accel = resolve_accel(spec.accel)
+        golden = ensure_golden(image, spec, accel, reporter=reporter)
+        full = template_key(name, key, base_entry("golden", golden),
+                            shape_plan(image, spec, accel).shape())
+        base_tag = tag_for("golden", str(golden.manifest["key"]))
+    return templates_root() / f"{name}-{full[:16]}", full, base_tag
 
 
 def ensure_template(name: str, setup: Step | Sequence[Step], *, key: str | None = None,
@@ -116,7 +124,7 @@ def ensure_template(name: str, setup: Step | Sequence[Step], *, key: str | None 
 
     spec = spec or MachineSpec()
     check_name(name)
-    final = expected_location(name, key, spec, reporter=reporter)
+    final, full, base_tag = expected_location(name, key, spec, reporter=reporter)
     with entry_lock(final):
         found = load_template(final)
         if found is not None and found.stale_reason() is None:
@@ -127,14 +135,21 @@ def ensure_template(name: str, setup: Step | Sequence[Step], *, key: str | None 
                 warnings.warn(f"template {found.id} is damaged ({exc}); making it again",
                               SandboxWarning, stacklevel=2)
         remove_entry(final)
-        with Machine(spec, reporter=reporter) as machine, \
-                reporter.stage(f"template {name}: setup and save"):
-            run_setup(machine, name, setup)
-            if machine.template_location(name, key) != final:
-                raise TemplateError(f"template {name!r}: its base changed while it was set "
-                                    "up (a golden snapshot made again?); run again")
-            publish(final, lambda work: machine.write_template(name, key, work),
-                    owner_writable=("ram",))
+        with remote_entry("template", full, final, reporter=reporter,
+                          check=lambda work, manifest: check_pulled(full, work, manifest)
+                          ) as remote:
+            if remote.manifest is None:
+                with Machine(spec, reporter=reporter) as machine, \
+                        reporter.stage(f"template {name}: setup and save"):
+                    run_setup(machine, name, setup)
+                    if machine.template_location(name, key) != final:
+                        raise TemplateError(f"template {name!r}: its base changed while it "
+                                            "was set up (a golden snapshot made again?); run "
+                                            "again")
+                    publish(final, lambda work: machine.write_template(name, key, work),
+                            owner_writable=("ram",))
+                remote.built(Entry("template", final, full, needs=(base_tag,)),
+                             reporter=reporter, extra_tags=(f"template-latest-{name}",))
     template = load_template(final)
     assert template is not None
     return template

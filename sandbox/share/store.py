@@ -84,7 +84,8 @@ def entry_dir(kind: str, name: str) -> Path:
     return path / name
 
 
-def _warn(reference: str, exc: SandboxError, what: str) -> None:
+def warn_once(reference: str, exc: SandboxError, what: str) -> None:
+    """Warn that the registry failed (once per registry and kind of error)."""
     cause = f"{reference}: {type(exc).__name__}"
     if cause not in _WARNED:
         _WARNED.add(cause)
@@ -135,7 +136,7 @@ def remote_entry(kind: str, key: str, final: Path, *, reporter: Reporter = QUIET
                 state.manifest, state._claim = _obtain(state.reference, kind, key, final,
                                                        reporter, check)
             except SandboxError as exc:
-                _warn(state.reference, exc, f"{final.name} is made here instead")
+                warn_once(state.reference, exc, f"{final.name} is made here instead")
         yield state
     finally:
         state.release()
@@ -261,7 +262,7 @@ def offer(entry: Entry, *, reporter: Reporter = QUIET, extra_tags: tuple[str, ..
         with reporter.stage(f"{entry.path.name}: pushing to {reference}"):
             push_entry(sink, entry, reporter=reporter, extra_tags=extra_tags)
     except SandboxError as exc:
-        _warn(reference, exc, f"{entry.path.name} was not pushed")
+        warn_once(reference, exc, f"{entry.path.name} was not pushed")
 
 
 def send(sink: Sink, entries: list[Entry], *, reporter: Reporter = QUIET,
@@ -300,11 +301,19 @@ def receive(source: Source, tag: str, where: str, *, reporter: Reporter = QUIET,
             done += receive(source, need, where, reporter=reporter, check=check, seen=seen)
     seen.add(remote.tag)
     final = entry_dir(remote.kind, remote.entry)
+    field = "digest" if remote.kind == "image" else "key"
+
+    def checked(work: Path, manifest: dict[str, Any]) -> None:
+        if manifest.get(field) != remote.key:
+            raise RegistryError(f"{remote.tag} holds an entry whose {field} is "
+                                f"{str(manifest.get(field))[:16]}...; it was not used")
+        if check is not None:
+            check(remote, work, manifest)
+
     with entry_lock(final):
         if (final / "manifest.json").exists():
             return [*done, (remote, False)]
         with reporter.stage(f"{remote.entry}: pulling {remote.stored >> 20} MiB from {where}"):
             unpack(source, remote, final, max_size=max_entry_size(), reporter=reporter,
-                   check=(lambda work, manifest: check(remote, work, manifest))
-                   if check is not None else None)
+                   check=checked)
     return [*done, (remote, True)]

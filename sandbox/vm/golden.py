@@ -42,9 +42,11 @@ from ..base.progress import QUIET, Reporter
 from ..errors import BootError, GuestDataError, SandboxError, SandboxWarning, SnapshotError
 from ..guest.agent import Agent
 from ..guest.files import GUEST_AGENT
-from ..guest.sockets import PreludeSocket
+from ..guest.sockets import PreludeSocket, read_prelude
 from ..host.tools import qemu_version
 from ..imaging.image import Image, find_images, remove_image
+from ..share.artifact import Entry, tag_for
+from ..share.store import remote_entry
 from . import console
 from .bringup import connect_booted, start_agent
 from .files import MachineFiles, run_tag
@@ -237,7 +239,9 @@ def _readable(path: Path) -> Golden | None:
 def ensure_golden(image: Image, spec: MachineSpec, accel: str, *,
                   reporter: Reporter = QUIET) -> Golden:
     """The golden snapshot for ``spec``: made once (under a lock, whatever the number of
-    callers) when the cache has none, or remade when its manifest was damaged."""
+    callers) when the cache has none, or remade when its manifest was damaged. With a
+    registry set, a missing one is pulled when the registry has it, and one made here is
+    pushed when ``SANDBOX_PUSH=1`` (:mod:`sandbox.share.store`)."""
     final = locate(image, spec, accel)
     found = _readable(final)
     if found is not None:
@@ -268,8 +272,28 @@ def ensure_golden(image: Image, spec: MachineSpec, accel: str, *,
             }
             (work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
-        publish(final, build, owner_writable=("ram",))
+        key = golden_key(image, shape_plan(image, spec, accel))
+        with remote_entry("golden", key, final, reporter=reporter,
+                          check=lambda work, manifest: check_pulled(
+                              key, image, Golden(work, manifest))) as remote:
+            if remote.manifest is None:
+                publish(final, build, owner_writable=("ram",))
+                remote.built(Entry("golden", final, key, needs=(tag_for("image", image.digest),)),
+                             reporter=reporter)
     return Golden.load(final)
+
+
+def check_pulled(key: str, image: Image, golden: Golden) -> None:
+    """Refuse a pulled golden snapshot that is not the one asked for (its key, QEMU, image)
+    or whose files disagree with its manifest."""
+    manifest = golden.manifest
+    if (manifest.get("key"), manifest.get("qemu_version"), manifest.get("image_entry")) != \
+            (key, qemu_version(), image.path.name):
+        raise SnapshotError(f"the registry's golden-{key[:16]}... is another snapshot (key "
+                            f"{str(manifest.get('key'))[:16]}, QEMU "
+                            f"{manifest.get('qemu_version')}, image "
+                            f"{manifest.get('image_entry')}); it was not used")
+    golden.check()
 
 
 def make(image: Image, spec: MachineSpec, accel: str, target: Path) -> dict[str, Any]:
@@ -345,49 +369,6 @@ def arm_ssh_port(process: QemuProcess, files: MachineFiles, sock: socket.socket,
         warnings.warn(f"clones will connect over TCP instead of a waiting SSH server ({exc})",
                       SandboxWarning, stacklevel=4)
         return None
-
-
-#: The most a waiting SSH server may send before its client speaks (a banner and a key
-#: exchange offer: about 2 KiB), and the time it may take in all.
-PRELUDE_LIMIT = 64 << 10
-PRELUDE_TIMEOUT = 15.0
-#: How long the server just started may take to send its first bytes: a few seconds when
-#: TCG guests share a busy host (2 s was seen to fall short there).
-PRELUDE_FIRST = 10.0
-
-
-def read_prelude(sock: socket.socket, *, limit: int = PRELUDE_LIMIT,
-                 timeout: float = PRELUDE_TIMEOUT, first: float = PRELUDE_FIRST,
-                 quiet: float = 1.0) -> bytes:
-    """What a waiting SSH server sends before its client speaks: read until it falls silent
-    (nothing for ``quiet`` seconds; ``first`` for its first bytes). GuestDataError when it
-    sends over ``limit`` bytes or is not silent within ``timeout`` seconds in all (a server
-    that keeps talking); SnapshotError when it closes the port or sends no SSH banner."""
-    deadline = time.monotonic() + timeout
-    prelude = bytearray()
-    wait = first
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise GuestDataError(f"the waiting SSH server did not fall silent within "
-                                 f"{timeout:g} s ({len(prelude)} bytes)")
-        sock.settimeout(min(wait, left))
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            if wait > left:  # cut short by the deadline: it may still be talking
-                continue
-            break
-        if not chunk:
-            raise SnapshotError("the waiting SSH server closed its port")
-        prelude += chunk
-        if len(prelude) > limit:
-            raise GuestDataError(f"the waiting SSH server sent over {limit} bytes before its "
-                                 "client spoke (a banner and key exchange offer take about 2 KiB)")
-        wait = quiet
-    if not prelude.startswith(b"SSH-"):
-        raise SnapshotError(f"the waiting SSH server sent no banner ({bytes(prelude[:40])!r})")
-    return bytes(prelude)
 
 
 def discard_golden(golden: Golden) -> None:

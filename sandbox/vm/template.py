@@ -42,7 +42,7 @@ from typing import Any
 
 from ..base.entries import entry_backing, entry_lock, remove_entry
 from ..base.paths import cache_dir, find_tool
-from ..errors import SnapshotError, TemplateError
+from ..errors import SandboxError, SnapshotError, TemplateError
 from ..host.tools import qemu_version
 from ..imaging.image import Image, images_dir
 from .files import MachineFiles, run_tag
@@ -200,12 +200,50 @@ def find_template(ref: str | Template) -> Template:
     usable = [t for t in versions if not t.stale]
     if usable:
         return usable[-1]
+    pulled = _pull_by_name(ref) if _NAME.match(ref) else None
+    if pulled is not None and not pulled.stale:
+        return pulled
     if versions:
         raise TemplateError(f"template {ref!r} is stale ({versions[-1].stale_reason()}); save "
                             f"it again, and remove the old one with: sandbox template rm {ref}")
     known = ", ".join(sorted({t.name for t in templates()})) or "none"
     raise TemplateError(f"no template named {ref!r}; known templates: {known}. Save one with "
                         "vm.save_template(name) or: sandbox template save MACHINE NAME")
+
+
+def _pull_by_name(name: str) -> Template | None:
+    """The newest template ``name`` pushed to the configured registry (tag
+    ``template-latest-<name>``), pulled with what it stands on; None when no registry is
+    set, it has none, or it failed (a warning)."""
+    from ..share.store import registry, registry_setting, warn_once
+
+    reference = registry_setting()
+    if reference is None:
+        return None
+    from ..share.store import receive
+
+    try:
+        source = registry(reference)
+        if source.manifest(f"template-latest-{name}") is None:
+            return None
+        done = receive(source, f"template-latest-{name}", f"registry {reference}")
+    except SandboxError as exc:
+        warn_once(reference, exc, f"template {name} was not pulled")
+        return None
+    return load_template(templates_root() / done[-1][0].entry)
+
+
+def check_pulled(key: str, work: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a pulled template that is not the one asked for, cannot be cloned here (its
+    QEMU, its base), or whose files disagree with its manifest."""
+    if manifest.get("kind") != "template" or manifest.get("key") != key:
+        raise TemplateError(f"the registry's template-{key[:16]}... is another entry; it was "
+                            "not used")
+    problem = _base_problem(manifest)
+    if problem is not None:
+        raise TemplateError(f"the registry's template {manifest.get('name')} cannot be cloned "
+                            f"here: {problem}")
+    Golden(work, manifest).check()
 
 
 def remove_template(name: str) -> list[str]:
