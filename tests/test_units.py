@@ -725,7 +725,8 @@ def test_golden_key_and_template_id_follow_the_host_cpu_only_under_kvm_host(
     def keys(identity: str, accel: str, **spec: object) -> tuple[str, str]:
         shaped = _plan_on(monkeypatch, identity, accel, **spec)
         return (golden_key(image, shaped),
-                template_id("web", "v1", {"kind": "golden", "entry": "g", "created_at": "t"}, shaped.shape()))
+                template_id("web", "v1", {"kind": "golden", "entry": "g", "created_at": "t"},
+                            shaped.shape()))
 
     assert keys(INTEL, "tcg") == keys(AMD, "tcg")
     assert keys(INTEL, "kvm", cpu="x86-64-v3") == keys(AMD, "kvm", cpu="x86-64-v3")
