@@ -29,8 +29,9 @@ from sandbox.vm.golden import list_goldens
 from .conftest import IMAGE, ROOT, env_with, golden_file_digests, sandbox_cli
 from .ordinary import Account
 from .registry import PASSWORD, USER, RegistryServer, docker_config
+from .test_ordinary import account, account_bin, account_home, wheelhouse  # noqa: F401
 
-TEMPLATE = "dist-webapp"
+TEMPLATE = f"dist-webapp-{os.getpid()}"  # one per xdist worker: each has its own registry
 
 
 def registry_env(server: RegistryServer, config_dir: Path, repository: str,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..base.progress import Reporter
 from ..errors import SandboxError
 from .common import friendly, machine_options, main
 
@@ -52,7 +53,7 @@ def run(copies: tuple[str, ...], command: tuple[str, ...], timeout: float | None
         if not Path(local).exists():
             raise click.BadParameter(f"no such local path {local!r}", param_hint="--copy")
         transfers.append((Path(local), remote))
-    with launch(**shape) as vm:
+    with launch(reporter=Reporter(sys.stderr), **shape) as vm:
         for source, target in transfers:
             (vm.push if source.is_dir() else vm.put)(source, target)
         result = vm.run(command_line(command), stdout=sys.stdout.buffer,
@@ -69,7 +70,7 @@ def shell(**shape: Any) -> None:
 
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise SandboxError("sandbox shell needs a terminal; use 'sandbox run -- CMD' in scripts")
-    with launch(**shape) as vm:
+    with launch(reporter=Reporter(sys.stderr), **shape) as vm:
         status = interactive_ssh(vm)
     sys.exit(status)
 

@@ -436,9 +436,11 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         return self.qemu
 
 
-def launch(image: str | None = None, *, name: str | None = None, **shape: Any) -> Machine:
+def launch(image: str | None = None, *, name: str | None = None,
+           reporter: Reporter = QUIET, **shape: Any) -> Machine:
     """A started machine; use it as a context manager (or call ``close()``). ``image``
-    defaults to debian-12, or to the template's with ``template=``."""
+    defaults to debian-12, or to the template's with ``template=``. ``reporter`` shows the
+    long stages (an image built or pulled, a golden snapshot made); silent by default."""
     if image is not None:
         shape["image"] = image
-    return Machine(MachineSpec.from_kwargs(**shape), name=name).start()
+    return Machine(MachineSpec.from_kwargs(**shape), name=name, reporter=reporter).start()
