@@ -19,6 +19,13 @@ import sandbox
 from sandbox.imaging.image import cached_image
 from sandbox.imaging.recipe import find_recipe
 
+from .ordinary import (
+    Account,
+    build_wheelhouse,
+    install_from_wheelhouse,
+    ordinary_account,
+    shared_tmp,
+)
 from .registry import registry, tls_registry, token_registry  # noqa: F401  (session fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,3 +173,38 @@ def backing_chain(disk: Path) -> list[str]:
     info = subprocess.run(["qemu-img", "info", "--backing-chain", "--output=json", "-U",
                            str(disk)], capture_output=True, text=True, check=True, cwd="/")
     return [os.path.normpath(layer["filename"]) for layer in json.loads(info.stdout)]
+
+
+# -- the ordinary account (tests/ordinary.py), for the tests that run as it -------------
+
+
+@pytest.fixture(scope="session")
+def wheelhouse() -> Iterator[Path]:
+    directory = shared_tmp()
+    try:
+        build_wheelhouse(directory)
+        yield directory
+    finally:
+        subprocess.run(["rm", "-rf", str(directory)], check=False)
+
+
+@pytest.fixture(scope="session")
+def account() -> Account:
+    return ordinary_account()
+
+
+@pytest.fixture(scope="session")
+def account_home(account: Account) -> Iterator[Path]:
+    """A working directory of the account's own, removed after the session."""
+    work = account.make_workdir()
+    try:
+        yield work
+    finally:
+        account.remove(work)
+
+
+@pytest.fixture(scope="session")
+def account_bin(account: Account, account_home: Path, wheelhouse: Path) -> Path:
+    """The bin directory of a virtualenv of the account's, with the package installed from
+    the wheel: what the account runs, with nothing of this checkout in reach."""
+    return install_from_wheelhouse(account, wheelhouse, account_home / "venv")

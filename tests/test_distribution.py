@@ -19,17 +19,18 @@ from typing import Any
 import pytest
 
 import sandbox
-from sandbox.imaging.image import cached_image
+from sandbox.imaging.image import Image, cached_image
 from sandbox.imaging.recipe import find_recipe
 from sandbox.share.artifact import Entry
 from sandbox.share.oci import Registry
 from sandbox.share.store import send
-from sandbox.vm.golden import list_goldens
+from sandbox.vm.accel import resolve_accel
+from sandbox.vm.golden import locate
+from sandbox.vm.spec import MachineSpec
 
 from .conftest import IMAGE, ROOT, env_with, golden_file_digests, sandbox_cli
 from .ordinary import Account
 from .registry import PASSWORD, USER, RegistryServer, docker_config
-from .test_ordinary import account, account_bin, account_home, wheelhouse  # noqa: F401
 
 TEMPLATE = f"dist-webapp-{os.getpid()}"  # one per xdist worker: each has its own registry
 
@@ -41,11 +42,11 @@ def registry_env(server: RegistryServer, config_dir: Path, repository: str,
                     DOCKER_CONFIG=str(config.parent), **extra)
 
 
-def golden_of(image_entry: str) -> Path:
-    goldens = [g.path for g in list_goldens() if g.manifest.get("kind") != "template"
-               and g.manifest.get("image_entry") == image_entry]
-    assert goldens, f"no golden snapshot of {image_entry}"
-    return goldens[0]
+def default_golden(image: Image) -> Path:
+    """The golden snapshot clones of ``image`` with the default shape use here."""
+    path = locate(image, MachineSpec.from_kwargs(image=IMAGE), resolve_accel("auto"))
+    assert (path / "manifest.json").exists(), path
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def pushed(registry: RegistryServer, built_image: dict[str, Any],
         template = vm.save_template(TEMPLATE, key=str(time.time()))
     image = cached_image(find_recipe(IMAGE))
     assert image is not None
-    golden = golden_of(image.path.name)
+    golden = default_golden(image)
     pushed_image = sandbox_cli("push", IMAGE, env=env, timeout=900)
     assert pushed_image.returncode == 0, pushed_image.stderr
     pushed_template = sandbox_cli("push", "--template", TEMPLATE, env=env, timeout=900)

@@ -21,9 +21,6 @@ from .conftest import IMAGE, file_sha256
 from .ordinary import (
     ROOT,
     Account,
-    build_wheelhouse,
-    install_from_wheelhouse,
-    ordinary_account,
     shared_tmp,
 )
 
@@ -71,38 +68,6 @@ ONE_TEST = '''
 def test_kernel(vm):
     assert vm.succeed("uname -s") == "Linux\\n"
 '''
-
-
-@pytest.fixture(scope="session")
-def wheelhouse() -> Iterator[Path]:
-    directory = shared_tmp()
-    try:
-        build_wheelhouse(directory)
-        yield directory
-    finally:
-        subprocess.run(["rm", "-rf", str(directory)], check=False)
-
-
-@pytest.fixture(scope="session")
-def account() -> Account:
-    return ordinary_account()
-
-
-@pytest.fixture(scope="session")
-def account_home(account: Account) -> Iterator[Path]:
-    """A working directory of the account's own, removed after the session."""
-    work = account.make_workdir()
-    try:
-        yield work
-    finally:
-        account.remove(work)
-
-
-@pytest.fixture(scope="session")
-def account_bin(account: Account, account_home: Path, wheelhouse: Path) -> Path:
-    """The bin directory of a virtualenv of the account's, with the package installed from
-    the wheel: what the account runs, with nothing of this checkout in reach."""
-    return install_from_wheelhouse(account, wheelhouse, account_home / "venv")
 
 
 @pytest.fixture
