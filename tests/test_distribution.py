@@ -315,3 +315,24 @@ def test_a_ci_matrix_of_three_runners_builds_each_entry_once(
     for group in (1, 2, 3):
         assert len(list((tmp_path / f"cache{group}" / "golden").glob("*/manifest.json"))) == 1
         assert len(list((tmp_path / f"cache{group}" / "templates").glob("*/manifest.json"))) == 1
+
+
+def test_a_registry_that_is_down_is_a_warning_and_a_local_build(
+        built_image: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With SANDBOX_REGISTRY pointing at nothing, a missing template is made here after a
+    warning that names the registry, within a bound; the run does not fail."""
+    from sandbox.errors import SandboxWarning
+    from sandbox.machine.prepare import ensure_template
+
+    dead = f"127.0.0.1:9/down-{os.getpid()}-{time.monotonic_ns()}"
+    monkeypatch.setenv("SANDBOX_REGISTRY", dead)
+    monkeypatch.setenv("SANDBOX_PUSH", "1")
+    started = time.monotonic()
+    with pytest.warns(SandboxWarning, match=rf"registry {re.escape(dead)} could not be used "
+                                            r"\(.*did not answer.*\); .* is made here instead"):
+        template = ensure_template(f"down-{os.getpid()}",
+                                   lambda vm: vm.succeed("echo made-here > /srv/where"),
+                                   key=str(time.time()))
+    assert time.monotonic() - started < 120
+    with sandbox.launch(template=template) as clone:
+        assert clone.succeed("cat /srv/where") == "made-here\n"
