@@ -76,6 +76,14 @@ def test_a_second_push_sends_nothing(pushed: dict[str, Any]) -> None:
     again = sandbox_cli("push", IMAGE, "--template", TEMPLATE, env=pushed["env"])
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("already in") >= 3, again.stdout
+    # The listings say what is local and what the registry holds.
+    images = sandbox_cli("image", "list", "--format", "json", env=pushed["env"])
+    row = next(r for r in json.loads(images.stdout) if r["path"] == str(pushed["image"].path))
+    assert 0 < row["remote_size"] < row["size"], row
+    table = sandbox_cli("template", "ls", env=pushed["env"]).stdout
+    assert "REGISTRY" in table.splitlines()[0], table
+    line = next(line for line in table.splitlines() if pushed["template"].id in line)
+    assert "not pushed" not in line and re.search(r"\d+(\.\d+)?[KMG]", line), table
 
 
 def test_an_ordinary_account_clones_pulled_entries_with_no_build_and_no_golden_boot(

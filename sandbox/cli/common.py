@@ -98,3 +98,34 @@ def main() -> None:
     logging.getLogger("paramiko").setLevel(logging.CRITICAL)
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
+
+
+def remote_sizes(tags: list[str]) -> dict[str, int | None] | None:
+    """What each entry tag takes in the configured registry (its blobs), None for a tag the
+    registry lacks; None in all when no registry is set. A registry that fails is said once
+    on stderr and counts as lacking them."""
+    from ..errors import SandboxError
+    from ..share.artifact import lookup
+    from ..share.store import registry, registry_setting
+
+    reference = registry_setting()
+    if reference is None:
+        return None
+    sizes: dict[str, int | None] = {}
+    try:
+        source = registry(reference)
+        for tag in tags:
+            remote = lookup(source, tag, f"registry {reference}")
+            sizes[tag] = remote.stored if remote is not None else None
+    except SandboxError as exc:
+        click.echo(f"sandbox: registry {reference}: {exc}", err=True)
+    return sizes
+
+
+def remote_cell(sizes: dict[str, int | None] | None, tag: str | None) -> str:
+    from ..base.sizes import format_size
+
+    if sizes is None or tag is None:
+        return "-"
+    size = sizes.get(tag)
+    return format_size(size) if size is not None else "not pushed"

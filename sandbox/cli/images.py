@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..base.sizes import format_size
-from .common import emit, format_option, friendly, main
+from .common import emit, format_option, friendly, main, remote_cell, remote_sizes
 
 
 @main.group()
@@ -79,10 +79,16 @@ def image_list(fmt: str) -> None:
               "boot": None}
              for name, path in recipes.items() if not any(i.name == name for i in images)]
     rows.sort(key=lambda row: (row["name"], row["built_at"] or ""))
+    remote = remote_sizes([f"image-{r['digest']}" for r in rows if r["digest"]])
+    for row in rows:
+        row["remote_size"] = (remote or {}).get(f"image-{row['digest']}")
     emit(rows, fmt, [
         ("NAME", 20, lambda r: r["name"]),
         ("DIGEST", 16, lambda r: r["digest"][:16] if r["digest"] else "-"),
         ("SIZE", -7, lambda r: format_size(r["size"]) if r["size"] is not None else "-"),
+        *([("REGISTRY", -10, lambda r: remote_cell(remote, f"image-{r['digest']}"
+                                                   if r["digest"] else None))]
+          if remote is not None else []),
         ("BUILT", 24, lambda r: r["built_at"] or "not built"),
         ("CURRENT", 7, lambda r: {True: "yes", False: "old"}.get(r["current"], "-")),
         ("BOOT", 6, lambda r: r["boot"] or "-"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import emit, format_option, friendly, main
+from .common import emit, format_option, friendly, main, remote_cell, remote_sizes
 
 
 @main.group()
@@ -54,10 +54,16 @@ def list_templates(fmt: str) -> None:
     """The saved templates (stale ones say why: their base was made again or removed)."""
     from ..vm.template import templates
 
-    emit([t.summary() for t in templates()], fmt, [
+    rows = [dict(t.summary(), tag=f"template-{t.manifest.get('key')}") for t in templates()]
+    remote = remote_sizes([row["tag"] for row in rows])
+    for row in rows:
+        row["remote_size"] = (remote or {}).get(row["tag"])
+    emit(rows, fmt, [
         ("NAME", 16, lambda t: t["name"]), ("ID", 34, lambda t: t["id"]),
         ("KEY", 16, lambda t: t["key"] or "-"), ("IMAGE", 12, lambda t: t["image"]),
         ("SIZE", -8, lambda t: f"{t['size'] / 2**20:.0f}M"),
+        *([("REGISTRY", -10, lambda t: remote_cell(remote, t["tag"]))] if remote is not None
+          else []),
         ("CREATED", 25, lambda t: t["created"]),
         ("STATUS", 0, lambda t: f"stale: {t['stale']}" if t["stale"] else "ok"),
     ], empty="no templates: vm.save_template(NAME) or sandbox template save MACHINE NAME")
