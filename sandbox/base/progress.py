@@ -62,17 +62,25 @@ class Reporter:
             return
         step = max(total // 10, 1) if total else 64 << 20
         state = {"done": done, "next": done + step}
+        start = time.monotonic()
+
+        def rate() -> str:
+            seconds = time.monotonic() - start
+            moved = state["done"] - done
+            return f", {moved / 2**20 / seconds:.1f} MiB/s" if seconds > 0.05 and moved else ""
 
         def advance(n: int) -> None:
             state["done"] += n
             if state["done"] >= state["next"]:
                 state["next"] += step
                 of = f" of {total >> 20} MiB" if total else ""
-                print(f"{name}: {state['done'] >> 20} MiB{of}", file=self.stream, flush=True)
+                print(f"{name}: {state['done'] >> 20} MiB{of}{rate()}", file=self.stream,
+                      flush=True)
 
         print(f"{name}...", file=self.stream, flush=True)
         yield advance
-        print(f"{name}: done, {state['done'] >> 20} MiB", file=self.stream, flush=True)
+        print(f"{name}: done, {state['done'] >> 20} MiB in {time.monotonic() - start:.1f} s"
+              f"{rate()}", file=self.stream, flush=True)
 
 
 QUIET = Reporter(quiet=True)

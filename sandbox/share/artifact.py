@@ -61,6 +61,8 @@ CONFIG_LIMIT = 1 << 20
 #: zstd level 1: 2.8x on an image disk at several times the speed of level 3 (which saves
 #: a further 10%).
 ZSTD_LEVEL = 1
+#: Blobs this large or larger get a progress line (bytes, rate); smaller ones are quick.
+PROGRESS_FROM = 8 << 20
 CHUNK = 1 << 20
 _ENTRY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,126}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -142,7 +144,8 @@ def push_entry(sink: Sink, entry: Entry, *, reporter: Reporter = QUIET,
             blob = scratch / name
             digest, size = compress(source, blob)
             stored = blob.stat().st_size
-            with reporter.progress(f"pushing {entry.path.name}/{name}", stored) as advance:
+            shown = reporter if stored >= PROGRESS_FROM else QUIET
+            with shown.progress(f"pushing {entry.path.name}/{name}", stored) as advance:
                 if sink.push_blob(blob, digest, advance=advance):
                     sizes["sent"] += stored
             blob.unlink()
@@ -294,8 +297,8 @@ def unpack(source: Source, remote: Remote, final: Path, *, max_size: int,
         for layer in remote.manifest["layers"]:
             name = layer["annotations"][TITLE]
             blob = downloads / layer["digest"].split(":")[1]
-            with reporter.progress(f"pulling {remote.entry}/{name}", int(layer["size"])) \
-                    as advance:
+            shown = reporter if int(layer["size"]) >= PROGRESS_FROM else QUIET
+            with shown.progress(f"pulling {remote.entry}/{name}", int(layer["size"])) as advance:
                 source.pull_blob(layer["digest"], int(layer["size"]), blob, advance=advance)
             decompress(blob, work / name, int(layer["annotations"]["sandbox.size"]))
             blob.unlink()
