@@ -76,6 +76,12 @@ def template_entries(name: str) -> list[Any]:
             current, kind = image, "image"
             continue
         base = manifest["base"]
+        if base["kind"] == "image":  # saved from a cold-booted machine
+            image = Image.load(images_dir() / base["entry"])
+            chain.insert(0, Entry("template", current.path, manifest["key"],
+                                  needs=(f"image-{image.digest}",)))
+            current, kind = image, "image"
+            continue
         base_path = (golden_root() if base["kind"] == "golden" else templates_root()) / \
             base["entry"]
         base_golden = Golden.load(base_path)
