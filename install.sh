@@ -85,4 +85,23 @@ if [ ! -x "$registry_bin" ]; then
         exit 1
     fi
 fi
+# OpenSSH's server for tests/test_remote_workers.py (pytest-xdist workers over ssh), unpacked
+# into .tools/ like docker-registry and for the same reason: installing openssh-server would
+# start its service, listening on every interface. The test starts its own sshd on 127.0.0.1
+# with its own config and keys. libwrap0, which sshd links and hosts without openssh-server
+# lack, goes beside it (the test puts its directory on LD_LIBRARY_PATH).
+sshd_bin=.tools/openssh-server/usr/sbin/sshd
+if [ ! -x "$sshd_bin" ] || ! compgen -G ".tools/openssh-server/usr/lib/*/libwrap.so.0" >/dev/null; then
+    ssh_download=$(mktemp -d)
+    chmod 755 "$ssh_download"
+    trap 'rm -rf "${download:-}" "$ssh_download"' EXIT
+    if (cd "$ssh_download" && apt-get download -q openssh-server libwrap0 >/dev/null 2>&1); then
+        mkdir -p .tools/openssh-server
+        for deb in "$ssh_download"/*.deb; do dpkg-deb -x "$deb" .tools/openssh-server; done
+    else
+        echo "install.sh: openssh-server could not be downloaded (apt-get update as root" \
+             "may help); tests/test_remote_workers.py needs it" >&2
+        exit 1
+    fi
+fi
 echo "install.sh: ready: .venv/bin/sandbox, .venv/bin/pytest (check the host: .venv/bin/sandbox doctor)"
