@@ -169,11 +169,14 @@ def test_registry_failures_name_the_cause(pushed: dict[str, Any], registry: Regi
         not any((tmp_path / "cache" / "images").iterdir())
 
 
-def test_a_corrupted_blob_is_refused_with_its_digest(pushed: dict[str, Any],
-                                                      registry: RegistryServer,
-                                                      tmp_path: Path) -> None:
+def test_a_corrupted_blob_is_refused_with_its_digest(pushed: dict[str, Any], tmp_path: Path,
+                                                      request: pytest.FixtureRequest) -> None:
     """A blob changed in the registry's storage: the pull names the digest it should have
-    had, and nothing of the entry is left."""
+    had, and nothing of the entry is left. (A registry of its own: blobs are stored once
+    for all repositories, and the other tests' copy must stay whole.)"""
+    (tmp_path / "registry").mkdir()
+    registry = RegistryServer(tmp_path / "registry", users={USER: PASSWORD}).start()
+    request.addfinalizer(registry.stop)
     client = Registry(registry.reference("corrupt"), auth_file=docker_config(
         tmp_path / "docker", registry.host))
     golden = Entry("golden", pushed["golden"], json.loads(

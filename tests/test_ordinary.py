@@ -181,7 +181,8 @@ def test_an_ordinary_account_builds_clones_tests_and_keeps_named_machines(
         # write disk and memory; sha256 of ram, state and disk.qcow2 before and after),
         # run by the account against its golden snapshot.
         account.run(["mkdir", str(project / "tests")], check=True)
-        for name in ("__init__.py", "conftest.py", "test_golden.py"):
+        for name in ("__init__.py", "conftest.py", "ordinary.py", "registry.py",
+                     "test_golden.py"):
             account.write(project / "tests" / name, (ROOT / "tests" / name).read_text())
         golden_check = account.run(
             [str(bin_dir / "pytest"), "-p", "no:cacheprovider",
