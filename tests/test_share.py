@@ -169,3 +169,19 @@ def test_an_entry_with_unexpected_files_is_not_pushed(tmp_path: Path, cache: Pat
     (golden.path / "notes.txt").write_text("x")
     with pytest.raises(RegistryError, match=r"does not have \(notes.txt\)"):
         push_entry(ArchiveWriter(tmp_path / "x.tar"), golden)
+
+
+def test_an_entry_larger_than_the_limit_is_not_fetched(tmp_path: Path, cache: Path) -> None:
+    golden = make_golden(tmp_path / "src")
+    out = tmp_path / "cache.tar"
+    export([golden], out)
+    archive = Archive(out, tmp_path, max_size=1 << 30)
+    try:
+        remote = lookup(archive, golden.tag, "test")
+        assert remote is not None
+        with pytest.raises(RegistryError, match=r"takes 64 MiB, more than 32 MiB.*"
+                                                r"SANDBOX_IMPORT_MAX_SIZE"):
+            unpack(archive, remote, cache / "golden" / golden.path.name, max_size=32 << 20)
+    finally:
+        archive.close()
+    assert not (cache / "golden" / golden.path.name).exists()

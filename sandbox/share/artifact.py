@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import struct
 import tempfile
 import time
@@ -274,12 +275,23 @@ def unpack(source: Source, remote: Remote, final: Path, *, max_size: int,
     (call it holding the entry's lock). ``check(work, manifest)`` looks at the unpacked
     files before they are published (raise to refuse them). Blobs fetched half-way stay
     in :func:`downloads_dir` for the next pull to resume. Returns the entry's manifest."""
-    if remote.size > max_size:
-        raise RegistryError(f"{remote.tag} unpacks to {remote.size >> 20} MiB, more than "
+    largest = max(remote.size, remote.stored)
+    if largest > max_size:
+        raise RegistryError(f"{remote.tag} takes {largest >> 20} MiB, more than "
                             f"{max_size >> 20} MiB, the most this cache takes for one entry; "
                             "raise SANDBOX_IMPORT_MAX_SIZE if it is really that large")
     downloads = downloads_dir()
     final.parent.mkdir(parents=True, exist_ok=True)
+    # Room for the largest compressed blob beside the unpacked files (sparse files need
+    # less than their size: this errs on the safe side).
+    needed = remote.size + max((int(layer["size"]) for layer in remote.manifest["layers"]),
+                               default=0)
+    free = shutil.disk_usage(final.parent).free
+    if needed > free:
+        raise RegistryError(f"not enough space in the cache for {remote.entry}: it needs up "
+                            f"to {needed >> 20} MiB, {free >> 20} MiB are free in "
+                            f"{final.parent}; free some (sandbox image rm NAME --old) or set "
+                            "SANDBOX_CACHE_DIR")
 
     def build(work: Path) -> dict[str, Any]:
         config = remote.manifest["config"]
