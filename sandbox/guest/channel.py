@@ -41,8 +41,9 @@ __all__ = ["Channel", "CommandResult", "TranscriptEntry", "command_string", "con
 
 #: A server that has not answered a keepalive within this long is gone (over the
 #: virtio-serial port a dead server never shows as end-of-file). Asked every PING_AFTER
-#: seconds while a command is silent.
-PING_TIMEOUT = 10.0
+#: seconds while a command is silent. 10 s was too short for a TCG guest busy with eight
+#: sessions on a host whose two cores other machines kept busy.
+PING_TIMEOUT = 25.0
 #: How long an SFTP transfer may wait for the guest without any progress.
 SFTP_IDLE_TIMEOUT = 60.0
 #: The first line of every command: wait for the client's go (one newline on stdin), and
