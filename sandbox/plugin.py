@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,13 @@ _OPTIONS = (
      "flag", None),
     ("log-dir", "write the console log and command transcript of each VM of a failed test "
      "into this directory (for CI artifacts)", "value", None),
+    ("save-failed", "save the whole state of each VM of a failed test (memory, disk, "
+     "processes) into this directory, or push it with 'registry'; resume one anywhere with "
+     "sandbox debug", "value", None),
+    ("save-failed-base", "put each saved VM's base (image, golden snapshot) in its file too, "
+     "for hosts with no registry", "flag", None),
+    ("save-failed-max", "the most the saved VMs of a run take in all (default 2G); later VMs "
+     "are not saved", "value", None),
     ("registry", "OCI registry (host/repository) the cache pulls entries from before building "
      "them (SANDBOX_REGISTRY)", "value", None),
     ("push", "push the images, golden snapshots and templates built by this run to the "
@@ -48,6 +56,10 @@ _OPTIONS = (
 _MACHINES = pytest.StashKey[list["Machine"]]()
 _CALL_FAILED = pytest.StashKey[bool]()
 _KEPT = pytest.StashKey[list[str]]()
+_SAVED = pytest.StashKey[list[str]]()
+#: What the saved VMs of this process took (a registry target; a directory counts its files).
+_SAVED_BYTES = pytest.StashKey[int]()
+DEFAULT_SAVE_MAX = "2G"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -77,6 +89,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "command_timeout=, template=): the shape of the machines of this test (vm, "
         "vm_factory); template= clones a saved template instead of the image")
     config.stash[_KEPT] = []
+    config.stash[_SAVED] = []
+    config.stash[_SAVED_BYTES] = 0
     # The cache reads these from the environment: so do xdist workers and `sandbox` commands
     # that tests run.
     registry = _setting(config, "registry")
@@ -84,6 +98,22 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["SANDBOX_REGISTRY"] = str(registry)
     if _setting(config, "push"):
         os.environ["SANDBOX_PUSH"] = "1"
+    _check_save_settings(config)
+
+
+def _check_save_settings(config: pytest.Config) -> None:
+    from .base.sizes import parse_size
+
+    target = _setting(config, "save-failed")
+    if target is None:
+        return
+    try:
+        parse_size(str(_setting(config, "save-failed-max") or DEFAULT_SAVE_MAX))
+    except ValueError as exc:
+        raise pytest.UsageError(f"--sandbox-save-failed-max: {exc}") from None
+    if target == "registry" and not os.environ.get("SANDBOX_REGISTRY"):
+        raise pytest.UsageError("--sandbox-save-failed=registry needs a registry: give "
+                                "--sandbox-registry HOST/REPO (or SANDBOX_REGISTRY)")
 
 
 def _setting(config: pytest.Config, name: str) -> Any:
@@ -277,6 +307,9 @@ def pytest_runtest_makereport(
     machines = item.stash.get(_MACHINES, [])
     if report.when == "call":
         item.stash[_CALL_FAILED] = report.failed
+    if report.failed and machines and report.when in ("setup", "call") and \
+            _setting(item.config, "save-failed"):
+        _save_failed(item, call, report, machines)
     if report.failed and machines:
         log_dir = _setting(item.config, "log-dir")
         for machine in machines:
@@ -290,6 +323,90 @@ def pytest_runtest_makereport(
     return report
 
 
+def _save_failed(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport,
+                 machines: list[Machine]) -> None:
+    """Pause every running machine of the failed test, then save each whole (see
+    :mod:`sandbox.machine.replay`); each runs on for the teardown."""
+    from .errors import SandboxError
+
+    running = [m for m in machines if not m.closed and m.qemu is not None]
+    for machine in running:  # all at the moment of failure, before any save takes time
+        with suppress(SandboxError):
+            machine.qmp("stop")
+    failure = call.excinfo.exconly() if call.excinfo is not None else report.longreprtext
+    failed_at = time.strftime("%Y-%m-%d %H:%M:%S")
+    lines: list[str] = []
+    for machine in running:
+        try:
+            lines += _save_one(item, machine, failure, failed_at)
+        except (SandboxError, OSError) as exc:
+            lines.append(f"sandbox: VM '{machine.name}' of {item.nodeid} was not saved: {exc}")
+        finally:
+            with suppress(SandboxError):
+                if machine.qmp("query-status").get("status") in ("paused", "postmigrate"):
+                    machine.qmp("cont")
+    item.config.stash[_SAVED].extend(lines)
+    report.sections.append(("sandbox: saved VMs", "\n".join(lines)))
+    with _to_terminal(item.config) as write:
+        for line in lines:
+            write(line)
+
+
+def _save_one(item: pytest.Item, machine: Machine, failure: str, failed_at: str) -> list[str]:
+    """Save ``machine`` of failed test ``item`` where --sandbox-save-failed says, within the
+    size bound; the report's lines."""
+    from filelock import FileLock
+
+    from .base.sizes import format_size, parse_size
+    from .machine.replay import SUFFIX, capture, push_saved, scratch, write_file
+    from .vm.replay import entry_stem
+
+    config = item.config
+    target = str(_setting(config, "save-failed"))
+    bound = parse_size(str(_setting(config, "save-failed-max") or DEFAULT_SAVE_MAX))
+    what = f"VM '{machine.name}' of {item.nodeid}"
+    started = time.monotonic()
+    if target == "registry":
+        used = config.stash[_SAVED_BYTES]
+        if used >= bound:
+            return [f"sandbox: {what} was not saved: the saved VMs of this run take "
+                    f"{format_size(used)}, the bound (--sandbox-save-failed-max) is "
+                    f"{format_size(bound)}"]
+        with scratch() as work:
+            entry, chain = capture(machine, work, test=item.nodeid, failure=failure,
+                                   failed_at=failed_at)
+            reference, size = push_saved(entry, chain)
+        config.stash[_SAVED_BYTES] = used + size
+        return [f"sandbox: saved {what} ({format_size(size)}, {time.monotonic() - started:.1f} s) "
+                f"-> {reference}",
+                f"         replay:  sandbox debug {reference}"]
+    directory = Path(target)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{entry_stem(item.nodeid, 150)}-{entry_stem(machine.name)}{SUFFIX}"
+    with FileLock(str(directory / ".sandbox-save.lock")):
+        used = sum(p.stat().st_size for p in directory.glob(f"*{SUFFIX}") if p != path)
+        if used >= bound:
+            return [f"sandbox: {what} was not saved: {directory} holds {format_size(used)} of "
+                    f"saved VMs, the bound (--sandbox-save-failed-max) is {format_size(bound)}"]
+        partial = directory / f".{path.name}.{os.getpid()}.tmp"
+        try:
+            with scratch() as work:
+                entry, chain = capture(machine, work, test=item.nodeid, failure=failure,
+                                       failed_at=failed_at)
+                size = write_file(entry, chain, partial,
+                                  with_base=bool(_setting(config, "save-failed-base")))
+            if used + size > bound:
+                return [f"sandbox: {what} was not saved: it takes {format_size(size)}, and "
+                        f"{format_size(max(0, bound - used))} are left under the bound "
+                        f"(--sandbox-save-failed-max {format_size(bound)})"]
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
+    return [f"sandbox: saved {what} ({format_size(size)}, {time.monotonic() - started:.1f} s) "
+            f"-> {path}",
+            f"         replay:  sandbox debug {path}"]
+
+
 def _write_logs(directory: Path, item: pytest.Item, machine: Machine) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", item.nodeid).strip("_")[:120]
@@ -299,6 +416,11 @@ def _write_logs(directory: Path, item: pytest.Item, machine: Machine) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    saved = config.stash.get(_SAVED, [])
+    if saved:
+        terminalreporter.section("sandbox: VMs of failed tests saved")
+        for line in saved:
+            terminalreporter.write_line(line)
     kept = config.stash.get(_KEPT, [])
     if kept:
         terminalreporter.section("sandbox: VMs kept running")

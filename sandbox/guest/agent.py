@@ -41,14 +41,16 @@ class Agent:
                                f"{guest_text(str(answer.get('error')))[:500]}")
         return answer
 
-    def send_identity(self, **fields: object) -> None:
-        """Connect and send the request (with ``fields``); the guest answers once it runs."""
+    def send_identity(self, *, clock: bool = True, **fields: object) -> None:
+        """Connect and send the request (with ``fields``; the host's time too unless
+        ``clock`` is False); the guest answers once it runs."""
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout)
             sock.connect(str(self.path))
-            request = {"op": "identity", "time": time.time(), "seed": os.urandom(64).hex(),
-                       **fields}
+            request = {"op": "identity", "seed": os.urandom(64).hex(), **fields}
+            if clock:
+                request["time"] = time.time()
             sock.sendall(json.dumps(request).encode() + b"\n")
             self._sock = sock
         except OSError as exc:

@@ -185,6 +185,11 @@ def attach(name: str, *, connect_ssh: bool = True, monitor: bool = True) -> Mach
                            f"sandbox down {name}")
     machine = Machine(named.spec, name=name, die_with_parent=False, home=named.path)
     machine.user = named.state.get("user", "root")
+    if named.state.get("source"):  # what its RAM and disk came from (to save it)
+        from ..vm.golden import Golden
+
+        with contextlib.suppress(OSError, ValueError):
+            machine.source = Golden.load(Path(named.state["source"]))
     machine.adopt(Image.load(Path(named.state["image_path"])), named.pid,
                   named.state.get("start_ticks"), int(named.state["ssh_port"]),
                   connect_ssh=connect_ssh, monitor=monitor)

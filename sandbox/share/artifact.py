@@ -46,12 +46,14 @@ ARTIFACT_TYPE = "application/vnd.pytest-qemu-sandbox.entry.v1"
 CONFIG_TYPE = "application/vnd.pytest-qemu-sandbox.manifest.v1+json"
 FILE_TYPE = "application/vnd.pytest-qemu-sandbox.file.v1+zstd"
 TITLE = "org.opencontainers.image.title"
-KINDS = {"image": "images", "golden": "golden", "template": "templates"}
+KINDS = {"image": "images", "golden": "golden", "template": "templates", "saved": "saved"}
 #: The files each kind of entry may hold (besides manifest.json).
 FILES = {
     "image": {"disk.qcow2", "vmlinuz", "initrd.img", "seed.iso", "client_key"},
     "golden": {"ram", "state", "disk.qcow2", "ssh-prelude", "console.log"},
     "template": {"ram", "state", "disk.qcow2", "ssh-prelude", "console.log"},
+    # a machine saved as it was (sandbox.vm.replay): its RAM as a delta on its base's
+    "saved": {"ram.delta", "state", "disk.qcow2", "console.log"},
 }
 #: Files only the owner may read (0400), and files the owner keeps writable (0644, see
 #: :func:`sandbox.base.entries.publish`).

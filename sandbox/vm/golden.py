@@ -120,11 +120,11 @@ class Golden:
             raise SnapshotError("its disk is not a qcow2 image")
 
     def start_clone(self, plan: QemuPlan, *, die_with_parent: bool, detachable: bool = False,
-                    identity: dict[str, object] | None = None) -> Clone:
+                    identity: dict[str, object] | None = None, clock: bool = True) -> Clone:
         """A running clone: QEMU started on ``plan`` (its disk a fresh overlay on this
         snapshot's, its RAM this snapshot's file mapped copy-on-write), the device state
         loaded, a new identity sent to the guest agent (with ``identity``'s fields: its
-        networks), resumed. SSH is the caller's."""
+        networks; the host's time unless ``clock`` is False), resumed. SSH is the caller's."""
         files = plan.files
         if self.console.exists():
             with files.console_log.open("wb") as log:
@@ -152,7 +152,7 @@ class Golden:
             process.load_state(self.state, "loading the golden snapshot")
             if self.manifest.get("agent", True):
                 clone.agent = Agent(files.agent_socket)
-                clone.agent.send_identity(**(identity or {}))
+                clone.agent.send_identity(clock=clock, **(identity or {}))
             process.qmp("cont")
         except BaseException:
             clone.close()
