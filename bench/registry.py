@@ -19,9 +19,7 @@ Figures, not assertions.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.figures import print_figures, remove_tree  # noqa: E402
 from tests.registry import RegistryServer  # noqa: E402
 
 IMAGE = "debian-12"
@@ -102,14 +101,8 @@ def main() -> None:
                                          / figures["build: first clone -> first command (s)"])
     finally:
         server.stop()
-        subprocess.run(["chmod", "-R", "u+w", str(work)], check=False)  # sealed entries
-        shutil.rmtree(work, ignore_errors=True)
-    if as_json:
-        print(json.dumps(figures, indent=2))
-        return
-    width = max(len(name) for name in figures)
-    for name, value in figures.items():
-        print(f"{name:<{width}}  {value:10.2f}")
+        remove_tree(work)
+    print_figures(figures, as_json)
 
 
 if __name__ == "__main__":

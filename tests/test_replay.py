@@ -438,7 +438,7 @@ def named_env(tmp_path: Path, built_image: dict[str, Any]) -> Iterator[dict[str,
     runtime = tempfile.mkdtemp(prefix="rp-", dir="/tmp")
     env = env_with(SANDBOX_RUNTIME_DIR=runtime)
     yield env
-    for name in ("dev", "dev-back", "dev-back-2", "kept-clock"):
+    for name in ("dev", "dev-back", "dev-back-2", "kept-clock", "revived"):
         sandbox_cli("down", name, env=env)
     shutil.rmtree(runtime, ignore_errors=True)
 
@@ -484,3 +484,42 @@ def test_sandbox_save_writes_a_named_machine_and_debug_brings_it_back(
     # A name that is taken.
     taken = sandbox_cli("debug", str(file), "--no-shell", "--name", "dev", env=named_env)
     assert taken.returncode == 2 and "exists already" in taken.stderr, taken.stderr
+    # Saved with its SSH server on port 22 stopped: debug arms one on the virtio-serial port
+    # and starts port 22's again, so the CLI verbs work.
+    sandbox_cli("exec", "dev", "--", "systemd-run", "--unit=stopper", "sh", "-c",
+                "sleep 1; systemctl stop sandbox-sshd", env=named_env)
+    time.sleep(5)
+    no_sshd = tmp_path / "no-sshd.sandbox"
+    assert sandbox_cli("save", "dev", str(no_sshd), env=named_env).returncode == 0
+    revived = sandbox_cli("debug", str(no_sshd), "--no-shell", "--name", "revived",
+                          env=named_env)
+    assert revived.returncode == 0, revived.stderr
+    active = sandbox_cli("exec", "revived", "--", "sh", "-c",
+                         "systemctl is-active sandbox-sshd; cat /root/note", env=named_env)
+    assert active.stdout.split() == ["active", "at-the-terminal"], active.stdout + active.stderr
+
+
+def test_its_networks_come_back_as_networks_of_its_own(named_env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    network = f"replay-{os.getpid()}"
+    for name in ("dev", "dev-back"):  # the peer of dev on the network
+        up = sandbox_cli("up", name, "--network", network, env=named_env)
+        assert up.returncode == 0, up.stderr
+    listed = json.loads(sandbox_cli("ls", "--format", "json", env=named_env).stdout)
+    address = next(m for m in listed if m["name"] == "dev")["networks"][network]
+    file = tmp_path / "networked.sandbox"
+    assert sandbox_cli("save", "dev", str(file), env=named_env).returncode == 0
+    resumed = sandbox_cli("debug", str(file), "--no-shell", "--name", "revived", env=named_env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"network 0 ({network}, address {address}): on a private network of its own; its " \
+           "other members are not here" in resumed.stdout, resumed.stdout
+    links = sandbox_cli("exec", "revived", "--", "ip", "-4", "-br", "addr", env=named_env)
+    assert re.search(rf"^eth1\s+UP\s+{re.escape(address)}/", links.stdout, re.M), links.stdout
+    # dev's peer is not on the resumed machine's network.
+    alone = sandbox_cli("exec", "revived", "--", "python3", "-c",
+                        "import socket; peer = socket.gethostbyname('dev-back'); "
+                        "s = socket.socket(); s.settimeout(3); "
+                        "print(peer, 'reached' if s.connect_ex((peer, 22)) == 0 else 'alone')",
+                        env=named_env)
+    assert re.fullmatch(r"192\.168\.\d+\.\d+ alone", alone.stdout.strip()), \
+        alone.stdout + alone.stderr

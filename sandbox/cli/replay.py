@@ -100,7 +100,7 @@ def debug(ref: str, name: str | None, no_shell: bool, keep_clock: bool,
                f"{machine.ssh_port})")
     for note in resumed.notes:
         click.echo(f"sandbox: {note}")
-    if no_shell:
+    if no_shell or manifest.get("run_state") == "guest-panicked":
         click.echo(f"  sandbox ssh {machine.name}    sandbox exec {machine.name} -- CMD    "
                    f"sandbox down {machine.name}")
         machine.disconnect()

@@ -185,6 +185,9 @@ def attach(name: str, *, connect_ssh: bool = True, monitor: bool = True) -> Mach
                            f"sandbox down {name}")
     machine = Machine(named.spec, name=name, die_with_parent=False, home=named.path)
     machine.user = named.state.get("user", "root")
+    recorded = named.state.get("networks") or {}
+    machine.addresses = {path: recorded[Path(path).name] for path in named.spec.networks
+                         if Path(path).name in recorded}
     if named.state.get("source"):  # what its RAM and disk came from (to save it)
         from ..vm.golden import Golden
 

@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 from ..base.entries import reap_abandoned
 from ..base.paths import cache_dir, find_tool
 from ..base.progress import QUIET, Reporter
-from ..errors import ChannelError, RegistryError, SandboxError, SandboxWarning
-from ..guest.sockets import PreludeSocket, tcp
+from ..errors import RegistryError, SandboxError, SandboxWarning
+from ..guest.sockets import PreludeSocket
 from ..host.tools import qemu_version
 from ..share.artifact import KINDS, Entry, lookup, unpack
 from ..vm import console
@@ -68,6 +69,8 @@ if TYPE_CHECKING:
 SUFFIX = ".sandbox"
 #: How long the restored guest's old SSH relay may hold the virtio-serial port.
 ARM_TIMEOUT = 10.0
+#: How long the resumed guest's SSH server on port 22 may take to answer.
+TCP_TIMEOUT = 10.0
 
 
 # -- saving -----------------------------------------------------------------------------------
@@ -165,7 +168,8 @@ def capture(machine: Machine, parent: Path, *, test: str | None = None,
     full = entry / "full-state"
     disk = entry / "disk.qcow2"
     try:
-        if qemu.qmp("query-status").get("status") == "running":
+        run_state = str(qemu.qmp("query-status").get("status"))
+        if run_state == "running":
             qemu.qmp("stop")
         try:
             qemu.save_state(full, f"saving {machine.name}", ignore_shared=False)
@@ -173,7 +177,8 @@ def capture(machine: Machine, parent: Path, *, test: str | None = None,
             shutil.copyfile(files.overlay, disk)
         finally:
             if resume:
-                qemu.qmp("cont")
+                with contextlib.suppress(SandboxError):
+                    qemu.qmp("cont")
         paused = time.monotonic() - started
         if _backing(disk) != str(source.disk):  # a resumed machine: one more layer
             _rebase(disk, str(source.disk), safe=True)
@@ -206,6 +211,9 @@ def capture(machine: Machine, parent: Path, *, test: str | None = None,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "ram_pages": pages, "ram_changed_pages": changed,
             "state_bytes": (entry / "state").stat().st_size,
+            # "paused": stopped before the save (a failed test's machines all are);
+            # "guest-panicked": its kernel had panicked.
+            "run_state": run_state,
             "paused_seconds": round(paused, 2),
             "save_seconds": round(time.monotonic() - started, 2),
         }
@@ -456,6 +464,9 @@ def resume(ref: str, *, name: str | None = None, keep_clock: bool = False,
         shutil.rmtree(home, ignore_errors=True)
         raise
     notes = _network_notes(manifest)
+    if manifest.get("run_state") == "guest-panicked":
+        notes.append(f"its kernel had panicked when it was saved: it has no SSH; read its "
+                     f"console with: sandbox logs {name}")
     return Resumed(machine, manifest, base_from, notes, time.monotonic() - started)
 
 
@@ -501,11 +512,13 @@ def _start(name: str, home: Path, manifest: dict[str, Any], image: Image, base: 
         machine.qemu, machine.source = clone.process, base
         machine.user = str(manifest.get("user") or "root")
         machine._find_ssh_port()
+        if manifest.get("run_state") == "guest-panicked":
+            # Its kernel is where it panicked: nothing answers SSH; the console tells.
+            write_state(machine)
+            return machine
         error = clone.identity_error() if clone.agent else None
         _connect(machine, image, armed=bool(clone.agent), keep_clock=keep_clock)
         if error and not keep_clock:
-            import warnings
-
             warnings.warn(f"{name}: its clock was not set ({error})", SandboxWarning,
                           stacklevel=3)
         write_state(machine)
@@ -520,44 +533,49 @@ def _opener(port: socket.socket, prelude: bytes) -> Callable[[float], PreludeSoc
 
 
 def _connect(machine: Machine, image: Image, *, armed: bool, keep_clock: bool) -> None:
-    """SSH to the resumed machine: through a fresh server armed on its virtio-serial port
-    (the old session's relay lets go of the port once it sees the host gone), else over
-    TCP; then make sure the server on port 22 answers (restarted when it died), since the
-    CLI verbs reach named machines there."""
-    from ..guest.channel import connect
+    """SSH to the resumed machine: over TCP to its server on port 22 (where the CLI verbs
+    reach named machines); when that one does not answer (the test had stopped it), through
+    a fresh server armed on its virtio-serial port (the old session's relay lets go of the
+    port once it sees the host gone), and port 22's server restarted through it."""
+    from ..errors import BootError
     from ..guest.commands import as_root
     from ..vm.bringup import set_clock
 
     files, qemu = machine.files, machine.qemu
     assert files is not None and qemu is not None
-    if armed:
-        deadline = time.monotonic() + ARM_TIMEOUT
-        while machine._channel is None and time.monotonic() < deadline:
-            port = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            port.connect(str(files.ssh_socket))
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", SandboxWarning)
-                prelude = arm_ssh_port(qemu, files, port, image)
-            if prelude is None:
-                port.close()
-                time.sleep(0.5)
-                continue
-            machine._port_socket = port
-            try:
-                machine._connect_ssh(30.0, _opener(port, prelude), attempts=1)
-            except SandboxError:
-                machine._port_socket = None
-                port.close()
-    if machine._channel is None:
-        machine._connect_ssh(60.0)
-    if not armed and not keep_clock:  # no agent set it
-        set_clock(machine.channel, machine.user)
     try:
-        probe = connect(tcp(("127.0.0.1", machine.ssh_port)), image.client_key().load(),
-                        image.host_key, timeout=15.0, attempts=None, user=machine.user)
-        probe.close()
-    except ChannelError:
+        machine._connect_ssh(TCP_TIMEOUT)
+    except BootError:
+        if not armed:
+            raise
+        _connect_through_port(machine, image)
         service = "sandbox-sshd" if image.kind == "debian" else "ssh"
         machine.run(as_root(f"systemctl restart {service}", machine.user), timeout=60)
+    if not armed and not keep_clock:  # no agent set it
+        set_clock(machine.channel, machine.user)
+
+
+def _connect_through_port(machine: Machine, image: Image) -> None:
+    files, qemu = machine.files, machine.qemu
+    assert files is not None and qemu is not None
+    deadline = time.monotonic() + ARM_TIMEOUT
+    while machine._channel is None:
+        if time.monotonic() > deadline:
+            raise ReplayError(f"{machine.name} answers SSH neither on port 22 nor on its "
+                              "virtio-serial port; read its console: sandbox logs "
+                              f"{machine.name}")
+        port = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        port.connect(str(files.ssh_socket))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SandboxWarning)
+            prelude = arm_ssh_port(qemu, files, port, image)
+        if prelude is None:  # the old relay still holds the port
+            port.close()
+            time.sleep(0.2)
+            continue
+        machine._port_socket = port
+        try:
+            machine._connect_ssh(30.0, _opener(port, prelude), attempts=1)
+        except SandboxError:
+            machine._port_socket = None
+            port.close()
