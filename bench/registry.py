@@ -30,7 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.figures import print_figures, remove_tree  # noqa: E402
+from figures import print_figures, remove_tree  # noqa: E402  (bench/ is on sys.path)
+
 from tests.registry import RegistryServer  # noqa: E402
 
 IMAGE = "debian-12"
