@@ -51,6 +51,7 @@ from ..vm.plan import QemuPlan, create_overlay, plan_for
 from ..vm.qemu import QemuProcess
 from ..vm.runs import current_run
 from ..vm.spec import MachineSpec, check_machine_name
+from . import payload
 from .states import SavedStates
 from .waits import GuestWaits
 
@@ -410,8 +411,10 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
     # -- files ------------------------------------------------------------------------------
 
     def put(self, local: str | os.PathLike[str], remote: str) -> None:
-        """Copy one host file into the guest (mode kept)."""
-        self.channel.put(Path(local), remote)
+        """Copy one host file into the guest (mode kept). A MiB or more goes through the
+        machine's payload disk, with its sha256 checked (:mod:`sandbox.machine.payload`)."""
+        if not payload.put(self, Path(local), remote, self.spec.command_timeout):
+            self.channel.put(Path(local), remote)
 
     def get(self, remote: str, local: str | os.PathLike[str], *, max_size: int = GET_MAX_SIZE,
             timeout: float | None = None) -> None:
@@ -419,8 +422,9 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         ``max_size`` bytes (default 4 GiB) or ``timeout`` seconds (default: the spec's
         ``command_timeout``) the copy stops with :class:`GuestDataError`, and ``local`` is
         only written once the copy is whole."""
-        self.channel.get(remote, Path(local), max_size=max_size,
-                         timeout=self.spec.command_timeout if timeout is None else timeout)
+        limit = self.spec.command_timeout if timeout is None else timeout
+        if not payload.get(self, remote, Path(local), max_size, limit):
+            self.channel.get(remote, Path(local), max_size=max_size, timeout=limit)
 
     def push(self, local_dir: str | os.PathLike[str], remote_dir: str, *,
              timeout: float | None = None) -> None:
@@ -428,7 +432,9 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         source = Path(local_dir)
         if not source.is_dir():
             raise SandboxError(f"push needs a directory, {source} is not one (use put)")
-        self.channel.push(source, remote_dir, timeout or self.spec.command_timeout)
+        limit = timeout or self.spec.command_timeout
+        if not payload.push(self, source, remote_dir, limit):
+            self.channel.push(source, remote_dir, limit)
 
     def _running(self) -> QemuProcess:
         if self.qemu is None:

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
     from .qemu import QemuProcess
 
 
+#: What a booted guest waits for before its state is saved: systemd's boot jobs, then udev's
+#: event queue (a golden snapshot saved while udev workers still ran had every clone finish
+#: their work again: about a CPU-second each under TCG), then the disks.
+SETTLE_COMMAND = ("systemctl is-system-running --wait >/dev/null 2>&1; "
+                  "udevadm settle --timeout=60 >/dev/null 2>&1; sync")
+
 #: cloud-init's first line on the console, and the line naming its default user's keys.
 _CLOUD_INIT = re.compile(rb"Cloud-init v\. \S+ running")
 _KEYS_FOR = re.compile(rb"Authorized keys from \S+ for user ([a-z_][a-z0-9_-]*)")
@@ -144,7 +150,7 @@ def settle(channel: Channel, image: Image, timeout: float) -> list[str]:
         warnings.warn(f"cloud-init reported errors in image {image.name}; the machine is used "
                       "anyway, since SSH lets its user in (set cloud_init_errors = \"fail\" in "
                       f"the recipe to refuse it):\n  {detail}", SandboxWarning, stacklevel=5)
-    channel.run("systemctl is-system-running --wait >/dev/null 2>&1; sync", timeout=timeout)
+    channel.run(SETTLE_COMMAND, timeout=timeout)
     return errors
 
 

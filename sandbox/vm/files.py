@@ -79,6 +79,12 @@ class MachineFiles:
     def overlay(self) -> Path:
         return self.dir / "overlay.qcow2"
 
+    @property
+    def data_disk(self) -> Path:
+        """The machine's payload disk: a sparse raw file the guest sees as a virtio disk
+        (serial ``sandbox-data``); big put/get/push go through it (sandbox.machine.payload)."""
+        return self.dir / "data.img"
+
     def lan_socket(self, index: int) -> Path:
         """This machine's end of its NIC on private network number ``index``."""
         return self.dir / f"lan{index}.sock"

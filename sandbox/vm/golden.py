@@ -48,7 +48,7 @@ from ..imaging.image import Image, find_images, remove_image
 from ..share.artifact import Entry, tag_for
 from ..share.store import remote_entry
 from . import console
-from .bringup import connect_booted, start_agent
+from .bringup import SETTLE_COMMAND, connect_booted, start_agent
 from .files import MachineFiles, run_tag
 from .plan import QemuPlan, create_overlay, plan_for
 from .qemu import QemuProcess
@@ -321,7 +321,7 @@ def make(image: Image, spec: MachineSpec, accel: str, target: Path) -> dict[str,
         agent = image.kind == "debian" or start_agent(channel, user, files.agent_socket)
         if image.kind == "debian":
             # Settle: let boot-time jobs finish so clones do not all redo them.
-            channel.run("systemctl is-system-running --wait >/dev/null 2>&1; sync",
+            channel.run(SETTLE_COMMAND,
                         timeout=SETTLE_TIMEOUT)
         if agent:  # it arms an SSH server on the port
             port = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

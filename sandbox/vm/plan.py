@@ -37,6 +37,11 @@ def create_overlay(backing: Path, overlay: Path) -> Path:
 
 # -- the plan -------------------------------------------------------------------------------
 
+#: The serial of the payload disk: the guest finds it as /dev/disk/by-id/virtio-<serial>.
+DATA_SERIAL = "sandbox-data"
+#: Its size as the guest sees it (a sparse file: it takes only what a transfer puts in it).
+DATA_DISK_SIZE = 64 << 30
+
 #: The PCI slot of the NIC on private network 0 (network N: this + N). Fixed, so the guest
 #: finds its NICs by PCI address whatever its kernel names them (eth1, ens16, enp0s16).
 LAN_SLOT = 0x10
@@ -124,6 +129,9 @@ class QemuPlan:
             "-device", "virtserialport,bus=vser0.0,chardev=agent0,name=org.sandbox.agent",
             "-chardev", f"socket,id=ssh0,path={q(files.ssh_socket)},server=on,wait=off",
             "-device", "virtserialport,bus=vser0.0,chardev=ssh0,name=org.sandbox.ssh",
+            # The payload disk (sandbox.machine.payload): big files cross here, no cipher.
+            "-drive", f"file={q(files.data_disk)},if=none,id=data0,format=raw,discard=unmap",
+            "-device", f"virtio-blk-pci,drive=data0,serial={DATA_SERIAL}",
             # append: a clone's log starts with the golden boot's console, copied in first.
             "-chardev", f"file,id=console0,path={q(files.console_log)},append=on",
             "-serial", "chardev:console0",

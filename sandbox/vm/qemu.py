@@ -28,7 +28,7 @@ from ..base.waits import wait_until
 from ..errors import BootError, SandboxError, SnapshotError
 from . import console
 from .files import MachineFiles
-from .plan import QemuPlan
+from .plan import DATA_DISK_SIZE, QemuPlan
 
 #: How long QEMU may take to open its monitor socket.
 MONITOR_TIMEOUT = 30.0
@@ -140,6 +140,10 @@ class QemuProcess:
         signal, which cannot be taken back)."""
         assert self.plan is not None
         command = self.plan.command()
+        data = self.plan.files.data_disk
+        if not data.exists():  # sparse: it costs nothing until a transfer fills it
+            with data.open("wb") as disk:
+                disk.truncate(DATA_DISK_SIZE)
         with self.files.qemu_log.open("wb") as log:
             self.process = spawn(command, die_with_parent=die_with_parent and not detachable,
                                  stdout=log, stderr=log)
