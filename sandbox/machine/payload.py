@@ -63,6 +63,12 @@ CHUNK = 4 << 20
 NO_DEVICE, FALL_BACK, MISMATCH = 97, 93, 98
 
 
+#: The first line of every transfer script: the payload disk and GNU coreutils' dd (its
+#: count_bytes and O_DIRECT flags), else the fast path is not there.
+_NEEDS = (f'D={DEVICE}; [ -b "$D" ] || exit {NO_DEVICE}; '
+          f'case "$(dd --version 2>/dev/null)" in *coreutils*) ;; *) exit {NO_DEVICE};; esac')
+
+
 class Unavailable(Exception):
     """The fast path cannot serve this transfer: use SSH."""
 
@@ -109,7 +115,7 @@ def _run(machine: Machine, script: str, timeout: float, what: str) -> str:
     """Run a transfer script; its stdout. Unavailable for NO_DEVICE and FALL_BACK."""
     result = machine.channel.run(script, timeout=timeout, watch=machine._watch)
     if result.exit_status == NO_DEVICE:
-        _off(machine, f"the guest has no {DEVICE}")
+        _off(machine, f"the guest lacks {DEVICE} or GNU coreutils' dd")
         raise Unavailable
     if result.exit_status == FALL_BACK:
         raise Unavailable
@@ -153,7 +159,7 @@ def put(machine: Machine, local: Path, remote: str, timeout: float) -> bool:
                 sink.write(chunk)
             sink.pad()
         quoted = shlex.quote(remote)
-        script = f"""D={DEVICE}; [ -b "$D" ] || exit {NO_DEVICE}
+        script = f"""{_NEEDS}
 dest={quoted}
 if [ -d "$dest" ]; then echo "$dest is a directory" >&2; exit 2; fi
 t="$(dirname -- "$dest")/.sandbox-put-$$"; h="/run/.sandbox-put-$$"
@@ -180,7 +186,7 @@ def get(machine: Machine, remote: str, local: Path, max_size: int, timeout: floa
         return False
     started = time.monotonic()
     limit = min(max_size, DATA_DISK_SIZE)
-    script = f"""D={DEVICE}; [ -b "$D" ] || exit {NO_DEVICE}
+    script = f"""{_NEEDS}
 s={shlex.quote(remote)}
 [ -f "$s" ] || exit {FALL_BACK}
 sz=$(stat -L -c %s -- "$s")
@@ -250,7 +256,7 @@ def push(machine: Machine, local_dir: Path, remote_dir: str, timeout: float) -> 
         if sink.size > DATA_DISK_SIZE:
             return False
         padded = _padded(sink.size)
-        script = f"""D={DEVICE}; [ -b "$D" ] || exit {NO_DEVICE}
+        script = f"""{_NEEDS}
 dest={shlex.quote(remote_dir)}; h="/run/.sandbox-push-$$"
 mkdir -p -- "$dest" || exit 1
 dd if="$D" iflag=direct,count_bytes count={padded} bs=4M status=none | sha256sum > "$h" &
