@@ -141,7 +141,7 @@ def test_file_transfers_give_up_on_a_paused_guest(
 
     monkeypatch.setattr(channel, "SFTP_IDLE_TIMEOUT", 3.0)  # 60 s in use: the same code
     payload = tmp_path / "payload"
-    payload.write_bytes(os.urandom(4 << 20))
+    payload.write_bytes(os.urandom(768 << 10))  # under a MiB: SFTP (bigger: the payload disk)
     with sandbox.launch(IMAGE) as vm:
         vm.put(payload, "/root/warm")  # the SFTP session is open before the guest stops
         vm.qmp("stop")

@@ -133,3 +133,18 @@ def test_without_a_payload_disk_transfers_use_ssh_and_say_so_once(
         assert (tmp_path / "back.bin").read_bytes() == local.read_bytes()
         said = [w for w in caught if issubclass(w.category, SandboxWarning)]
         assert len(said) == 1 and "go over SSH" in str(said[0].message), said
+
+
+def test_a_payload_the_host_has_no_room_for_goes_over_ssh(
+        shared_vm: sandbox.Machine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The payload disk lives in the runtime directory (often a small tmpfs): what does not
+    fit there takes the SSH path, quietly."""
+    monkeypatch.setattr(payload, "_room", lambda machine: 0)
+    used = _served(monkeypatch, "put")
+    local = _random_file(tmp_path / "roomless.bin", 2 << 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SandboxWarning)
+        shared_vm.put(local, "/root/roomless.bin")
+        shared_vm.get("/root/roomless.bin", tmp_path / "back.bin")
+    assert used == [False]
+    assert (tmp_path / "back.bin").read_bytes() == local.read_bytes()

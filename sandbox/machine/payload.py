@@ -18,9 +18,11 @@ SSH as before, and a SandboxWarning says so once per machine.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shlex
+import shutil
 import stat
 import tarfile
 import time
@@ -77,6 +79,18 @@ def _padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
+#: Room the payload disk's filesystem keeps free beyond a payload (the runtime directory may
+#: be a small tmpfs): a payload that does not fit goes over SSH instead.
+SPARE = 64 << 20
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _room(machine: Machine) -> int:
+    """The largest payload the payload disk's filesystem has room for now."""
+    assert machine.files is not None
+    return max(0, shutil.disk_usage(machine.files.dir).free - SPARE)
+
+
 def available(machine: Machine) -> bool:
     """Whether this machine can take fast transfers (a payload disk, root login)."""
     files = machine.files
@@ -113,7 +127,10 @@ def _disk(machine: Machine) -> Iterator[Path]:
 
 def _run(machine: Machine, script: str, timeout: float, what: str) -> str:
     """Run a transfer script; its stdout. Unavailable for NO_DEVICE and FALL_BACK."""
-    result = machine.channel.run(script, timeout=timeout, watch=machine._watch)
+    try:
+        result = machine.channel.run(script, timeout=timeout, watch=machine._watch)
+    except ChannelError as exc:
+        raise ChannelError(f"{what}: {exc}") from exc
     if result.exit_status == NO_DEVICE:
         _off(machine, f"the guest lacks {DEVICE} or GNU coreutils' dd")
         raise Unavailable
@@ -124,7 +141,7 @@ def _run(machine: Machine, script: str, timeout: float, what: str) -> str:
                            f"sent ({guest_text(result.stderr.strip()[-200:])}); nothing was "
                            "written")
     if result.exit_status != 0:
-        raise ChannelError(f"{what} failed in the guest (status {result.exit_status}): "
+        raise ChannelError(f"{what}: the guest side failed (status {result.exit_status}): "
                            f"{guest_text(result.stderr.strip(), 20)}")
     return result.stdout
 
@@ -149,15 +166,22 @@ def put(machine: Machine, local: Path, remote: str, timeout: float) -> bool:
     """Copy ``local`` into the guest as ``remote`` (mode kept) through the payload disk;
     False when the fast path does not serve it (the caller uses SSH)."""
     size = local.stat().st_size
-    if not FAST_FROM <= size <= DATA_DISK_SIZE or not available(machine):
+    if not FAST_FROM <= size <= DATA_DISK_SIZE or not available(machine) or \
+            size > _room(machine):
         return False
     mode = stat.S_IMODE(local.stat().st_mode)
     with _disk(machine) as disk:
-        with local.open("rb") as source, disk.open("r+b") as target:
-            sink = _Hashing(target)
-            while chunk := source.read(CHUNK):
-                sink.write(chunk)
-            sink.pad()
+        try:
+            with local.open("rb") as source, disk.open("r+b") as target:
+                sink = _Hashing(target)
+                while chunk := source.read(CHUNK):
+                    sink.write(chunk)
+                sink.pad()
+        except OSError as exc:
+            if exc.errno in _FULL:
+                return False  # the host's disk filled meanwhile: SSH
+            raise ChannelError(f"could not copy {local} into the guest as {remote}: "
+                               f"{exc.strerror or exc}") from exc
         quoted = shlex.quote(remote)
         script = f"""{_NEEDS}
 dest={quoted}
@@ -172,7 +196,7 @@ if [ "$got" != {sink.digest.hexdigest()} ]; then rm -f "$t"; echo "$got" >&2; ex
 truncate -s {size} "$t" && chmod {mode:o} "$t" && mv -f "$t" "$dest"
 """
         try:
-            _run(machine, script, timeout, f"copying {local} into the guest as {remote}")
+            _run(machine, script, timeout, f"could not copy {local} into the guest as {remote}")
         except Unavailable:
             return False
     return True
@@ -185,7 +209,8 @@ def get(machine: Machine, remote: str, local: Path, max_size: int, timeout: floa
     if not available(machine):
         return False
     started = time.monotonic()
-    limit = min(max_size, DATA_DISK_SIZE)
+    # Past what the host has room for, the SSH path copies it (into the caller's directory).
+    limit = min(max_size, DATA_DISK_SIZE, _room(machine))
     script = f"""{_NEEDS}
 s={shlex.quote(remote)}
 [ -f "$s" ] || exit {FALL_BACK}
@@ -202,7 +227,7 @@ echo "$sz $(cut -c1-64 "$h")"; rm -f "$h"
         return False  # the SSH path says so
     with _disk(machine) as disk:
         try:
-            answer = _run(machine, script, timeout, f"copying {remote} from the guest")
+            answer = _run(machine, script, timeout, f"could not copy {remote} from the guest")
         except Unavailable:
             return False
         try:
@@ -211,7 +236,7 @@ echo "$sz $(cut -c1-64 "$h")"; rm -f "$h"
         except ValueError:
             raise GuestDataError(f"copying {remote} from the guest: an answer that is not a "
                                  f"size and a digest: {guest_text(answer[:200])!r}") from None
-        if not 0 <= size <= limit:
+        if not 0 <= size <= limit:  # the guest's own word, checked
             raise too_large(remote, max_size, f"it has {size} bytes")
         part = local.parent / f".{local.name[:200]}.{os.urandom(4).hex()}.part"
         try:
@@ -243,16 +268,22 @@ def push(machine: Machine, local_dir: Path, remote_dir: str, timeout: float) -> 
     """The contents of ``local_dir`` into ``remote_dir`` (made; modes kept) as one tar
     archive through the payload disk; False when the fast path does not serve it."""
     total = sum(p.lstat().st_size for p in local_dir.rglob("*") if p.is_file())
-    if not FAST_FROM <= total <= DATA_DISK_SIZE // 2 or not available(machine):
+    if not FAST_FROM <= total <= DATA_DISK_SIZE // 2 or not available(machine) or \
+            total * 2 > _room(machine):
         return False
     with _disk(machine) as disk:
-        with disk.open("r+b") as target:
-            sink = _Hashing(target)
-            with tarfile.open(fileobj=sink, mode="w|",  # type: ignore[call-overload]
-                              format=tarfile.PAX_FORMAT) as tar:
-                for entry in sorted(local_dir.iterdir()):
-                    tar.add(str(entry), arcname=entry.name)
-            sink.pad()
+        try:
+            with disk.open("r+b") as target:
+                sink = _Hashing(target)
+                with tarfile.open(fileobj=sink, mode="w|",  # type: ignore[call-overload]
+                                  format=tarfile.PAX_FORMAT) as tar:
+                    for entry in sorted(local_dir.iterdir()):
+                        tar.add(str(entry), arcname=entry.name)
+                sink.pad()
+        except OSError as exc:
+            if exc.errno in _FULL:
+                return False
+            raise ChannelError(f"push of {local_dir} to {remote_dir} failed: {exc}") from exc
         if sink.size > DATA_DISK_SIZE:
             return False
         padded = _padded(sink.size)

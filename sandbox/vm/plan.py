@@ -130,7 +130,9 @@ class QemuPlan:
             "-chardev", f"socket,id=ssh0,path={q(files.ssh_socket)},server=on,wait=off",
             "-device", "virtserialport,bus=vser0.0,chardev=ssh0,name=org.sandbox.ssh",
             # The payload disk (sandbox.machine.payload): big files cross here, no cipher.
-            "-drive", f"file={q(files.data_disk)},if=none,id=data0,format=raw,discard=unmap",
+            # An I/O error there is the guest's to see (a full host disk must never pause it).
+            "-drive", f"file={q(files.data_disk)},if=none,id=data0,format=raw,discard=unmap,"
+                      "werror=report,rerror=report",
             "-device", f"virtio-blk-pci,drive=data0,serial={DATA_SERIAL}",
             # append: a clone's log starts with the golden boot's console, copied in first.
             "-chardev", f"file,id=console0,path={q(files.console_log)},append=on",

@@ -9,6 +9,7 @@ Everything here is about QEMU, nothing about the guest: the guest API sits on to
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import shlex
@@ -105,6 +106,12 @@ class _Monitor(QEMUMonitorProtocol):
         self._qmp.await_greeting = True
         self._qmp.negotiate = True
         self._sync(self._qmp.connect(self._address), timeout=timeout)
+
+
+#: Snapshot job ids, unique in this process.
+_jobs = itertools.count(1)
+#: How long a savevm or loadvm may take.
+SNAPSHOT_TIMEOUT = 300.0
 
 
 class QemuProcess:
@@ -226,23 +233,42 @@ class QemuProcess:
         return ports
 
     def vm_snapshot(self, verb: str, tag: str) -> None:
-        """``savevm`` or ``loadvm`` of the whole machine (disk and RAM, in its overlay)."""
+        """``savevm`` or ``loadvm`` of the whole machine (disk and RAM, in its overlay), as
+        a snapshot job on the system disk alone (the payload disk is raw: no snapshots)."""
         if not re.match(r"^[A-Za-z0-9_.-]+$", tag):
             raise SnapshotError(f"snapshot tag {tag!r}: use letters, digits, '.', '_', '-'")
-        answer = self.hmp(f"{verb} {tag}").strip()
-        if answer:
-            raise SnapshotError(f"{verb} {tag} failed: {answer}")
+        node = self._system_disk()["inserted"]["node-name"]
+        job = f"sandbox-{verb}-{next(_jobs)}"
+        command = {"savevm": "snapshot-save", "loadvm": "snapshot-load"}[verb]
+        try:
+            self.qmp(command, **{"job-id": job, "tag": tag, "vmstate": node,
+                                 "devices": [node]})
+        except SandboxError as exc:
+            raise SnapshotError(f"{verb} {tag} failed: {exc}") from exc
+        deadline = time.monotonic() + SNAPSHOT_TIMEOUT
+        while True:
+            state = next((j for j in self.qmp("query-jobs") if j.get("id") == job), None)
+            if state is None or state.get("status") == "concluded":
+                break
+            if time.monotonic() > deadline:
+                raise SnapshotError(f"{verb} {tag} did not finish within "
+                                    f"{SNAPSHOT_TIMEOUT:g} s")
+            time.sleep(0.02)
+        if state is not None:
+            self.qmp("job-dismiss", id=job)
+            if state.get("error"):
+                raise SnapshotError(f"{verb} {tag} failed: {state['error']}")
+
+    def _system_disk(self) -> dict[str, Any]:
+        for device in self.qmp("query-block"):
+            if device.get("device") == "disk0" and device.get("inserted"):
+                return dict(device)
+        raise SnapshotError("the machine has no system disk (disk0) to snapshot")
 
     def vm_snapshot_tags(self) -> list[str]:
-        """The tags of the machine's snapshots, from ``info snapshots``."""
-        tags, table = [], False
-        for line in self.hmp("info snapshots").splitlines():
-            fields = line.split()
-            if fields[:2] == ["ID", "TAG"]:
-                table = True
-            elif table and len(fields) >= 2:
-                tags.append(fields[1])  # the ID column reads "--" for VM-wide snapshots
-        return tags
+        """The tags of the machine's snapshots (those of its system disk)."""
+        image = self._system_disk()["inserted"].get("image") or {}
+        return [str(s["name"]) for s in image.get("snapshots") or []]
 
     def close_monitor(self) -> None:
         if self._qmp is not None:
