@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..base.paths import find_tool
 from ..errors import HostError, SnapshotError
-from ..host.cpu import HOST_DEPENDENT, host_cpu_identity, qemu_cpu_model
+from ..host.cpu import HOST_DEPENDENT, TCG_CPU, host_cpu_identity, qemu_cpu_model
 from ..host.tools import qemu_binary
 from .accel import accel_verdict
 from .files import MachineFiles, qemu_option
@@ -90,7 +90,7 @@ class QemuPlan:
     host_cpu: str = ""
 
     def command(self) -> list[str]:
-        cpu = self.cpu or ((self.kvm_cpu or "host") if self.accel == "kvm" else "max")
+        cpu = self.cpu or ((self.kvm_cpu or "host") if self.accel == "kvm" else TCG_CPU)
         accel = "kvm" if self.accel == "kvm" else "tcg,thread=multi"
         restrict = ",restrict=on" if self.network == "restricted" else ""
         machine = "q35,vmport=off,hpet=off"
