@@ -77,6 +77,7 @@ class Pid:
 
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_THP_DISABLE = 41
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -108,11 +109,20 @@ def dies_with(parent: int) -> Callable[[], None]:
 
 
 def spawn(command: list[str], *, die_with_parent: bool, stdout: Any = subprocess.DEVNULL,
-          stderr: Any = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+          stderr: Any = subprocess.DEVNULL, huge_pages: bool = True) -> subprocess.Popen[bytes]:
     """Start ``command`` (a QEMU) in a session of its own, from the long-lived spawner
     thread, with a parent-death signal (SIGKILL) unless ``die_with_parent`` is False: every
-    QEMU of this project is started here (machines, golden boots, the KVM probe)."""
+    QEMU of this project is started here (machines, golden boots, the KVM probe).
+    ``huge_pages`` False: no transparent huge pages for it (PR_SET_THP_DISABLE, kept across
+    exec), see :mod:`sandbox.vm.qemu`."""
+    setups = [dies_with(os.getpid())] if die_with_parent else []
+    if not huge_pages:
+        setups.insert(0, lambda: _libc.prctl(_PR_SET_THP_DISABLE, 1, 0, 0, 0))
+
+    def setup() -> None:
+        for step in setups:
+            step()
+
     return _spawner.submit(
         subprocess.Popen, command, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-        start_new_session=True,
-        preexec_fn=dies_with(os.getpid()) if die_with_parent else None).result()
+        start_new_session=True, preexec_fn=setup if setups else None).result()

@@ -152,8 +152,11 @@ class QemuProcess:
             with data.open("wb") as disk:
                 disk.truncate(DATA_DISK_SIZE)
         with self.files.qemu_log.open("wb") as log:
+            # Under TCG, no transparent huge pages: QEMU asks for them for its translation
+            # buffer, where each vCPU's region then grows 2 MiB at a time, each zeroed whole
+            # (measured per idle clone: 5 MiB less memory). Under KVM the guest's RAM keeps them.
             self.process = spawn(command, die_with_parent=die_with_parent and not detachable,
-                                 stdout=log, stderr=log)
+                                 stdout=log, stderr=log, huge_pages=self.plan.accel == "kvm")
         if detachable:
             self._held = self.process.pid
             _lifeline.hold(self.process.pid)
