@@ -44,7 +44,10 @@ def _disk_blocks(vm: sandbox.Machine) -> int:
 
 def test_a_big_put_arrives_intact_through_the_payload_disk(
         shared_vm: sandbox.Machine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    local = _random_file(tmp_path / "big.bin", (3 << 20) + 123, 0o751)
+    # Past 8 MiB: two pieces, each hashed by a vCPU of its own.
+    local = _random_file(tmp_path / "big.bin", (9 << 20) + 123, 0o751)
+    assert len(range(0, payload._padded(local.stat().st_size),
+                     payload.piece_size(payload._padded(local.stat().st_size)))) == 2
     used = _served(monkeypatch, "put")
     shared_vm.put(local, "/root/big.bin")
     assert used == [True], "the payload disk did not serve it"
@@ -59,7 +62,7 @@ def test_a_big_put_arrives_intact_through_the_payload_disk(
 
 def test_a_big_get_comes_back_intact_and_bounded(
         shared_vm: sandbox.Machine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    shared_vm.succeed("head -c 5000000 /dev/urandom > /root/out.bin")
+    shared_vm.succeed("head -c 9000000 /dev/urandom > /root/out.bin")  # two pieces
     target = tmp_path / "out.bin"
     used = _served(monkeypatch, "get")
     shared_vm.get("/root/out.bin", target)
@@ -103,8 +106,13 @@ def test_payloads_are_refused_when_what_arrived_differs(
     into place: a digest that does not match (here the host's, made wrong on purpose) leaves
     the old file as it was."""
     shared_vm.succeed("echo old > /root/guarded")
-    monkeypatch.setattr(payload._Hashing, "pad",
-                        lambda self: self.digest.update(b"not what was written"))
+    pad = payload._Hashing.pad
+
+    def wrong_pad(self: payload._Hashing) -> None:
+        pad(self)
+        self.digests[-1] = hashlib.sha256(b"not what was written").hexdigest()
+
+    monkeypatch.setattr(payload._Hashing, "pad", wrong_pad)
     local = _random_file(tmp_path / "p.bin", 2 << 20)
     with pytest.raises(ChannelError, match="another sha256"):
         shared_vm.put(local, "/root/guarded")
