@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .guest.commands import CommandResult
     from .machine.machine import Machine, launch
     from .machine.prepare import content_key
+    from .machine.tools import ansible_inventory
     from .net.network import Network
     from .vm.spec import MachineSpec
     from .vm.template import Template, remove_template, templates
@@ -37,12 +38,14 @@ __version__ = "0.1.0"
 _LAZY = {"launch": "machine.machine", "Machine": "machine.machine",
          "CommandResult": "guest.commands", "MachineSpec": "vm.spec", "Template": "vm.template",
          "templates": "vm.template", "remove_template": "vm.template",
-         "content_key": "machine.prepare", "Network": "net.network"}
+         "content_key": "machine.prepare", "Network": "net.network",
+         "ansible_inventory": "machine.tools"}
 
 __all__ = [
     "BootError", "ChannelError", "CommandFailed", "CommandResult", "CommandTimeout", "GuestPanic",
     "HostError", "ImageError", "Machine", "MachineSpec", "Network", "SandboxError",
-    "SandboxWarning", "SnapshotError", "Template", "TemplateError", "WaitTimeout", "content_key",
+    "SandboxWarning", "SnapshotError", "Template", "TemplateError", "WaitTimeout",
+    "ansible_inventory", "content_key",
     "errors", "launch", "remove_template", "templates",
 ]
 

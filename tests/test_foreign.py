@@ -286,6 +286,19 @@ def test_sandbox_run_on_the_imported_image(foreign: dict[str, Any], kind: str) -
         assert vm.succeed("cloud-init status").strip() == "status: done"
 
 
+def test_testinfra_on_an_imported_image_with_sudo(foreign: dict[str, Any]) -> None:
+    """vm.testinfra() logs in as the imported image's user; sudo=True runs as root."""
+    with sandbox.launch(foreign["names"]["bios"]) as vm:
+        plain, root = vm.testinfra(), vm.testinfra(sudo=True)
+        assert plain.check_output("whoami") == "debian"
+        assert root.check_output("whoami") == "root"
+        assert not plain.run("cat /etc/shadow").succeeded
+        assert root.file("/etc/shadow").mode == 0o640
+        assert root.service("ssh").is_running
+        assert root.package("openssh-server").is_installed
+        assert root.socket("tcp://22").is_listening
+
+
 def test_clones_of_an_imported_image_have_their_own_clock_and_randomness(
         foreign: dict[str, Any]) -> None:
     name = foreign["names"]["bios"]

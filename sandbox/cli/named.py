@@ -198,3 +198,40 @@ def down(names: tuple[str, ...]) -> None:
     for name in names:
         remove(name)
         click.echo(f"{name}: down")
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write it to FILE instead of standard output.")
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml",
+              show_default=True)
+@friendly
+def inventory(names: tuple[str, ...], output: Path | None, fmt: str) -> None:
+    """An Ansible inventory of the named VMs NAMES (all running ones when none are named):
+    ansible-playbook -i <(sandbox inventory) site.yml"""
+    from ..machine.named import list_named
+    from ..machine.tools import inventory_text
+
+    wanted = list(names) or [m.name for m in list_named() if m.alive]
+    if not wanted:
+        raise SandboxError("no running machines to put in an inventory: sandbox up NAME")
+    machines = []
+    try:
+        for name in dict.fromkeys(wanted):
+            machines.append(_attach_quietly(name))
+        text = inventory_text(machines, fmt)
+    finally:
+        for vm in machines:
+            vm.disconnect()
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        click.echo(f"wrote {output} ({len(machines)} machines)", err=True)
+
+
+def _attach_quietly(name: str) -> Machine:
+    from ..machine.named import attach
+
+    return attach(name, connect_ssh=False, monitor=False)

@@ -323,6 +323,15 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         return (f"ssh -i {self.key_path} -p {self.ssh_port} -o StrictHostKeyChecking=no "
                 f"-o UserKnownHostsFile=/dev/null {self.user}@127.0.0.1")
 
+    def testinfra(self, *, sudo: bool = False) -> Any:
+        """A testinfra ``Host`` on this machine (``host.service("nginx").is_running``...):
+        its own SSH port, key, user and pinned host key; ``sudo`` runs every command through
+        sudo (an imported image's user). Needs the extra ``pytest-qemu-sandbox[testinfra]``."""
+        from .tools import testinfra_host
+
+        self._running()
+        return testinfra_host(self, sudo=sudo)
+
     # -- QMP --------------------------------------------------------------------------------
 
     def qmp(self, command: str, **arguments: Any) -> Any:
