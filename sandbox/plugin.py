@@ -55,6 +55,9 @@ _OPTIONS = (
 )
 _MACHINES = pytest.StashKey[list["Machine"]]()
 _CALL_FAILED = pytest.StashKey[bool]()
+#: The report sections a failure added, given to the teardown report too: JUnit XML writes a
+#: test's captured output from that one.
+_SECTIONS = pytest.StashKey[list[tuple[str, str]]]()
 _KEPT = pytest.StashKey[list[str]]()
 _SAVED = pytest.StashKey[list[str]]()
 #: What the saved VMs of this process took (a registry target; a directory counts its files).
@@ -316,11 +319,40 @@ def pytest_runtest_makereport(
             if log_dir:
                 _write_logs(Path(log_dir), item, machine)
             tail = machine.console_tail(40)
-            report.sections.append((f"sandbox {machine.name}: console tail", tail or "(empty)"))
             commands = "\n".join(entry.format() for entry in machine.transcript[-30:])
-            report.sections.append((f"sandbox {machine.name}: guest commands",
-                                    commands or "(none)"))
+            for title, text in ((f"sandbox {machine.name}: console tail", tail or "(empty)"),
+                                (f"sandbox {machine.name}: guest commands",
+                                 commands or "(none)")):
+                # "Captured stdout ...": JUnit XML puts it in system-out, as it does the
+                # test's own output (junit_logging = system-out or all).
+                report.sections.append((f"{CAPTURED} {title}", text))
+                item.stash.setdefault(_SECTIONS, []).append(  # titled: XML joins them
+                    (f"{CAPTURED} {title}", f"----- {title} -----\n{text.rstrip()}\n"))
+                _html_extra(item.config, report, title, text)
+    if report.when == "teardown" and not report.failed:
+        sections: list[tuple[str, str]] = item.stash.get(_SECTIONS, [])
+        report.sections.extend(sections)
     return report
+
+
+#: The prefix of report sections that pytest counts as the test's standard output.
+CAPTURED = "Captured stdout"
+
+
+def _html_extra(config: pytest.Config, report: pytest.TestReport, title: str,
+                text: str) -> None:
+    """With pytest-html: ``text`` as a collapsible, escaped block among the report's extras."""
+    if not config.pluginmanager.hasplugin("html"):
+        return
+    try:
+        from pytest_html import extras
+    except ImportError:
+        return
+    from html import escape
+
+    block = (f'<details class="sandbox"><summary>{escape(title)}</summary>'
+             f"<pre>{escape(text)}</pre></details>")
+    report.extras = [*getattr(report, "extras", []), extras.html(block)]  # type: ignore[attr-defined]
 
 
 def _save_failed(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport,

@@ -334,3 +334,78 @@ def test_a_comma_in_the_runtime_directory_and_names_refused_before_a_start(
         result.assert_outcomes(passed=3)
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_failure_reports_reach_pytest_html_and_junit_xml(pytester: pytest.Pytester,
+                                                         built_image: dict[str, Any]) -> None:
+    """With pytest-html, a failing test's console tail and transcript are collapsible,
+    escaped HTML extras of its row; JUnit XML carries them in system-out (junit_logging)."""
+    import xml.etree.ElementTree as ElementTree
+    from html.parser import HTMLParser
+
+    pytester.makepyfile("""
+        def test_broken(vm):
+            vm.run("echo '<b>not bold</b>'")
+            assert vm.succeed("cat /etc/hostname") == "elsewhere\\n"
+    """)
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--html=report.html", "--self-contained-html",
+        "--junitxml=junit.xml", "-o", "junit_logging=system-out")
+    result.assert_outcomes(failed=1)
+
+    class Page(HTMLParser):
+        """The report's data blob (pytest-html renders its rows from it)."""
+        blob = ""
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            found = dict(attrs)
+            if found.get("id") == "data-container":
+                self.blob = found.get("data-jsonblob") or ""
+
+    page = Page()
+    page.feed((pytester.path / "report.html").read_text())
+    tests = json.loads(page.blob)["tests"]
+    (row,) = [r for rows in tests.values() for r in rows if r["result"] == "Failed"]
+    fragments = [extra["content"] for extra in row["extras"] if extra["format_type"] == "html"]
+
+    class Blocks(HTMLParser):
+        """<details><summary>TITLE</summary><pre>TEXT</pre></details> blocks, and any
+        element that appeared inside a <pre> (there must be none: the text is escaped)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks: dict[str, str] = {}
+            self.inside_pre: list[str] = []
+            self.stack: list[str] = []
+            self.title = ""
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            if "pre" in self.stack:
+                self.inside_pre.append(tag)
+            self.stack.append(tag)
+
+        def handle_endtag(self, tag: str) -> None:
+            if self.stack and self.stack[-1] == tag:
+                self.stack.pop()
+
+        def handle_data(self, data: str) -> None:
+            if self.stack[-2:] == ["details", "summary"]:
+                self.title = data
+            elif self.stack[-2:] == ["details", "pre"]:
+                self.blocks[self.title] = self.blocks.get(self.title, "") + data
+
+    blocks = Blocks()
+    for fragment in fragments:
+        blocks.feed(fragment)
+    titles = sorted(blocks.blocks)
+    assert len(titles) == 2 and titles[0].endswith(": console tail"), titles
+    assert "sandbox-guest: ready" in blocks.blocks[titles[0]]
+    transcript = blocks.blocks[titles[1]]
+    assert titles[1].endswith(": guest commands")
+    assert "<b>not bold</b>" in transcript and blocks.inside_pre == []
+    assert "$ cat /etc/hostname    [exit 0" in transcript
+
+    (case,) = ElementTree.parse(pytester.path / "junit.xml").getroot().iter("testcase")
+    out = case.findtext("system-out") or ""
+    assert "console tail" in out and "sandbox-guest: ready" in out
+    assert "<b>not bold</b>" in out
