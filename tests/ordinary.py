@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: The account the suite makes and uses when it runs as root.
 ACCOUNT = "sandbox-test"
+#: What a user's project has beside the plugin: xdist, and the tools vm.testinfra(),
+#: sandbox.ansible_inventory and the HTML report serve.
+USERS_TOOLS = ("pytest-xdist", "pytest-testinfra", "ansible-core", "pytest-html")
 #: An ordinary account's PATH: no /usr/sbin, no /sbin.
 ORDINARY_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -122,7 +125,7 @@ def build_wheelhouse(directory: Path) -> Path:
     need, so that a virtualenv can be made from it without an index. Returns the wheel."""
     directory.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
-                    "-w", str(directory), str(ROOT), "pytest-xdist"], check=True,
+                    "-w", str(directory), str(ROOT), *USERS_TOOLS], check=True,
                    capture_output=True, timeout=900)
     directory.chmod(0o755)
     for wheel in directory.iterdir():
@@ -149,7 +152,7 @@ def install_from_wheelhouse(account: Account, wheelhouse: Path, venv: Path) -> P
     account.run([python_for(account), "-m", "venv", str(venv)], check=True, timeout=300)
     account.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
                  "--no-index", "--find-links", str(wheelhouse), "pytest-qemu-sandbox",
-                 "pytest-xdist"], check=True, timeout=600)
+                 *USERS_TOOLS], check=True, timeout=600)
     return venv / "bin"
 
 

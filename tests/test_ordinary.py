@@ -190,8 +190,20 @@ def test_an_ordinary_account_builds_clones_tests_and_keeps_named_machines(
              "memory"], env=env, cwd=project)
         assert "1 passed" in golden_check.stdout, golden_check.stdout + golden_check.stderr
 
+        # The users' own tools, as the account: testinfra, a playbook against two clones
+        # and an HTML report of a failure.
+        account.write(project / "test_tools.py", TOOLS_TESTS)
+        suite = account.run([str(bin_dir / "pytest"), "-p", "no:cacheprovider",
+                             "--html=report.html", "test_tools.py"],
+                            env=dict(env, LC_ALL="C.UTF-8"), cwd=project)
+        assert "1 failed, 2 passed" in suite.stdout, suite.stdout[-4000:] + suite.stderr
+        assert html_extra_titles(project / "report.html") == ["console tail", "guest commands"]
+
         up = sandbox("up", "acct-dev")
         assert up.returncode == 0, up.stderr
+        inventory = sandbox("inventory", "acct-dev", "--format", "json")
+        hosts = json.loads(inventory.stdout)["all"]["hosts"]
+        assert hosts["acct-dev"]["ansible_user"] == "root", inventory.stderr
         executed = sandbox("exec", "acct-dev", "--", "id", "-un")
         assert (executed.returncode, executed.stdout) == (0, "root\n"), executed.stderr
         assert "acct-dev" in sandbox("ls").stdout
@@ -213,6 +225,53 @@ def test_an_ordinary_account_builds_clones_tests_and_keeps_named_machines(
         assert leaked_runs(runtime) == []
     finally:
         account.remove(work)
+
+
+TOOLS_TESTS = '''
+import os, subprocess, sys
+from pathlib import Path
+
+import sandbox
+
+def test_testinfra(vm):
+    host = vm.testinfra()
+    assert host.service("sandbox-sshd").is_running
+    assert host.file("/etc/hostname").content_string == "sandbox\\n"
+    assert host.package("dropbear-bin").is_installed
+    assert host.socket("tcp://0.0.0.0:22").is_listening
+
+def test_playbook(vm_factory, tmp_path):
+    web, db = vm_factory(name="web"), vm_factory(name="db")
+    inventory = sandbox.ansible_inventory([web, db], tmp_path / "hosts.yml")
+    (tmp_path / "site.yml").write_text(
+        "- hosts: all\\n  tasks:\\n    - ansible.builtin.copy:\\n"
+        "        content: 'hello from {{ inventory_hostname }}'\\n"
+        "        dest: /etc/sandbox-hello\\n")
+    subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i",
+                    str(inventory), "site.yml"], cwd=tmp_path, check=True,
+                   env=dict(os.environ, ANSIBLE_HOME=str(tmp_path / "ansible")))
+    assert web.succeed("cat /etc/sandbox-hello") == "hello from web"
+    assert db.succeed("cat /etc/sandbox-hello") == "hello from db"
+
+def test_reported(vm):
+    vm.run("echo '<i>escaped</i>'")
+    assert vm.succeed("hostname") == "elsewhere"
+'''
+
+
+def html_extra_titles(report: Path) -> list[str]:
+    """The titles of the sandbox blocks among a pytest-html report's extras, suffix only."""
+    import html
+    import re as regex
+
+    blob = regex.search(r'data-jsonblob="([^"]*)"', report.read_text())
+    assert blob, "no data in the HTML report"
+    rows = [r for rows in json.loads(html.unescape(blob.group(1)))["tests"].values()
+            for r in rows]
+    titles = [regex.search(r"<summary>(.*?)</summary>", extra["content"]).group(1)  # type: ignore[union-attr]
+              for row in rows for extra in row.get("extras", [])
+              if 'class="sandbox"' in extra.get("content", "")]
+    return sorted(title.split(": ", 1)[1] for title in titles)
 
 
 APPLIANCE_TEST = '''
