@@ -7,6 +7,7 @@ other key is accepted and the user's own ``~/.ssh/known_hosts`` is never touched
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -105,7 +106,7 @@ def testinfra_host(machine: Machine, *, sudo: bool = False) -> Any:
             client = paramiko.SSHClient()
             client.get_host_keys().add(f"[127.0.0.1]:{port}", key_type,
                                        paramiko.PKey.from_type_string(
-                                           key_type, _b64decode(key)))
+                                           key_type, base64.b64decode(key)))
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
             client.connect("127.0.0.1", port=port, username=user, key_filename=identity,
                            timeout=self.timeout, allow_agent=False, look_for_keys=False)
@@ -114,12 +115,6 @@ def testinfra_host(machine: Machine, *, sudo: bool = False) -> Any:
     backend = PinnedBackend(f"paramiko://{user}@127.0.0.1:{port}", ssh_identity_file=identity,
                             sudo=sudo, timeout=30)
     return Host(backend)
-
-
-def _b64decode(text: str) -> bytes:
-    import base64
-
-    return base64.b64decode(text)
 
 
 # -- Ansible --------------------------------------------------------------------------------
