@@ -619,12 +619,37 @@ def test_command_line_uses_the_cpu_setting_under_both_accelerators() -> None:
         command = p.command()
         return command[command.index("-cpu") + 1]
 
-    assert cpu_of(plan()) == "max,-erms"  # TCG's default: max without ERMS (see TCG_CPU)
+    assert cpu_of(plan()) == "max"  # plan_for fills in sandbox.host.cpu.tcg_cpu's model
     assert cpu_of(plan(cpu="Haswell")) == "Haswell"
     assert cpu_of(plan(accel="kvm", kvm_cpu="host")) == "host"
     assert cpu_of(plan(accel="kvm", kvm_cpu="host", cpu="Haswell")) == "Haswell"
     # The host identity is part of the shape, never of the command line.
     assert not [a for a in plan(accel="kvm", host_cpu="X:6:85:7:f").command() if "X:6" in a]
+
+
+CPU_HELP_10 = """Available CPUs:
+x86 max                   Enables all features supported by the accelerator in the current host
+x86 qemu64                QEMU Virtual CPU version 2.5+
+
+Recognized CPUID flags:
+  3dnow abm erms fma fsrc fsrm
+  fsrs fzrm sse2
+"""
+
+
+@pytest.mark.parametrize(("help_text", "model"), [
+    (CPU_HELP_10, "max,-erms,-fsrm,-fzrm,-fsrs,-fsrc"),  # QEMU 10: FSRM without ERMS hangs Linux
+    (CPU_HELP_10.replace(" fsrc fsrm\n  fsrs fzrm", ""), "max,-erms"),  # 7.2 and older
+    (CPU_HELP_10.split("Recognized")[0], "max"),  # cannot say which flags: nothing removed
+    ("", "max"),  # no answer at all
+])
+def test_the_tcg_model_removes_erms_and_the_flags_built_on_it_that_qemu_knows(
+        monkeypatch: pytest.MonkeyPatch, help_text: str, model: str) -> None:
+    from sandbox.host import cpu
+
+    monkeypatch.setattr(cpu, "_cpu_help", lambda binary: help_text)
+    assert cpu.tcg_cpu("qemu") == model
+    assert cpu.qemu_cpu_models("qemu") == (("max", "qemu64") if "x86 max" in help_text else ())
 
 
 def test_abi_levels_map_to_named_models_on_a_qemu_that_lacks_them(

@@ -25,8 +25,11 @@ HOST_DEPENDENT = ("host", "max")
 #: The CPU model under TCG when none is asked for: QEMU's "max" without ERMS. With ERMS the
 #: guest's kernel and C library copy memory with ``rep movsb``, which TCG runs one byte per
 #: iteration; without it they copy in words and vectors: cat of a cached file 2.2x faster,
-#: a pipe 1.3x, payload hashing 1.2x (measured here). KVM keeps the host's own model.
-TCG_CPU = "max,-erms"
+#: a pipe 1.3x, payload hashing 1.2x (measured here). The flags that build on ERMS go with it
+#: where this QEMU knows them (a real processor never has them without ERMS, and Linux 6.1
+#: hangs early in boot on QEMU 10's max without ERMS but with FSRM). KVM keeps the host's own
+#: model. See :func:`tcg_cpu`.
+TCG_CPU_REMOVED = ("erms", "fsrm", "fzrm", "fsrs", "fsrc")
 #: The x86-64 ABI levels, which older QEMU (7.2 among them) does not know as models: the
 #: named model that has each level's features (v2: SSE4.2, POPCNT; v3: AVX2, BMI2, FMA,
 #: MOVBE; v4: AVX-512).
@@ -48,21 +51,40 @@ def cpu_model_problem(name: object) -> str | None:
 
 
 @functools.cache
-def qemu_cpu_models(binary: str) -> tuple[str, ...]:
-    """The CPU model names ``binary`` knows (``-cpu help``), or () when it cannot say."""
+def _cpu_help(binary: str) -> str:
     try:
         result = subprocess.run([binary, "-cpu", "help"], capture_output=True, text=True,
                                 timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return ()
+        return ""
+    return result.stdout
+
+
+def qemu_cpu_models(binary: str) -> tuple[str, ...]:
+    """The CPU model names ``binary`` knows (``-cpu help``), or () when it cannot say."""
     models = []
-    for line in result.stdout.splitlines():
+    for line in _cpu_help(binary).splitlines():
         if not line.strip():
             break  # the model list ends where "Recognized CPUID flags" begins
         match = re.match(r"\s*x86\s+(\S+)", line)
         if match:
             models.append(match.group(1))
     return tuple(models)
+
+
+def qemu_cpu_flags(binary: str) -> frozenset[str]:
+    """The CPUID flag names ``binary`` knows (``-cpu help``), or none when it cannot say."""
+    _, found, flags = _cpu_help(binary).partition("Recognized CPUID flags:")
+    return frozenset(flags.split()) if found else frozenset()
+
+
+def tcg_cpu(binary: str) -> str:
+    """The -cpu argument under TCG when none is asked for: ``max`` without
+    :data:`TCG_CPU_REMOVED` (those of them ``binary`` knows); plain ``max`` when it cannot
+    say which flags it knows (a flag it does not know would stop it from starting)."""
+    known = qemu_cpu_flags(binary)
+    removed = [f"-{flag}" for flag in TCG_CPU_REMOVED if flag in known]
+    return ",".join(["max", *removed]) if "erms" in known else "max"
 
 
 def qemu_cpu_model(name: str, binary: str) -> str:

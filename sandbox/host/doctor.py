@@ -14,7 +14,7 @@ from ..base.paths import account_name, cache_dir, find_tool, runtime_dir
 from ..base.sizes import format_size
 from ..errors import HostError
 from .access import TOOL_PACKAGES, kvm_access_problem, unprivileged_build_problems
-from .cpu import HOST_DEPENDENT, TCG_CPU, host_cpu_identity, host_cpu_name
+from .cpu import HOST_DEPENDENT, host_cpu_identity, host_cpu_name, tcg_cpu
 from .firmware import ovmf_firmware
 from .tools import tool_version
 
@@ -106,7 +106,9 @@ def doctor_report(accel_verdict: Callable[[], Verdict]) -> dict[str, Any]:
     # The model clones get when no cpu= is set; its states carry the host's identity in
     # their keys only when that model is the host's CPU (KVM).
     accel = report["accel"] or {}
-    model = (accel.get("kvm_cpu") or "host") if accel.get("accel") == "kvm" else TCG_CPU
+    qemu = report["tools"]["qemu-system-x86_64"]["path"]
+    model = ((accel.get("kvm_cpu") or "host") if accel.get("accel") == "kvm"
+             else tcg_cpu(qemu) if qemu else "max")
     report["cpu"] = {"host": host_cpu_name(), "identity": host_cpu_identity(),
                      "default_model": model,
                      "keys_name_host": accel.get("accel") == "kvm" and model in HOST_DEPENDENT}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..base.paths import find_tool
 from ..errors import HostError, SnapshotError
-from ..host.cpu import HOST_DEPENDENT, TCG_CPU, host_cpu_identity, qemu_cpu_model
+from ..host.cpu import HOST_DEPENDENT, host_cpu_identity, qemu_cpu_model, tcg_cpu
 from ..host.tools import qemu_binary
 from .accel import accel_verdict
 from .files import MachineFiles, qemu_option
@@ -82,15 +82,15 @@ class QemuPlan:
     #: cloud-init seed attached, instead of a direct kernel boot.
     seed: Path | None = None
     uefi: Path | None = None
-    #: The CPU model asked for (spec, else recipe), as this QEMU names it; "": the
-    #: accelerator's default (max under TCG, kvm_cpu under KVM).
+    #: The CPU model asked for (spec, else recipe), as this QEMU names it; under TCG when
+    #: none is, sandbox.host.cpu.tcg_cpu's; "": the accelerator's default (kvm_cpu under KVM).
     cpu: str = ""
     #: The host processor (sandbox.host.cpu.host_cpu_identity) when the guest's CPU is the
     #: host's (KVM with host or max), else "": part of the shape, not of the command line.
     host_cpu: str = ""
 
     def command(self) -> list[str]:
-        cpu = self.cpu or ((self.kvm_cpu or "host") if self.accel == "kvm" else TCG_CPU)
+        cpu = self.cpu or ((self.kvm_cpu or "host") if self.accel == "kvm" else "max")
         accel = "kvm" if self.accel == "kvm" else "tcg,thread=multi"
         restrict = ",restrict=on" if self.network == "restricted" else ""
         machine = "q35,vmport=off,hpet=off"
@@ -187,7 +187,8 @@ def plan_for(spec: MachineSpec, image: Image, accel: str, *, files: MachineFiles
     """The plan of a machine of ``spec`` on ``image``: the spec's shape, else the recipe's."""
     binary = qemu_binary()
     kvm_cpu = accel_verdict().kvm_cpu if accel == "kvm" else ""
-    cpu = guest_cpu(spec.cpu or image.cpu, accel, binary)
+    cpu = guest_cpu(spec.cpu or image.cpu, accel, binary) or (
+        tcg_cpu(binary) if accel != "kvm" else "")
     hosts_cpu = accel == "kvm" and (cpu or kvm_cpu or "host") in HOST_DEPENDENT
     return QemuPlan(
         binary=binary, tag=tag, accel=accel, kvm_cpu=kvm_cpu, cpu=cpu,
