@@ -1,8 +1,10 @@
-"""The SSH channel to a guest: one paramiko transport, many sessions over it (commands,
-SFTP, tar streams); the sockets it runs over are :mod:`sandbox.guest.sockets`'."""
+"""The SSH channel to a guest: paramiko transports, one session set up or running on each at
+a time where the guest lets it open more (commands, SFTP, tar streams); the sockets it runs
+over are :mod:`sandbox.guest.sockets`'."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import secrets
@@ -11,7 +13,7 @@ import stat
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -53,6 +55,13 @@ SFTP_IDLE_TIMEOUT = 60.0
 #: and then abort the whole connection when that command writes output. A command that
 #: waits for a go it never gets writes nothing; the session is simply opened again.
 GO = "IFS= read -r sandbox_go || exit 0"
+#: At most this many SSH connections to one guest. The go above does not close that race
+#: where processes are cheap (a newer QEMU: 8 threads of short commands lost the connection
+#: in 2 of 3 runs under QEMU 10), so each session gets a connection of its own: the first,
+#: then more to the guest's port 22, opened as commands overlap and kept for the next ones.
+#: A connection then never sets up a session while one of its own children exits. Past
+#: this many (or when the port does not answer) sessions share them, as before.
+CONNECTIONS_MAX = 16
 
 
 def _request(chan: paramiko.Channel, kind: str, value: str) -> None:
@@ -101,14 +110,26 @@ class Channel:
     """SSH to one guest with the cache's key, pinning the host key the image was built with."""
 
     def __init__(self, opener: Callable[[float], Any], key: paramiko.PKey,
-                 host_key: str | None = None, user: str = "root") -> None:
+                 host_key: str | None = None, user: str = "root",
+                 more: Callable[[float], Any] | None = None) -> None:
         self.opener = opener
+        #: Where further connections are opened (the guest's port 22), or None: sessions
+        #: then share the one connection.
+        self.more = more
         self.key = key
         self.host_key = host_key
         self.user = user
         self._transport: paramiko.Transport | None = None
         self._sftp: paramiko.SFTPClient | None = None
+        self._sftp_lease: _Lease | None = None
         self._lock = threading.Lock()
+        # The connection pool: how many sessions use the first connection, the further
+        # connections (all; and those not in use), and how many are being opened.
+        self._pool_lock = threading.Lock()
+        self._first_users = 0
+        self._extra: list[paramiko.Transport] = []
+        self._idle: list[paramiko.Transport] = []
+        self._opening = 0
         self._ping_lock = threading.Lock()
         self._pinged = 0.0
         #: Sessions the server closed before their command or subsystem started, which were
@@ -120,7 +141,10 @@ class Channel:
 
     def connect(self, timeout: float = 10.0) -> None:
         """One attempt: open the byte stream, SSH handshake, host key check, key auth."""
-        transport = paramiko.Transport(self.opener(timeout))
+        self._transport = self._handshake(self.opener, timeout)
+
+    def _handshake(self, opener: Callable[[float], Any], timeout: float) -> paramiko.Transport:
+        transport = paramiko.Transport(opener(timeout))
         _prefer_cheap_algorithms(transport.get_security_options())
         transport.banner_timeout = timeout
         transport.handshake_timeout = timeout
@@ -132,7 +156,7 @@ class Channel:
             transport.close()
             raise
         transport.set_keepalive(15)
-        self._transport = transport
+        return transport
 
     def _check_host_key(self, key: paramiko.PKey) -> None:
         if self.host_key is None:
@@ -149,25 +173,100 @@ class Channel:
             raise ChannelError("the SSH connection to the guest is closed")
         return self._transport
 
+    @property
+    def connections(self) -> int:
+        """How many SSH connections to the guest are open (a figure for tests and debugging)."""
+        with self._pool_lock:
+            extra = sum(1 for t in self._extra if t.is_active())
+        return extra + (1 if self._transport is not None and self._transport.is_active() else 0)
+
     def close(self) -> None:
         if self._sftp is not None:
             self._sftp.close()
             self._sftp = None
+        if self._sftp_lease is not None:
+            self._give(self._sftp_lease)
+            self._sftp_lease = None
+        with self._pool_lock:
+            extra, self._extra, self._idle = self._extra, [], []
+        for transport in extra:
+            transport.close()
         if self._transport is not None:
             self._transport.close()
             self._transport = None
 
-    def _exec(self, command: str, timeout: float = 30.0) -> paramiko.Channel:
-        """A session running ``command`` (started: it got its go; see GO)."""
-        chan = self._open(lambda chan: _request(chan, "exec", f"{GO}\n{command}"), timeout)
+    # -- the connection pool ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lease(self, timeout: float) -> Iterator[_Lease]:
+        """A connection on which no other session is set up or runs while this one does (see
+        CONNECTIONS_MAX), given back afterwards."""
+        lease = self._take(timeout)
+        try:
+            yield lease
+        finally:
+            self._give(lease)
+
+    def _take(self, timeout: float) -> _Lease:
+        with self._pool_lock:
+            first = self.transport
+            if not self._first_users:
+                self._first_users += 1
+                return _Lease(first)
+            while self._idle:
+                idle = self._idle.pop()
+                if idle.is_active():
+                    return _Lease(idle)
+                self._extra.remove(idle)
+            more = self.more
+            if more is None or len(self._extra) + self._opening + 1 >= CONNECTIONS_MAX:
+                self._first_users += 1
+                return _Lease(first)
+            self._opening += 1
+        transport: paramiko.Transport | None = None
+        try:
+            transport = self._handshake(more, max(1.0, min(20.0, timeout)))
+        except (OSError, paramiko.SSHException, EOFError, ChannelError):
+            self.more = None  # the port does not serve: share the first connection from now
+        except BaseException:
+            with self._pool_lock:
+                self._opening -= 1
+            raise
+        with self._pool_lock:
+            self._opening -= 1
+            if transport is None:
+                self._first_users += 1
+                return _Lease(first)
+            self._extra.append(transport)
+        return _Lease(transport)
+
+    def _give(self, lease: _Lease) -> None:
+        with self._pool_lock:
+            if lease.transport is self._transport:
+                self._first_users -= 1
+                return
+            if lease.reusable and lease.transport.is_active() and \
+                    lease.transport in self._extra:
+                self._idle.append(lease.transport)
+                return
+            if lease.transport in self._extra:
+                self._extra.remove(lease.transport)
+        # Its session may still have a child that exits later: not used again.
+        lease.transport.close()
+
+    def _exec(self, transport: paramiko.Transport, command: str,
+              timeout: float = 30.0) -> paramiko.Channel:
+        """A session on ``transport`` running ``command`` (started: it got its go; see GO)."""
+        chan = self._open(transport, lambda chan: _request(chan, "exec", f"{GO}\n{command}"),
+                          timeout)
         chan.sendall(b"\n")
         return chan
 
-    def _subsystem(self, name: str) -> paramiko.Channel:
+    def _subsystem(self, transport: paramiko.Transport, name: str) -> paramiko.Channel:
         """A session running the SSH server's ``name`` subsystem (which waits for input)."""
-        return self._open(lambda chan: _request(chan, "subsystem", name), 30.0)
+        return self._open(transport, lambda chan: _request(chan, "subsystem", name), 30.0)
 
-    def _open(self, start: Callable[[paramiko.Channel], None],
+    def _open(self, transport: paramiko.Transport, start: Callable[[paramiko.Channel], None],
               timeout: float) -> paramiko.Channel:
         """A session, opened and ``start``-ed; opened again when the server closed it at once
         (see GO), which paramiko reports as "Unable to open channel." or "Channel closed.",
@@ -179,7 +278,8 @@ class Channel:
                 if time.monotonic() > deadline:
                     break
                 time.sleep(min(0.2, 0.005 * 2 ** attempt))
-            transport = self.transport
+            if not transport.is_active():
+                raise ChannelError("the SSH connection to the guest is closed")
             try:
                 chan = transport.open_session(timeout=max(0.1, deadline - time.monotonic()))
             except paramiko.ChannelException as exc:  # refused, with a reason
@@ -203,11 +303,13 @@ class Channel:
         raise ChannelError(f"the guest's SSH server closed or refused every session opened "
                            f"within {limit:g} s before it could start ({attempt} tries)")
 
-    def answers(self, timeout: float = PING_TIMEOUT) -> bool:
+    def answers(self, timeout: float = PING_TIMEOUT,
+                transport: paramiko.Transport | None = None) -> bool:
         """Whether the SSH server still answers a request (a keepalive that it must reply
-        to, if only with a refusal) within ``timeout`` seconds. One at a time: paramiko
-        tracks one global request per transport (a second asker says yes at once)."""
-        transport = self.transport
+        to, if only with a refusal) within ``timeout`` seconds, on ``transport`` (default:
+        the first connection). One at a time: paramiko tracks one global request per
+        transport (a second asker says yes at once)."""
+        transport = transport or self.transport
         if not self._ping_lock.acquire(blocking=False):
             return True
         try:
@@ -233,46 +335,51 @@ class Channel:
         command = command_string(cmd)
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
-        try:
-            chan = self._exec(wrap(command, env), timeout if timeout is not None else 30.0)
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise ChannelError(f"SSH failed while starting {command!r}: {exc}") from exc
-        try:
-            feeder = self._feed(chan, input)
-            out, err, pid = collect(chan, deadline, stdout, stderr,
-                                     lambda: self._check(watch, command))
-            if feeder is not None:
-                feeder.join(timeout=5)
-        except Deadline as late:
-            if self._kill_session(late.pid):
-                chan.status_event.wait(5)  # its server side ends once the tree is reaped
-            raise CommandTimeout(command, timeout or 0, late.stdout.decode(errors="replace"),
-                                 late.stderr.decode(errors="replace")) from None
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise ChannelError(f"SSH failed while running {command!r}: {exc}") from exc
-        finally:
-            chan.close()
+        with self._lease(timeout if timeout is not None else 30.0) as lease:
+            transport = lease.transport
+            try:
+                chan = self._exec(transport, wrap(command, env),
+                                  timeout if timeout is not None else 30.0)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise ChannelError(f"SSH failed while starting {command!r}: {exc}") from exc
+            try:
+                feeder = self._feed(chan, input)
+                out, err, pid = collect(chan, deadline, stdout, stderr,
+                                         lambda: self._check(watch, command, transport))
+                if feeder is not None:
+                    feeder.join(timeout=5)
+            except Deadline as late:
+                if self._kill_session(late.pid):
+                    chan.status_event.wait(5)  # its server side ends once the tree is reaped
+                raise CommandTimeout(command, timeout or 0,
+                                     late.stdout.decode(errors="replace"),
+                                     late.stderr.decode(errors="replace")) from None
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise ChannelError(f"SSH failed while running {command!r}: {exc}") from exc
+            finally:
+                chan.close()
+                lease.reusable = chan.exit_status_ready()
         # paramiko leaves exit_status at -1 unless the server sent one (a real one is
         # unsigned). Without one, a session the server ended cleanly (EOF first) means the
         # command's shell died of a signal (sent as exit-signal, which paramiko drops); a
         # session that just closed means the connection itself went away.
         status = chan.exit_status
-        if status == -1 and not (chan.eof_received and self._transport is not None
-                                 and self._transport.is_active()):
+        if status == -1 and not (chan.eof_received and transport.is_active()):
             raise ChannelError(f"the connection to the guest was lost while {command!r} ran "
                                "(QEMU exited, the guest rebooted or its SSH server died); "
                                f"output so far: {tail_text(out + err)}")
         return CommandResult(command, status, out, err, time.monotonic() - started)
 
-    def _check(self, watch: Callable[[], None] | None, command: str) -> None:
+    def _check(self, watch: Callable[[], None] | None, command: str,
+               transport: paramiko.Transport) -> None:
         """While a command is silent: the caller's watch; every PING_AFTER seconds, whether
-        the server answers."""
+        the server answers (on the command's connection)."""
         if watch is not None:
             watch()
         if time.monotonic() - self._pinged < PING_AFTER:
             return
         self._pinged = time.monotonic()
-        if not self.answers():
+        if not self.answers(transport=transport):
             raise ChannelError(f"the guest's SSH server stopped answering while {command!r} "
                                f"ran (no reply within {PING_TIMEOUT:g} s)")
 
@@ -305,12 +412,14 @@ class Channel:
         script = (f"{tree}; kill -STOP $(t {pid}) 2>/dev/null; "
                   f"kill -KILL $(t {pid}) 2>/dev/null; true")
         try:
-            chan = self._exec(script)
-            try:
-                chan.shutdown_write()
-                chan.status_event.wait(10)
-            finally:
-                chan.close()
+            with self._lease(30.0) as lease:
+                chan = self._exec(lease.transport, script)
+                try:
+                    chan.shutdown_write()
+                    chan.status_event.wait(10)
+                finally:
+                    chan.close()
+                    lease.reusable = chan.exit_status_ready()
         except Exception:  # noqa: BLE001 - best effort: the timeout is what gets reported
             return False
         return True
@@ -321,12 +430,17 @@ class Channel:
     def sftp(self) -> paramiko.SFTPClient:
         with self._lock:
             if self._sftp is None:
+                lease = self._take(30.0)  # the SFTP session keeps its connection
                 try:
-                    sftp_channel = self._subsystem("sftp")
+                    sftp_channel = self._subsystem(lease.transport, "sftp")
                 except (paramiko.SSHException, OSError, EOFError) as exc:
+                    self._give(lease)
                     raise ChannelError(f"the guest refused an SFTP session: {exc}") from exc
+                except BaseException:
+                    self._give(lease)
+                    raise
                 sftp_channel.settimeout(SFTP_IDLE_TIMEOUT)
-                self._sftp = paramiko.SFTPClient(sftp_channel)
+                self._sftp, self._sftp_lease = paramiko.SFTPClient(sftp_channel), lease
             return self._sftp
 
     def put(self, local: Path, remote: str) -> None:
@@ -370,9 +484,17 @@ class Channel:
 
     def push(self, local_dir: Path, remote_dir: str, timeout: float) -> None:
         """The contents of ``local_dir`` into ``remote_dir`` as one tar stream (modes kept)."""
+        with self._lease(30.0) as lease:
+            status, errors = self._push(lease, local_dir, remote_dir, timeout)
+        if status != 0:
+            raise ChannelError(f"push of {local_dir} to {remote_dir} failed in the guest "
+                               f"(tar status {status}): {guest_text(errors.strip(), 30)}")
+
+    def _push(self, lease: _Lease, local_dir: Path, remote_dir: str,
+              timeout: float) -> tuple[int, str]:
         try:
-            chan = self._exec(f"mkdir -p {shlex.quote(remote_dir)} && "
-                              f"tar -x -p -f - -C {shlex.quote(remote_dir)}")
+            chan = self._exec(lease.transport, f"mkdir -p {shlex.quote(remote_dir)} && "
+                                               f"tar -x -p -f - -C {shlex.quote(remote_dir)}")
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise ChannelError(f"push of {local_dir} to {remote_dir} failed: {exc}") from exc
         try:
@@ -391,18 +513,27 @@ class Channel:
             raise ChannelError(f"push of {local_dir} to {remote_dir} failed: {exc}") from exc
         finally:
             chan.close()
-        if status != 0:
-            raise ChannelError(f"push of {local_dir} to {remote_dir} failed in the guest "
-                               f"(tar status {status}): {guest_text(errors.strip(), 30)}")
+            lease.reusable = chan.exit_status_ready()
+        return status, errors
+
+
+class _Lease:
+    """A connection taken from the pool; ``reusable`` False when its session may still have
+    a child to reap (its exit status never came), so that it is closed, not used again."""
+
+    def __init__(self, transport: paramiko.Transport) -> None:
+        self.transport = transport
+        self.reusable = True
 
 
 def connect(opener: Callable[[float], Any], key: paramiko.PKey, host_key: str | None, *,
             timeout: float, alive: Callable[[], None] | None = None,
-            attempts: int | None = None, user: str = "root") -> Channel:
+            attempts: int | None = None, user: str = "root",
+            more: Callable[[float], Any] | None = None) -> Channel:
     """A connected :class:`Channel`, retrying failed attempts (refused, reset, a server not
     yet up) for up to ``timeout`` seconds or ``attempts`` tries; ``alive()`` is called before
     each attempt and may raise to stop early. ChannelError names the deadline and the last
-    error."""
+    error. ``more`` opens further connections (see CONNECTIONS_MAX)."""
     import tenacity
 
     deadline = time.monotonic() + timeout
@@ -410,7 +541,7 @@ def connect(opener: Callable[[float], Any], key: paramiko.PKey, host_key: str | 
     def attempt() -> Channel:
         if alive is not None:
             alive()
-        channel = Channel(opener, key, host_key, user)
+        channel = Channel(opener, key, host_key, user, more)
         channel.connect(timeout=max(1.0, min(20.0, deadline - time.monotonic())))
         return channel
 

@@ -233,10 +233,12 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         assert self.image is not None and self.qemu is not None
         qemu = self.qemu
         try:
+            port = tcp(("127.0.0.1", self.ssh_port))
             self._channel = connect(
-                opener or tcp(("127.0.0.1", self.ssh_port)), self.image.client_key().load(),
+                opener or port, self.image.client_key().load(),
                 self.image.host_key, timeout=max(0.0, timeout), attempts=attempts, user=self.user,
-                alive=lambda: qemu.check_alive("QEMU exited while the guest was booting"))
+                alive=lambda: qemu.check_alive("QEMU exited while the guest was booting"),
+                more=port)
         except ChannelError as exc:
             raise BootError(str(exc), console_tail=self.console_tail()) from exc
 

@@ -95,9 +95,10 @@ def connect_booted(image: Image, process: QemuProcess, files: MachineFiles, ssh_
     try:
         if image.kind == "disk":
             user = BootWatch(image, files.console_log).wait(deadline, alive)
-        channel = connect(tcp(("127.0.0.1", ssh_port)), image.client_key().load(),
+        port = tcp(("127.0.0.1", ssh_port))
+        channel = connect(port, image.client_key().load(),
                           image.host_key, timeout=max(0.0, deadline - time.monotonic()),
-                          alive=alive, user=user)
+                          alive=alive, user=user, more=port)
     except ChannelError as exc:
         raise BootError(f"{image.name} did not come up: {exc}",
                         console_tail=files.console_tail()) from exc
