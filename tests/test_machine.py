@@ -440,12 +440,21 @@ def test_get_of_a_link_to_dev_zero_stops_at_once_and_writes_nothing(
     assert shared_vm.succeed("echo still-here") == "still-here\n"
 
 
-def test_tcg_guests_copy_without_erms(shared_vm: sandbox.Machine) -> None:
-    """Under TCG (sandbox.host.cpu.tcg_cpu) the guest's CPU has no ERMS and none of the
-    flags built on it; under KVM the model is the host's, as the guest would have it."""
+def test_tcg_guests_copy_without_erms_and_keep_libraries_in_place(
+        shared_vm: sandbox.Machine) -> None:
+    """Under TCG (sandbox.host.cpu.tcg_cpu, sandbox.vm.plan.TCG_KERNEL_ARGUMENTS) the guest
+    has no ERMS nor the flags built on it, and no address randomisation: two runs of a
+    program map the C library at the same address. Under KVM both stay as the guest would
+    have them."""
     assert shared_vm.qemu is not None
     tcg = shared_vm.qemu.plan is not None and shared_vm.qemu.plan.accel != "kvm"
     flags = shared_vm.succeed("grep -m1 '^flags' /proc/cpuinfo").split()
+    libc = "grep -m1 'libc.so' /proc/self/maps | cut -d- -f1"
+    first, second = shared_vm.succeed(f"{libc}; {libc}").split()
+    setting = shared_vm.succeed("cat /proc/sys/kernel/randomize_va_space").strip()
     assert "sse2" in flags
     if tcg:
         assert not {"erms", "fsrm", "fzrm", "fsrs", "fsrc"} & set(flags)
+        assert setting == "0" and first == second
+    else:
+        assert setting == "2" and first != second
