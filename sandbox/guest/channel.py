@@ -335,11 +335,11 @@ class Channel:
         command = command_string(cmd)
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
-        with self._lease(timeout if timeout is not None else 30.0) as lease:
+        start_within = timeout if timeout is not None else 30.0
+        with self._lease(start_within) as lease:
             transport = lease.transport
             try:
-                chan = self._exec(transport, wrap(command, env),
-                                  timeout if timeout is not None else 30.0)
+                chan = self._exec(transport, wrap(command, env), start_within)
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 raise ChannelError(f"SSH failed while starting {command!r}: {exc}") from exc
             try:
