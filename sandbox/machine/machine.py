@@ -107,6 +107,8 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         self.user = "root"  # the account SSH logs in as (an imported image's may differ)
         #: The guest agent's answer when this clone resumed (None: not a clone, no answer).
         self._identity: dict[str, object] | None = None
+        #: The guest rebooted since the channel was made: the next one waits for its boot.
+        self._rebooted = False
         self._closed = False
 
     def __repr__(self) -> str:
@@ -352,14 +354,18 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         if self._closed or self.qemu is None:
             raise ChannelError(f"{self.name} is not running")
         if self._channel is None:
-            self._watch()
-            self._connect_ssh(RECONNECT_TIMEOUT)
+            self._watch(rebooted_is_error=False)
+            # A guest that rebooted is given the time of a boot to come up again.
+            self._connect_ssh(self.spec.boot_timeout if self._rebooted else RECONNECT_TIMEOUT)
+            self._rebooted = False
         assert self._channel is not None
         return self._channel
 
-    def _watch(self) -> None:
+    def _watch(self, *, rebooted_is_error: bool = True) -> None:
         """Raise when the guest can no longer answer: QEMU exited, or the kernel panicked
-        (QEMU's pvpanic device stops the guest, see sandbox.vm.plan)."""
+        (QEMU's pvpanic device stops the guest, see sandbox.vm.plan), or the guest rebooted
+        (QEMU reported a reset: its SSH server went with the connection, whose end over the
+        virtio-serial port would never say so)."""
         assert self.qemu is not None
         self.qemu.check_alive(f"QEMU of {self.name} exited")
         try:
@@ -370,6 +376,11 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
             raise GuestPanic(f"the guest kernel of {self.name} panicked",
                              console_tail=console.panic_tail(self.files.console_log)
                              if self.files else "")
+        if self.qemu.guest_resets():
+            self._rebooted = True
+        if self._rebooted and rebooted_is_error:
+            raise ChannelError(f"the guest of {self.name} rebooted, and its SSH connection "
+                               "went with it; the next command connects again once it is up")
 
     def _drop_channel(self) -> None:
         """Drop a channel that failed, so that the next command reconnects."""

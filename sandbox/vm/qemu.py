@@ -226,6 +226,17 @@ class QemuProcess:
     def hmp(self, command_line: str) -> str:
         return str(self.qmp("human-monitor-command", **{"command-line": command_line}))
 
+    def guest_resets(self) -> int:
+        """How many times the guest was reset (rebooted, or reset from the monitor) since
+        the last call: QEMU's RESET events, as read off the monitor by the commands sent so
+        far, but those of a snapshot load (vm.restore). The other events are dropped."""
+        if self._qmp is None:
+            return 0
+        with self._qmp_lock:
+            events = self._qmp.get_events(wait=False)
+        return sum(1 for event in events if event.get("event") == "RESET"
+                   and event.get("data", {}).get("reason") != "snapshot-load")
+
     def hostfwd_ports(self) -> dict[int, int]:
         """guest port -> host port of every TCP forward, read back from QEMU."""
         ports = {}
