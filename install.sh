@@ -9,10 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# ovmf: UEFI firmware for imported images with boot = "uefi"; fdisk, dosfstools and mtools
-# build the test suite's "foreign" disk image (partition table, EFI system partition).
+# syslinux, dosfstools and mtools: clones' boot disks (sandbox/vm/bootdisk.py; dosfstools and
+# mtools also build the test suite's "foreign" disk image with fdisk); ovmf: UEFI firmware
+# for imported images with boot = "uefi".
 packages=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs genext2fs uidmap debian-archive-keyring openssh-client
-          iproute2 python3-venv ovmf fdisk dosfstools mtools)
+          syslinux dosfstools mtools iproute2 python3-venv ovmf fdisk)
 me=$(id -un)
 root_steps=()   # what needs root, as commands
 

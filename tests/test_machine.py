@@ -274,6 +274,29 @@ def test_a_lost_connection_raises_instead_of_returning_a_status(
             vm.fail("false")
 
 
+def test_a_clone_that_reboots_boots_from_its_boot_disk(built_image: dict[str, Any]) -> None:
+    """A clone holds no copy of the kernel (sandbox.vm.bootdisk): a reboot goes through the
+    firmware and its boot disk, with the kernel command line it had, and keeps its disk."""
+    from sandbox.vm.bootdisk import missing_tools
+
+    with sandbox.launch(IMAGE) as vm:
+        assert vm.qemu is not None and vm.qemu.plan is not None
+        plan = vm.qemu.plan
+        assert (plan.boot_disk is not None) == (not missing_tools())
+        assert ("-kernel" in plan.command()) == (plan.boot_disk is None)
+        before = vm.succeed("cat /proc/sys/kernel/random/boot_id; echo kept > /root/kept; sync")
+        started = time.monotonic()
+        # Its connection goes with the guest; QEMU's reset event says so within seconds.
+        with pytest.raises(ChannelError, match="rebooted"):
+            vm.run("systemctl reboot; sleep 60", timeout=90)
+        assert time.monotonic() - started < 30
+        # The next command waits for the boot (the machine's boot timeout), then runs.
+        after = vm.succeed("cat /proc/sys/kernel/random/boot_id /root/kept /proc/cmdline")
+        after = after.splitlines()
+        assert after[0] != before.strip() and after[1] == "kept"
+        assert set(plan.cmdline.split()) <= set(after[2].split())
+
+
 def test_a_nul_byte_is_refused_before_it_reaches_the_guest(shared_vm: sandbox.Machine) -> None:
     with pytest.raises(ValueError, match="NUL byte"):
         shared_vm.run("echo a\0b")

@@ -269,6 +269,53 @@ def test_commas_in_names_and_paths_stay_inside_their_option_values() -> None:
     assert direct[direct.index("-initrd") + 1] == "/c,1/initrd.img"
 
 
+def test_a_resumed_machine_boots_from_its_boot_disk_not_from_a_kernel_held_by_qemu() -> None:
+    resumed = plan(boot_disk=Path("/c,1/boot/i-k.img"), incoming=True)
+    command = resumed.command()
+    assert "-kernel" not in command and "-initrd" not in command and "-append" not in command
+    assert "file=/c,,1/boot/i-k.img,if=none,id=boot0,format=raw,readonly=on" in command
+    assert "virtio-blk-pci,drive=boot0,bootindex=0,bus=pcie.0,addr=0x1e" in command
+    # Its shape is that of the machine whose state it loads (booted with -kernel).
+    assert resumed.shape() == plan().shape()
+    assert "-kernel" in resumed.shape()
+    # An imported image boots by firmware from its own disk: no boot disk there.
+    imported = plan(boot_disk=Path("/b.img"), seed=Path("/i/seed.iso")).command()
+    assert "boot0" not in " ".join(imported)
+
+
+def test_a_boot_disk_holds_the_kernel_initrd_and_command_line(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    from sandbox.vm import bootdisk
+
+    if bootdisk.missing_tools():
+        pytest.skip(f"needs {', '.join(bootdisk.missing_tools())} (install.sh installs them)")
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "img").mkdir()
+    kernel, initrd = tmp_path / "img" / "vmlinuz", tmp_path / "img" / "initrd.img"
+    kernel.write_bytes(b"K" * 300_000)
+    initrd.write_bytes(b"I" * 200_000)
+    disk = bootdisk.boot_disk(kernel, initrd, "root=/dev/vda quiet")
+    assert disk is not None and disk.parent == tmp_path / "cache" / "boot"
+    assert bootdisk.boot_disk(kernel, initrd, "root=/dev/vda quiet") == disk  # made once
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    listing = subprocess.run(["mdir", "-a", "-b", "-i", str(disk), "::/"], capture_output=True,
+                             text=True, check=True, env=env).stdout
+    assert {"::/VMLINUZ", "::/INITRD.IMG", "::/SYSLINUX.CFG", "::/LDLINUX.SYS"} <= {
+        line.strip().upper() for line in listing.splitlines()}
+    config = subprocess.run(["mtype", "-i", str(disk), "::/syslinux.cfg"], capture_output=True,
+                            text=True, check=True, env=env).stdout
+    assert "APPEND root=/dev/vda quiet\n" in config
+    copied = subprocess.run(["mtype", "-i", str(disk), "::/vmlinuz"], capture_output=True,
+                            check=True, env=env).stdout
+    assert copied == kernel.read_bytes()
+    # Another command line is another disk; one that could add lines to the config is none.
+    assert bootdisk.boot_disk(kernel, initrd, "root=/dev/vda") not in (None, disk)
+    assert bootdisk.boot_disk(kernel, initrd, "root=/dev/vda\nDEFAULT x") is None
+    assert len(bootdisk.remove_boot_disks("img")) == 2
+    assert not list((tmp_path / "cache" / "boot").iterdir())
+
+
 @pytest.mark.parametrize("name", ["db,x=y", "../x", "a/b", ".hidden", "-x", "a b", "x" * 64, "db\n",
                                   "é"])
 def test_machine_names_are_checked_before_anything_starts(name: str) -> None:

@@ -58,6 +58,12 @@ def doctor(as_json: bool, refresh: bool) -> None:
         uefi = report["uefi"]
         click.echo(f"{'uefi firmware':<20} {'present' if uefi['firmware'] else 'missing':<10} "
                    f"{uefi['firmware'] or 'only for boot = uefi images: apt-get install ovmf'}")
+        boot = report["boot_disk"]
+        click.echo(f"{'clone boot disks':<20} {'ready' if boot['ready'] else 'no':<10} "
+                   + ("clones hold no copy of the kernel (it is on their boot disk)"
+                      if boot["ready"] else
+                      "clones keep a copy of the kernel in memory (14 MiB each): apt-get "
+                      f"install {' '.join(boot['missing_packages'])}"))
         builds = report["builds"]
         how = ("as root (mmdebstrap --mode=root)" if builds["mode"] == "root" else
                f"as {report['user']} in a user namespace (mmdebstrap --mode=unshare)")

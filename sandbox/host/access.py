@@ -17,7 +17,10 @@ TOOL_PACKAGES = {
     "mmdebstrap": "mmdebstrap", "mke2fs": "e2fsprogs", "tune2fs": "e2fsprogs",
     "e2fsck": "e2fsprogs", "genext2fs": "genext2fs", "newuidmap": "uidmap",
     "newgidmap": "uidmap", "unshare": "util-linux",
+    "mkfs.fat": "dosfstools", "syslinux": "syslinux", "mcopy": "mtools",
 }
+#: What makes a clone's boot disk (sandbox.vm.bootdisk); without them clones keep -kernel.
+BOOT_DISK_TOOLS = ("mkfs.fat", "syslinux", "mcopy")
 #: Subordinate ids an unprivileged build needs: every uid and gid a Debian package may use.
 SUBORDINATE_IDS = 65536
 

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from ..base.paths import account_name, cache_dir, find_tool, runtime_dir
 from ..base.sizes import format_size
 from ..errors import HostError
-from .access import TOOL_PACKAGES, kvm_access_problem, unprivileged_build_problems
+from .access import BOOT_DISK_TOOLS, TOOL_PACKAGES, kvm_access_problem, unprivileged_build_problems
 from .cpu import HOST_DEPENDENT, host_cpu_identity, host_cpu_name, tcg_cpu
 from .firmware import ovmf_firmware
 from .tools import tool_version
@@ -89,6 +89,11 @@ def doctor_report(accel_verdict: Callable[[], Verdict]) -> dict[str, Any]:
         report["uefi"] = {"firmware": str(ovmf_firmware()), "problem": None}
     except HostError as exc:
         report["uefi"] = {"firmware": None, "problem": str(exc)}
+
+    # Optional: without them clones keep a copy of the kernel (sandbox.vm.bootdisk).
+    missing = sorted({TOOL_PACKAGES[name] for name in BOOT_DISK_TOOLS
+                      if find_tool(name) is None})
+    report["boot_disk"] = {"ready": not missing, "missing_packages": missing}
 
     # Shown on a line of its own (guests still run, under TCG), not among the problems.
     report["kvm_access"] = {"device": os.path.exists("/dev/kvm"),

@@ -48,6 +48,7 @@ from ..imaging.image import Image, find_images, remove_image
 from ..share.artifact import Entry, tag_for
 from ..share.store import remote_entry
 from . import console
+from .bootdisk import remove_boot_disks
 from .bringup import SETTLE_COMMAND, connect_booted, start_agent
 from .files import MachineFiles, run_tag
 from .plan import QemuPlan, create_overlay, plan_for
@@ -413,6 +414,7 @@ def remove_images(name: str, keep: Path | None = None) -> list[str]:
         removed.append(f"removed {image.name} {image.digest[:16]}" + (
             f" (imported from {source}, sha256 {image.manifest['source_sha256']})"
             if source else ""))
+        removed += remove_boot_disks(image.path.name)
     for golden in list_goldens():
         if golden.manifest["image"] == name and (
                 kept is None or golden.manifest.get("image_digest") != kept.digest):

@@ -17,6 +17,7 @@ from ..errors import HostError, SnapshotError
 from ..host.cpu import HOST_DEPENDENT, host_cpu_identity, qemu_cpu_model, tcg_cpu
 from ..host.tools import qemu_binary
 from .accel import accel_verdict
+from .bootdisk import BOOT_SLOT, boot_disk
 from .files import MachineFiles, qemu_option
 
 if TYPE_CHECKING:
@@ -88,6 +89,9 @@ class QemuPlan:
     #: The host processor (sandbox.host.cpu.host_cpu_identity) when the guest's CPU is the
     #: host's (KVM with host or max), else "": part of the shape, not of the command line.
     host_cpu: str = ""
+    #: A machine resumed from a saved state boots (only if its guest reboots) from this disk
+    #: instead of -kernel, which would keep the kernel in QEMU's memory: sandbox.vm.bootdisk.
+    boot_disk: Path | None = None
 
     def command(self) -> list[str]:
         cpu = self.cpu or ((self.kvm_cpu or "host") if self.accel == "kvm" else "max")
@@ -144,6 +148,13 @@ class QemuPlan:
         ]
 
     def _boot_arguments(self) -> list[str]:
+        if self.seed is None and self.boot_disk is not None:
+            # Not in the saved state's device list: the guest knows nothing of it until the
+            # firmware finds it on a reboot.
+            return ["-drive", f"file={qemu_option(self.boot_disk)},if=none,id=boot0,"
+                              "format=raw,readonly=on",
+                    "-device", f"virtio-blk-pci,drive=boot0,bootindex=0,bus=pcie.0,"
+                               f"addr={BOOT_SLOT:#x}"]
         if self.seed is None:
             return ["-kernel", str(self.kernel), "-initrd", str(self.initrd),
                     "-append", self.cmdline]
@@ -177,7 +188,7 @@ class QemuPlan:
                           incoming=False, network="restricted", binary="qemu",
                           lans=(None,) * len(self.lans),
                           seed=Path("S") if self.seed else None,
-                          uefi=Path("U") if self.uefi else None)
+                          uefi=Path("U") if self.uefi else None, boot_disk=None)
         return generic.command() + ([f"#host-cpu={self.host_cpu}"] if self.host_cpu else [])
 
 
@@ -190,16 +201,18 @@ def plan_for(spec: MachineSpec, image: Image, accel: str, *, files: MachineFiles
     cpu = guest_cpu(spec.cpu or image.cpu, accel, binary) or (
         tcg_cpu(binary) if accel != "kvm" else "")
     hosts_cpu = accel == "kvm" and (cpu or kvm_cpu or "host") in HOST_DEPENDENT
+    cmdline = image.kernel_cmdline + (" " + TCG_KERNEL_ARGUMENTS if accel != "kvm" else "")
     return QemuPlan(
         binary=binary, tag=tag, accel=accel, kvm_cpu=kvm_cpu, cpu=cpu,
         host_cpu=host_cpu_identity() if hosts_cpu else "",
         memory_mib=spec.memory_mib or image.memory_mib, cpus=spec.cpus or image.cpus,
         kernel=image.kernel, initrd=image.initrd, disk=disk,
-        cmdline=image.kernel_cmdline + (" " + TCG_KERNEL_ARGUMENTS if accel != "kvm" else ""),
-        files=files, network=spec.network, extra=spec.qemu_args, ram_file=ram_file,
+        cmdline=cmdline, files=files, network=spec.network, extra=spec.qemu_args, ram_file=ram_file,
         ram_shared=ram_shared, incoming=incoming,
         lans=lans if lans is not None else (None,) * len(spec.networks),
-        seed=image.seed, uefi=uefi_firmware() if image.boot == "uefi" else None)
+        seed=image.seed, uefi=uefi_firmware() if image.boot == "uefi" else None,
+        boot_disk=(boot_disk(image.kernel, image.initrd, cmdline)
+                   if incoming and image.seed is None else None))
 
 
 #: Kernel arguments a guest gets under TCG only. norandmaps: each process's libraries at the
