@@ -73,6 +73,23 @@ def test_clones_are_pristine_and_have_their_own_identity(prepared: sandbox.Templ
     assert abs(int(two.splitlines()[1]) - int(one.splitlines()[1])) < 120
 
 
+def test_a_template_clones_where_no_boot_disk_can_be_made(prepared: sandbox.Template,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """A template saved where clones carry a boot disk (sandbox.vm.bootdisk) clones on a host
+    without the tools to make one: there the clone boots with -kernel, and an empty disk
+    holds the boot disk's slot, so the saved device list still loads."""
+    from sandbox.vm import bootdisk
+
+    monkeypatch.setattr(bootdisk, "missing_tools", lambda: ["syslinux"])
+    with sandbox.launch(template=prepared) as clone:
+        assert clone.qemu is not None and clone.qemu.plan is not None
+        command = clone.qemu.plan.command()
+        assert clone.qemu.plan.boot_disk is None and "-kernel" in command
+        assert any(argument.startswith("driver=null-co") for argument in command)
+        assert clone.succeed(CHECK) == "prepared\nloop-alive\n"
+
+
 def test_template_files_unchanged_after_clones_wrote_disk_and_memory(
         prepared: sandbox.Template) -> None:
     before = golden_file_digests(prepared.path)

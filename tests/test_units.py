@@ -273,14 +273,21 @@ def test_a_resumed_machine_boots_from_its_boot_disk_not_from_a_kernel_held_by_qe
     resumed = plan(boot_disk=Path("/c,1/boot/i-k.img"), incoming=True)
     command = resumed.command()
     assert "-kernel" not in command and "-initrd" not in command and "-append" not in command
-    assert "file=/c,,1/boot/i-k.img,if=none,id=boot0,format=raw,readonly=on" in command
-    assert "virtio-blk-pci,drive=boot0,bootindex=0,bus=pcie.0,addr=0x1e" in command
+    assert "file=/c,,1/boot/i-k.img,format=raw,if=none,id=boot0,readonly=on" in command
+    assert "virtio-blk-pci,drive=boot0,bus=pcie.0,addr=0x1e,bootindex=0" in command
     # Its shape is that of the machine whose state it loads (booted with -kernel).
     assert resumed.shape() == plan().shape()
-    assert "-kernel" in resumed.shape()
-    # An imported image boots by firmware from its own disk: no boot disk there.
-    imported = plan(boot_disk=Path("/b.img"), seed=Path("/i/seed.iso")).command()
-    assert "boot0" not in " ".join(imported)
+    assert "-kernel" in resumed.shape() and "boot0" not in " ".join(resumed.shape())
+    # Without a boot disk: -kernel, and an empty disk in its slot, so that the states saved
+    # from resumed machines load wherever they are resumed.
+    without = plan(incoming=True).command()
+    assert "-kernel" in without
+    assert "driver=null-co,size=1M,read-zeroes=on,if=none,id=boot0,readonly=on" in without
+    assert "virtio-blk-pci,drive=boot0,bus=pcie.0,addr=0x1e" in without
+    # A boot from scratch has none; an imported image boots by firmware from its own disk.
+    assert "boot0" not in " ".join(plan().command())
+    imported = plan(boot_disk=Path("/b.img"), seed=Path("/i/seed.iso"), incoming=True)
+    assert "boot0" not in " ".join(imported.command())
 
 
 def test_a_boot_disk_holds_the_kernel_initrd_and_command_line(tmp_path: Path,

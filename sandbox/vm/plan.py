@@ -89,8 +89,9 @@ class QemuPlan:
     #: The host processor (sandbox.host.cpu.host_cpu_identity) when the guest's CPU is the
     #: host's (KVM with host or max), else "": part of the shape, not of the command line.
     host_cpu: str = ""
-    #: A machine resumed from a saved state boots (only if its guest reboots) from this disk
-    #: instead of -kernel, which would keep the kernel in QEMU's memory: sandbox.vm.bootdisk.
+    #: A machine resumed from a saved state (incoming) boots, only if its guest reboots, from
+    #: this disk instead of -kernel, which keeps the kernel in QEMU's memory (see
+    #: sandbox.vm.bootdisk); None: -kernel, and an empty disk in the boot disk's slot.
     boot_disk: Path | None = None
 
     def command(self) -> list[str]:
@@ -148,16 +149,26 @@ class QemuPlan:
         ]
 
     def _boot_arguments(self) -> list[str]:
-        if self.seed is None and self.boot_disk is not None:
-            # Not in the saved state's device list: the guest knows nothing of it until the
-            # firmware finds it on a reboot.
-            return ["-drive", f"file={qemu_option(self.boot_disk)},if=none,id=boot0,"
-                              "format=raw,readonly=on",
-                    "-device", f"virtio-blk-pci,drive=boot0,bootindex=0,bus=pcie.0,"
-                               f"addr={BOOT_SLOT:#x}"]
-        if self.seed is None:
-            return ["-kernel", str(self.kernel), "-initrd", str(self.initrd),
-                    "-append", self.cmdline]
+        if self.seed is not None:
+            return self._firmware_arguments()
+        kernel = ["-kernel", str(self.kernel), "-initrd", str(self.initrd),
+                  "-append", self.cmdline]
+        if not self.incoming:
+            return kernel
+        # A machine resumed from a saved state has the boot disk (sandbox.vm.bootdisk) on a
+        # slot of its own: not in the state it loads, unknown to the guest until the firmware
+        # boots it on a reboot. Where none could be made, -kernel stays and the slot holds an
+        # empty disk: every resumed machine has the device, so the states saved from them
+        # (templates, saved machines) load on hosts with and without boot disks.
+        drive = (f"file={qemu_option(self.boot_disk)},format=raw" if self.boot_disk else
+                 "driver=null-co,size=1M,read-zeroes=on")
+        return [*(kernel if self.boot_disk is None else []),
+                "-drive", f"{drive},if=none,id=boot0,readonly=on",
+                "-device", f"virtio-blk-pci,drive=boot0,bus=pcie.0,addr={BOOT_SLOT:#x}"
+                           + (",bootindex=0" if self.boot_disk else "")]
+
+    def _firmware_arguments(self) -> list[str]:
+        assert self.seed is not None
         # vmgenid: on every restore the guest sees a new generation ID, and Linux (5.18+)
         # then reseeds its random number generator: clones never share random output.
         return [*(["-bios", str(self.uefi)] if self.uefi else []),
