@@ -44,31 +44,37 @@ def _disk_blocks(vm: sandbox.Machine) -> int:
 
 def test_a_big_put_arrives_intact_through_the_payload_disk(
         shared_vm: sandbox.Machine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Past 8 MiB: two pieces, each hashed by a vCPU of its own.
+    # Past 8 MiB, not a whole number of blocks; then onto tmpfs, where O_DIRECT is refused
+    # and the guest copies through its page cache.
     local = _random_file(tmp_path / "big.bin", (9 << 20) + 123, 0o751)
-    assert len(range(0, payload._padded(local.stat().st_size),
-                     payload.piece_size(payload._padded(local.stat().st_size)))) == 2
     used = _served(monkeypatch, "put")
     shared_vm.put(local, "/root/big.bin")
-    assert used == [True], "the payload disk did not serve it"
-    answer = shared_vm.succeed("sha256sum /root/big.bin | cut -c1-64; stat -c '%a %s' "
-                               "/root/big.bin; ls -a /root | grep -c sandbox-put || true")
-    digest, mode_size, leftovers = answer.split("\n")[:3]
-    assert digest == hashlib.sha256(local.read_bytes()).hexdigest()
-    assert mode_size == f"751 {local.stat().st_size}"
-    assert leftovers == "0"
+    shared_vm.put(local, "/dev/shm/big.bin")
+    assert used == [True, True], "the payload disk did not serve them"
+    for remote, parent in (("/root/big.bin", "/root"), ("/dev/shm/big.bin", "/dev/shm")):
+        answer = shared_vm.succeed(f"sha256sum {remote} | cut -c1-64; stat -c '%a %s' {remote}; "
+                                   f"ls -a {parent} | grep -c sandbox-put || true")
+        digest, mode_size, leftovers = answer.split("\n")[:3]
+        assert digest == hashlib.sha256(local.read_bytes()).hexdigest(), remote
+        assert mode_size == f"751 {local.stat().st_size}", remote
+        assert leftovers == "0", remote
+    shared_vm.succeed("rm /dev/shm/big.bin")
     assert _disk_blocks(shared_vm) == 0, "the payload disk still holds the payload"
 
 
 def test_a_big_get_comes_back_intact_and_bounded(
         shared_vm: sandbox.Machine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    shared_vm.succeed("head -c 9000000 /dev/urandom > /root/out.bin")  # two pieces
+    shared_vm.succeed("head -c 9000000 /dev/urandom > /root/out.bin; "
+                      "cp /root/out.bin /dev/shm/out.bin")  # tmpfs: read through its cache
     target = tmp_path / "out.bin"
     used = _served(monkeypatch, "get")
     shared_vm.get("/root/out.bin", target)
-    assert used == [True]
+    shared_vm.get("/dev/shm/out.bin", tmp_path / "shm.bin")
+    shared_vm.succeed("rm /dev/shm/out.bin")
+    assert used == [True, True]
     assert hashlib.sha256(target.read_bytes()).hexdigest() == \
         shared_vm.succeed("sha256sum /root/out.bin").split()[0]
+    assert (tmp_path / "shm.bin").read_bytes() == target.read_bytes()
     assert _disk_blocks(shared_vm) == 0
     small = tmp_path / "small"
     with pytest.raises(GuestDataError, match="larger than get's limit"):
@@ -81,30 +87,84 @@ def test_a_big_get_comes_back_intact_and_bounded(
         shared_vm.get("/root", tmp_path / "dir")
 
 
-def test_a_big_push_carries_a_tree_with_its_modes(
+def _tree(root: Path) -> Path:
+    """A tree with what push must carry: nested and read-only directories, modes, a file
+    larger than the guest's 4 MiB buffer, files that are not whole blocks, an empty file, a
+    link, and times."""
+    (root / "bin").mkdir(parents=True)
+    _random_file(root / "bin" / "tool", 2 << 20, 0o755)
+    _random_file(root / "data.bin", (9 << 20) + 5, 0o600)
+    _random_file(root / "bin" / "odd", 4097, 0o640)
+    (root / "empty").write_bytes(b"")
+    (root / "link").symlink_to("data.bin")
+    (root / "ro" / "deep").mkdir(parents=True)
+    _random_file(root / "ro" / "deep" / "inside", 3000, 0o444)
+    os.utime(root / "data.bin", ns=(1_500_000_000_123_456_789,) * 2)
+    (root / "ro").chmod(0o555)
+    return root
+
+
+def _listing(vm: sandbox.Machine, where: str) -> list[str]:
+    return vm.succeed(f"cd {where} && find . -mindepth 1 -printf '%P %y %m %s %U\\n' | sort; "
+                      "stat -c %.9Y data.bin; readlink link; "
+                      "sha256sum bin/tool data.bin bin/odd ro/deep/inside").splitlines()
+
+
+def _expected(root: Path) -> list[str]:
+    found = []
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        kind = "l" if path.is_symlink() else "d" if path.is_dir() else "f"
+        size = info.st_size if kind == "f" else None
+        found.append((str(path.relative_to(root)), kind, f"{info.st_mode & 0o7777:o}", size))
+    return sorted(f"{name} {kind} {mode} " for name, kind, mode, _ in found)
+
+
+def _check_tree(vm: sandbox.Machine, where: str, root: Path) -> None:
+    lines = _listing(vm, where)
+    entries = lines[:len(_expected(root))]
+    assert [" ".join(e.split()[:3]) + " " for e in entries] == _expected(root), lines
+    assert all(e.split()[4] == "0" for e in entries), f"not owned by root: {entries}"
+    sizes = {e.split()[0]: int(e.split()[3]) for e in entries if e.split()[1] == "f"}
+    assert sizes == {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*")
+                     if p.is_file() and not p.is_symlink()}
+    mtime, link, *sums = lines[len(entries):]
+    assert mtime.startswith("1500000000.123456") and link == "data.bin"  # tar: to the µs
+    for line, name in zip(sums, ("bin/tool", "data.bin", "bin/odd", "ro/deep/inside"), strict=True):
+        assert line.split()[0] == hashlib.sha256((root / name).read_bytes()).hexdigest(), name
+
+
+def test_a_big_push_carries_a_tree_with_its_modes_times_and_links(
         shared_vm: sandbox.Machine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     used = _served(monkeypatch, "push")
-    tree = tmp_path / "tree"
-    (tree / "bin").mkdir(parents=True)
-    _random_file(tree / "bin" / "tool", 2 << 20, 0o755)
-    _random_file(tree / "data.bin", 3 << 20, 0o600)
-    (tree / "link").symlink_to("data.bin")
-    shared_vm.push(tree, "/opt/pushed")
-    assert used == [True]
-    listing = shared_vm.succeed("cd /opt/pushed && stat -c '%n %a' bin/tool data.bin && "
-                                "readlink link && sha256sum bin/tool data.bin")
-    lines = listing.splitlines()
-    assert lines[:3] == ["bin/tool 755", "data.bin 600", "data.bin"], listing
-    assert lines[3].split()[0] == hashlib.sha256((tree / "bin" / "tool").read_bytes()).hexdigest()
-    assert lines[4].split()[0] == hashlib.sha256((tree / "data.bin").read_bytes()).hexdigest()
+    tree = _tree(tmp_path / "tree")
+    shared_vm.succeed("mkdir -p /opt/pushed && echo stale > /opt/pushed/data.bin")
+    shared_vm.push(tree, "/opt/pushed")  # over what is there
+    shared_vm.push(tree, "/dev/shm/pushed")  # tmpfs: written through the page cache
+    assert used == [True, True]
+    _check_tree(shared_vm, "/opt/pushed", tree)
+    _check_tree(shared_vm, "/dev/shm/pushed", tree)
+    shared_vm.succeed("chmod -R u+w /dev/shm/pushed && rm -r /dev/shm/pushed")
     assert _disk_blocks(shared_vm) == 0
 
 
+def test_a_guest_without_python_gets_a_push_as_a_tar_archive(
+        built_image: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = _tree(tmp_path / "tree")
+    used = _served(monkeypatch, "_push_tar")
+    with sandbox.launch() as vm:
+        vm.succeed("rm /usr/bin/python3")
+        vm.push(tree, "/opt/pushed")
+        vm.push(tree, "/opt/again")
+        assert used == [True, True]  # the second knew at once
+        _check_tree(vm, "/opt/pushed", tree)
+        _check_tree(vm, "/opt/again", tree)
+
 def test_payloads_are_refused_when_what_arrived_differs(
         shared_vm: sandbox.Machine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The guest checks the content's sha256 against the host's before anything is renamed
-    into place: a digest that does not match (here the host's, made wrong on purpose) leaves
-    the old file as it was."""
+    """The host checks the sha256 of what the guest read back before a put is renamed into
+    place: a digest that does not match (here the host's, made wrong on purpose) leaves the
+    old file as it was."""
     shared_vm.succeed("echo old > /root/guarded")
     pad = payload._Hashing.pad
 
@@ -118,6 +178,22 @@ def test_payloads_are_refused_when_what_arrived_differs(
         shared_vm.put(local, "/root/guarded")
     assert shared_vm.succeed("cat /root/guarded") == "old\n"
     assert shared_vm.succeed("ls -a /root | grep -c sandbox-put || true").strip() == "0"
+
+
+def test_a_get_or_push_whose_second_reading_differs_is_refused(
+        shared_vm: sandbox.Machine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the guest read a second time (get) or read back (push) is checked by sha256 on
+    the host: made to differ here, nothing is written on the host and the push fails."""
+    monkeypatch.setattr(payload, "_digest_of", lambda *args: "0" * 64)
+    shared_vm.succeed("head -c 2000000 /dev/urandom > /root/twice.bin")
+    with pytest.raises(ChannelError, match="two reads of it had different sha256"):
+        shared_vm.get("/root/twice.bin", tmp_path / "twice.bin")
+    assert not list(tmp_path.iterdir())
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    _random_file(tree / "x.bin", 2 << 20)
+    with pytest.raises(ChannelError, match="read them back have another sha256"):
+        shared_vm.push(tree, "/root/twice")
 
 
 def test_concurrent_transfers_take_turns(shared_vm: sandbox.Machine, tmp_path: Path) -> None:

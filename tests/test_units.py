@@ -821,10 +821,9 @@ def test_cpu_host_needs_kvm(monkeypatch: pytest.MonkeyPatch) -> None:
         _shape_on(monkeypatch, INTEL, "tcg", cpu="host")
 
 
-def test_payload_pieces_hash_like_hashlib_and_match_the_guest_formula(tmp_path: Path) -> None:
+def test_payload_pieces_hash_like_hashlib(tmp_path: Path) -> None:
     """The host's piece digests (sandbox.machine.payload) are sha256 of consecutive slices
-    of the padded content, and the guest script's shell arithmetic gives the same piece
-    length as piece_size (run here with the host's /bin/sh)."""
+    of the padded content."""
     import hashlib
 
     from sandbox.machine import payload
@@ -840,7 +839,3 @@ def test_payload_pieces_hash_like_hashlib_and_match_the_guest_formula(tmp_path: 
         assert sink.digests == [hashlib.sha256(padded[o:o + piece]).hexdigest()
                                 for o in range(0, len(padded), piece)]
         assert len(sink.digests) <= payload.PIECES_AIM
-        unit, aim = payload.PIECE_UNIT, payload.PIECE_UNIT * payload.PIECES_AIM
-        shell = subprocess.run(["sh", "-c", f"sz={size}; echo $(( (sz + {aim - 1}) / {aim} "
-                                            f"* {unit} ))"], capture_output=True, text=True)
-        assert int(shell.stdout) == payload.piece_size(size)

@@ -13,7 +13,7 @@ import stat
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -325,13 +325,16 @@ class Channel:
     # -- commands ---------------------------------------------------------------------------
 
     def run(self, cmd: str | Sequence[str], *, timeout: float | None,
-            env: Mapping[str, str] | None = None, input: bytes | str | None = None,
+            env: Mapping[str, str] | None = None,
+            input: bytes | str | Iterable[bytes] | None = None,
             stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
             watch: Callable[[], None] | None = None) -> CommandResult:
         """Run one command; ``stdout``/``stderr`` streams, when given, get output as it comes.
         ``watch`` is called about every second while it runs and may raise to end the wait
         (the machine checks that QEMU lives and that the guest has not panicked); a server
-        that stops answering while the command is silent is a ChannelError."""
+        that stops answering while the command is silent is a ChannelError. ``input`` may be
+        an iterable of chunks, sent as it yields them (a reply to what the command says
+        first); it must end once the command has ended."""
         command = command_string(cmd)
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
@@ -346,7 +349,7 @@ class Channel:
                 feeder = self._feed(chan, input)
                 out, err, pid = collect(chan, deadline, stdout, stderr,
                                          lambda: self._check(watch, command, transport))
-                if feeder is not None:
+                if feeder is not None and isinstance(input, (bytes, str)):
                     feeder.join(timeout=5)
             except Deadline as late:
                 if self._kill_session(late.pid):
@@ -384,15 +387,18 @@ class Channel:
                                f"ran (no reply within {PING_TIMEOUT:g} s)")
 
     @staticmethod
-    def _feed(chan: paramiko.Channel, data: bytes | str | None) -> threading.Thread | None:
+    def _feed(chan: paramiko.Channel,
+              data: bytes | str | Iterable[bytes] | None) -> threading.Thread | None:
         if data is None:
             chan.shutdown_write()
             return None
-        payload = data.encode() if isinstance(data, str) else data
+        chunks = [data.encode() if isinstance(data, str) else data] \
+            if isinstance(data, (bytes, str)) else data
 
         def send() -> None:
             try:
-                chan.sendall(payload)
+                for chunk in chunks:
+                    chan.sendall(chunk)
                 chan.shutdown_write()
             except (OSError, paramiko.SSHException):
                 pass

@@ -4,15 +4,27 @@ machine's payload disk, a sparse raw file of its own the guest sees as a virtio 
 tar stream over SSH, whose cipher the guest runs under emulation.
 
 The SSH channel stays the control path: one command per transfer moves the bytes between the
-disk and the file with ``dd`` (O_DIRECT, so no stale page cache and, for a put, no copy by
-the guest's CPU at all), and checks the content's sha256 against the host's, in parallel
-with the copy. The content is hashed in pieces (:func:`piece_size`), each piece's sha256
-checked, so that the guest's vCPUs share the hashing: under emulation sha256 runs at about
-65 MiB/s per vCPU, and a single digest would bound every transfer to that. A put lands under
-a temporary name and is renamed into place only once its digests match. A get is bounded as
-over SFTP (size and time) and written on the host only once its digests match. The disk is
-emptied after each transfer (its file truncated), and one transfer at a time uses it (a lock
-in the machine's directory, shared with ``sandbox cp`` in other processes).
+disk and the file, with O_DIRECT on both sides where the guest's filesystem allows it, so
+that the virtual disks move them and the guest's CPU copies none (under TCG a buffered write
+of 100 MiB costs the guest seconds; a direct one a fifth of a second).
+
+Every transfer is checked by sha256, and the host does the hashing, at its native speed: the
+guest's CPU would hash at 30-65 MiB/s under emulation, which bounded every transfer to that.
+
+- ``put``: the guest copies the disk into a temporary file, then reads that file back onto a
+  second region of the disk; the host compares the sha256 of what came back with what it
+  sent, and only on its word ("ok" on the command's stdin) is the file renamed into place.
+- ``get``: the guest reads its file twice onto two regions of the disk, and says whether its
+  size and times changed meanwhile; the host writes the file only when both reads have the
+  same sha256 (and the guest's own checks passed), once whole.
+- ``push``: the host lays the tree's files out on the disk, each at a block boundary, with a
+  manifest (names, modes, times, links); a small Python program in the guest writes each
+  file from the disk (O_DIRECT) and reads it back onto a second region, and the host checks
+  the sha256 of all that came back. A guest without Python 3 gets one tar archive instead,
+  whose sha256 the guest itself checks, in pieces hashed by its vCPUs in parallel.
+
+The disk is emptied after each transfer (its file truncated), and one transfer at a time
+uses it (a lock in the machine's directory, shared with ``sandbox cp`` in other processes).
 
 Where the fast path is not available (a machine started before the payload disk existed, an
 image whose login account is not root, a guest without the device) the transfer goes over
@@ -24,16 +36,17 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import queue
 import shlex
 import shutil
 import stat
 import tarfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
 import filelock
 
@@ -133,10 +146,12 @@ def _disk(machine: Machine) -> Iterator[Path]:
                 handle.truncate(DATA_DISK_SIZE)
 
 
-def _run(machine: Machine, script: str, timeout: float, what: str) -> str:
+def _run(machine: Machine, script: str, timeout: float, what: str,
+         input: Iterable[bytes] | None = None, stdout: BinaryIO | None = None) -> str:
     """Run a transfer script; its stdout. Unavailable for NO_DEVICE and FALL_BACK."""
     try:
-        result = machine.channel.run(script, timeout=timeout, watch=machine._watch)
+        result = machine.channel.run(script, timeout=timeout, watch=machine._watch,
+                                     input=input, stdout=stdout)
     except ChannelError as exc:
         raise ChannelError(f"{what}: {exc}") from exc
     if result.exit_status == NO_DEVICE:
@@ -146,8 +161,8 @@ def _run(machine: Machine, script: str, timeout: float, what: str) -> str:
         raise Unavailable
     if result.exit_status == MISMATCH:
         raise ChannelError(f"{what}: the content that arrived has another sha256 than what was "
-                           f"sent ({guest_text(result.stderr.strip()[-200:])}); nothing was "
-                           "written")
+                           f"sent, or changed while it was copied "
+                           f"({guest_text(result.stderr.strip()[-200:])}); nothing was written")
     machine._payload_dd = True  # type: ignore[attr-defined]
     if result.exit_status != 0:
         raise ChannelError(f"{what}: the guest side failed (status {result.exit_status}): "
@@ -155,22 +170,18 @@ def _run(machine: Machine, script: str, timeout: float, what: str) -> str:
     return result.stdout
 
 
-#: Content is hashed in pieces of a multiple of PIECE_UNIT: about PIECES_AIM of them (each
-#: a process pair in the guest, which costs under emulation; two, as a machine has two vCPUs
-#: unless asked for more), hashed by up to LANES_MAX vCPUs at once.
+#: A tar archive (a push to a guest without Python) is hashed by the guest in pieces of a
+#: multiple of PIECE_UNIT: about PIECES_AIM of them (each a process pair in the guest, which
+#: costs under emulation; two, as a machine has two vCPUs unless asked for more), hashed by
+#: up to LANES_MAX vCPUs at once.
 PIECE_UNIT = 4 << 20
 PIECES_AIM = 2
 LANES_MAX = 4
 
 
-#: piece_size in shell, of the content's size in $sz.
-_PIECE_SHELL = (f"$(( (sz + {PIECE_UNIT * PIECES_AIM - 1}) / {PIECE_UNIT * PIECES_AIM} "
-                f"* {PIECE_UNIT} ))")
-
-
 def piece_size(size: int) -> int:
     """The piece length for ``size`` bytes of content: ceil(size / 8 MiB) * 4 MiB, so a
-    payload has at most two pieces (the guest script computes the same in shell)."""
+    payload has at most two pieces."""
     return max(1, -(-size // (PIECE_UNIT * PIECES_AIM))) * PIECE_UNIT
 
 
@@ -243,19 +254,76 @@ done 2>/dev/null
 rm -f {out}.*"""
 
 
+#: Readback regions start at a multiple of this (dd's blocks, padded by conv=sync).
+REGION = 4 << 20
+
+
+def _region(size: int) -> int:
+    """Where the second region starts after ``size`` bytes of the first."""
+    return max(REGION, -(-size // REGION) * REGION)
+
+
+def _digest_of(disk: Path, offset: int, size: int) -> str:
+    """The sha256 of ``size`` bytes of the payload disk at ``offset`` (zeros past its end)."""
+    digest = hashlib.sha256()
+    with disk.open("rb") as source:
+        source.seek(offset)
+        left = size
+        while left:
+            chunk = source.read(min(CHUNK, left)) or bytes(min(CHUNK, left))
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+class _Verdict:
+    """The host's side of a put's check: the guest's stdout (``ready`` once it has read its
+    copy back), and the stdin that answers it ``ok`` or ``no`` when the host has compared
+    that copy's sha256 with what it sent."""
+
+    def __init__(self, check: Callable[[], bool]) -> None:
+        self.check, self.said = check, bytearray()
+        self.matched: bool | None = None
+        self.answers: queue.Queue[bytes | None] = queue.Queue()
+
+    def write(self, data: bytes) -> int:
+        self.said += data
+        if self.matched is None and b"ready\n" in self.said:
+            try:
+                self.matched = self.check()
+            except OSError:
+                self.matched = False
+            self.answers.put(b"ok\n" if self.matched else b"no\n")
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def replies(self) -> Iterator[bytes]:
+        """The answer, once there is one; ends (the guest reads end-of-file and gives up) when
+        :meth:`done` is called first."""
+        answer = self.answers.get()
+        if answer is not None:
+            yield answer
+
+    def done(self) -> None:
+        self.answers.put(None)
+
+
 def put(machine: Machine, local: Path, remote: str, timeout: float) -> bool:
     """Copy ``local`` into the guest as ``remote`` (mode kept) through the payload disk;
     False when the fast path does not serve it (the caller uses SSH)."""
     size = local.stat().st_size
-    if not FAST_FROM <= size <= DATA_DISK_SIZE or not available(machine) or \
-            size > _room(machine):
+    padded = _padded(size)
+    back = _region(padded)
+    if size < FAST_FROM or back + padded > DATA_DISK_SIZE or not available(machine) or \
+            back + padded > _room(machine):
         return False
     mode = stat.S_IMODE(local.stat().st_mode)
-    padded = _padded(size)
     with _disk(machine) as disk:
         try:
             with local.open("rb") as source, disk.open("r+b") as target:
-                sink = _Hashing(target, piece_size(padded))
+                sink = _Hashing(target, padded)
                 while chunk := source.read(CHUNK):
                     sink.write(chunk)
                 sink.pad()
@@ -264,25 +332,35 @@ def put(machine: Machine, local: Path, remote: str, timeout: float) -> bool:
                 return False  # the host's disk filled meanwhile: SSH
             raise ChannelError(f"could not copy {local} into the guest as {remote}: "
                                f"{exc.strerror or exc}") from exc
+        if sink.size != padded:
+            raise ChannelError(f"could not copy {local} into the guest as {remote}: it changed "
+                               "while it was read (its size is not what it was)")
         copy = f'dd if="$D" of="$t" iflag=direct,count_bytes count={padded} bs=4M status=none'
-        # The file is written with O_DIRECT where its filesystem allows it (not tmpfs): the
-        # virtual disks move the bytes, the guest's CPU copies none of them.
+        readback = f'dd if="$t" of="$D" oflag=direct,seek_bytes seek={back} bs=4M status=none'
+        # The file is written and read back with O_DIRECT where its filesystem allows it
+        # (not tmpfs): the virtual disks move the bytes, the guest's CPU copies none of them.
         script = f"""{_needs(machine)}
 dest={shlex.quote(remote)}
 if [ -d "$dest" ]; then echo "$dest is a directory" >&2; exit 2; fi
 case "$dest" in */*) t="${{dest%/*}}";; *) t=.;; esac
-t="${{t:-/}}/.sandbox-put-$$"; h="/run/.sandbox-put-$$"
-{_hash_pieces('if="$D" iflag=direct', str(padded), sink.piece, '"$h"')}
-if ! {copy} oflag=direct 2>/dev/null && ! {copy}; then wait; rm -f "$t" "$h".*; exit 1; fi
-wait
-{_digests_of('"$h"')}
-if [ "$got" != " {' '.join(sink.digests)}" ]; then rm -f "$t"; echo "$got" >&2; exit {MISMATCH}; fi
+t="${{t:-/}}/.sandbox-put-$$"
+if ! {copy} oflag=direct 2>/dev/null && ! {copy}; then rm -f "$t"; exit 1; fi
+if ! {readback} iflag=direct 2>/dev/null && ! {readback}; then rm -f "$t"; exit 1; fi
+echo ready
+IFS= read -r verdict || verdict=
+if [ "$verdict" != ok ]; then
+  rm -f "$t"; echo "the host's check: ${{verdict:-none}}" >&2; exit {MISMATCH}
+fi
 truncate -s {size} "$t" && chmod {mode:o} "$t" && mv -f "$t" "$dest"
 """
+        verdict = _Verdict(lambda: _digest_of(disk, back, padded) == sink.digests[0])
         try:
-            _run(machine, script, timeout, f"could not copy {local} into the guest as {remote}")
+            _run(machine, script, timeout, f"could not copy {local} into the guest as {remote}",
+                 input=verdict.replies(), stdout=cast(BinaryIO, verdict))
         except Unavailable:
             return False
+        finally:
+            verdict.done()
     return True
 
 
@@ -293,41 +371,47 @@ def get(machine: Machine, remote: str, local: Path, max_size: int, timeout: floa
     if not available(machine):
         return False
     started = time.monotonic()
-    # Past what the host has room for, the SSH path copies it (into the caller's directory).
-    limit = min(max_size, DATA_DISK_SIZE, _room(machine))
+    # Past what the host has room for (twice: two reads), the SSH path copies it.
+    limit = min(max_size, DATA_DISK_SIZE // 2 - REGION, _room(machine) // 2 - REGION)
+    copy = 'dd if="$s" of="$D" bs=4M count="$sz" oflag=direct,seek_bytes conv=sync,notrunc ' \
+           'status=none'
     script = f"""{_needs(machine)}
 s={shlex.quote(remote)}
 [ -f "$s" ] || exit {FALL_BACK}
-sz=$(stat -L -c %s -- "$s")
+was=$(stat -L -c '%s %Y %Z %i' -- "$s") || exit {FALL_BACK}
+sz=${{was%% *}}
 if [ "$sz" -lt {FAST_FROM} ] || [ "$sz" -gt {limit} ]; then exit {FALL_BACK}; fi
-h="/run/.sandbox-get-$$"
-{_hash_pieces('if="$s" iflag=fullblock', '$sz', _PIECE_SHELL, '"$h"')}
-if ! dd if="$s" of="$D" bs=4M iflag=count_bytes count="$sz" oflag=direct conv=sync,notrunc \\
-    status=none; then wait; rm -f "$h".*; exit 1; fi
-wait
-{_digests_of('"$h"')}
-echo "$sz$got"
+second=$(( (sz + {REGION - 1}) / {REGION} * {REGION} ))
+for at in 0 "$second"; do
+  {copy} seek="$at" iflag=direct,count_bytes 2>/dev/null || {copy} seek="$at" \\
+    iflag=count_bytes || exit 1
+done
+[ "$(stat -L -c '%s %Y %Z %i' -- "$s")" = "$was" ] || exit {MISMATCH}
+echo "$sz $second"
 """
     if local.is_dir():
         return False  # the SSH path says so
+    what = f"could not copy {remote} from the guest"
     with _disk(machine) as disk:
         try:
-            answer = _run(machine, script, timeout, f"could not copy {remote} from the guest")
+            answer = _run(machine, script, timeout, what)
         except Unavailable:
             return False
         try:
-            size_text, *digests = answer.split()
-            size = int(size_text)
+            size, second = (int(word) for word in answer.split())
         except ValueError:
             raise GuestDataError(f"copying {remote} from the guest: an answer that is not a "
-                                 f"size and digests: {guest_text(answer[:200])!r}") from None
+                                 f"size and an offset: {guest_text(answer[:200])!r}") from None
         if not 0 <= size <= limit:  # the guest's own word, checked
             raise too_large(remote, max_size, f"it has {size} bytes")
+        if second != _region(size) and not (size == 0 and second == 0):
+            raise GuestDataError(f"copying {remote} from the guest: its second read is at "
+                                 f"{second}, not at {_region(size)}")
         part = local.parent / f".{local.name[:200]}.{os.urandom(4).hex()}.part"
         try:
             fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
             with os.fdopen(fd, "wb") as target, disk.open("rb") as source:
-                check = _Hashing(target, piece_size(size))
+                check = _Hashing(target, max(1, size))
                 left = size
                 while left:
                     if time.monotonic() - started > timeout:
@@ -339,23 +423,291 @@ echo "$sz$got"
                     check.write(chunk)
                     left -= len(chunk)
                 check.finish()
-            if check.digests != digests:
-                raise ChannelError(f"copying {remote} from the guest: what arrived has another "
-                                   "sha256 than the guest's file (it changed while copied?); "
-                                   "nothing was written")
+            if check.digests != [_digest_of(disk, second, size)]:
+                raise ChannelError(f"copying {remote} from the guest: two reads of it had "
+                                   "different sha256 (it changed while copied?); nothing was "
+                                   "written")
             os.replace(part, local)
         finally:
             part.unlink(missing_ok=True)
     return True
 
 
+#: Exit status of the push script when the guest has no Python 3 (or one too old): the
+#: push takes the tar archive's way instead.
+NO_HELPER = 96
+
+#: The guest's side of a push: the files from the disk into place, each read back onto the
+#: second region. Python 3.3 or newer, standard library only, run with -I -S.
+#: argv: disk, manifest offset, manifest length, readback region, destination.
+UNPACK = r"""
+import errno, mmap, os, sys
+if not all(hasattr(os, n) for n in ("O_DIRECT", "preadv", "pwrite")):
+    sys.exit(96)
+B = 4 << 20
+disk, moff, mlen, back, dest = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
+    int(sys.argv[4]), os.fsencode(sys.argv[5])
+
+
+def fill(fd, view, at):
+    got = 0
+    while got < len(view):
+        k = os.preadv(fd, [view[got:]], at + got)
+        if k <= 0:
+            break
+        got += k
+    return got
+
+
+def padded(n):
+    return -(-n // 4096) * 4096
+
+
+def clear(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def create(path):
+    clear(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o600), True
+    except OSError as exc:  # tmpfs and others: through the page cache
+        if exc.errno != errno.EINVAL:
+            raise
+        clear(path)  # the refusal comes after the file was made
+        return os.open(path, flags, 0o600), False
+
+
+def place(fd, files, start, data, checked):
+    # Files from one read of the disk (data: at start), each read back into checked.
+    for path, size, offset, mode, mtime in files:
+        rel = offset - start
+        out, direct = create(path)
+        end = rel + (padded(size) if direct else size)
+        if size and os.pwrite(out, data[rel:end], 0) != end - rel:
+            sys.exit("push: a short write to %r" % path)
+        os.ftruncate(out, size)
+        os.fchmod(out, mode)
+        os.utime(out, ns=(mtime, mtime))
+        os.close(out)
+        source = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECT if direct else 0))
+        view = checked[rel:rel + padded(size)]
+        got = fill(source, view, 0)
+        os.close(source)
+        view[got:] = bytes(len(view) - got)
+
+
+def batches(files):
+    # Consecutive files that fit one buffer; a larger file is a batch of its own.
+    group, start = [], 0
+    for item in files:
+        if group and padded(item[2] + item[1]) - start > B:
+            yield start, group
+            group = []
+        if not group:
+            start = item[2]
+        group.append(item)
+    if group:
+        yield start, group
+
+
+def work(fd, mine):
+    data, checked = memoryview(mmap.mmap(-1, B)), memoryview(mmap.mmap(-1, B))
+    for start, group in mine:
+        path, size, offset, mode, mtime = group[0]
+        if padded(size) > B:  # one big file, a buffer at a time
+            out, direct = create(path)
+            done = 0
+            while done < size:
+                n = min(B, padded(size - done))
+                if fill(fd, data[:n], offset + done) != n:
+                    sys.exit("push: the payload disk ended early")
+                os.pwrite(out, data[:n] if direct else data[:min(n, size - done)], done)
+                done += n
+            os.ftruncate(out, size)
+            os.fchmod(out, mode)
+            os.utime(out, ns=(mtime, mtime))
+            os.close(out)
+            source = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            done = 0
+            while done < size:
+                n = min(B, padded(size - done))
+                got = fill(source, checked[:n], done)
+                checked[got:n] = bytes(n - got)
+                os.pwrite(fd, checked[:n], back + offset + done)
+                done += n
+            os.close(source)
+            continue
+        length = padded(group[-1][2] + group[-1][1]) - start
+        if fill(fd, data[:length], start) != length:
+            sys.exit("push: the payload disk ended early")
+        place(fd, group, start, data, checked)
+        os.pwrite(fd, checked[:length], back + start)
+
+
+def unpack():
+    os.makedirs(dest, exist_ok=True)
+    fd = os.open(disk, os.O_RDWR | os.O_DIRECT)
+    raw = memoryview(mmap.mmap(-1, padded(mlen)))
+    if fill(fd, raw, moff) != len(raw):
+        sys.exit("push: the payload disk ended early")
+    fields, dirs, files = bytes(raw[:mlen]).split(b"\0"), [], []
+    for i in range(0, len(fields) - 1, 7):
+        kind, mode, mtime, size, offset, name, link = fields[i:i + 7]
+        path = os.path.join(dest, name)
+        mode, mtime, size, offset = int(mode, 8), int(mtime), int(size), int(offset)
+        if kind == b"d":
+            if os.path.islink(path) or os.path.exists(path) and not os.path.isdir(path):
+                clear(path)
+            if not os.path.isdir(path):
+                os.mkdir(path, 0o700)
+            dirs.append((path, mode, mtime))
+        elif kind == b"l":
+            clear(path)
+            os.symlink(link, path)
+            os.utime(path, ns=(mtime, mtime), follow_symlinks=False)
+        else:
+            files.append((path, size, offset, mode, mtime))
+    # One lane per vCPU (up to four), each a process (threading costs a long import under
+    # emulation): each reads its batches, writes their files and reads them back onto the
+    # second region.
+    lanes = max(1, min(4, os.cpu_count() or 1))
+    groups, children = list(batches(files)), []
+    for k in range(1, lanes):
+        pid = os.fork()
+        if not pid:
+            try:
+                work(fd, groups[k::lanes])
+            except OSError as exc:
+                sys.stderr.write("push: %s\n" % exc)
+                os._exit(1)
+            except SystemExit as exc:
+                sys.stderr.write("%s\n" % exc.code)
+                os._exit(1)
+            os._exit(0)
+        children.append(pid)
+    try:
+        work(fd, groups[0::lanes])
+    finally:
+        failed = [pid for pid in children if os.waitpid(pid, 0)[1]]
+    if failed:
+        sys.exit(1)
+    for path, mode, mtime in reversed(dirs):  # last: a read-only directory is filled first
+        os.chmod(path, mode)
+        os.utime(path, ns=(mtime, mtime))
+
+
+try:
+    unpack()
+except OSError as exc:
+    sys.exit("push: %s" % exc)
+"""
+
+
+def _manifest(local_dir: Path) -> list[tuple[str, int, int, int, int, bytes, bytes, Path]] | None:
+    """The tree's directories, regular files and links in order, each file at its offset on
+    the disk, or None when it holds anything else (a pipe, a device: tar's way)."""
+    entries: list[tuple[str, int, int, int, int, bytes, bytes, Path]] = []
+    offset = 0
+
+    def walk(directory: Path, prefix: bytes) -> bool:
+        nonlocal offset
+        for path in sorted(directory.iterdir()):
+            info = path.lstat()
+            name = prefix + os.fsencode(path.name)
+            mode, mtime = stat.S_IMODE(info.st_mode), info.st_mtime_ns
+            if stat.S_ISDIR(info.st_mode):
+                entries.append(("d", mode, mtime, 0, 0, name, b"", path))
+                if not walk(path, name + b"/"):
+                    return False
+            elif stat.S_ISREG(info.st_mode):
+                entries.append(("f", mode, mtime, info.st_size, offset, name, b"", path))
+                offset += _padded(info.st_size)
+            elif stat.S_ISLNK(info.st_mode):
+                entries.append(("l", mode, mtime, 0, 0, name, os.fsencode(os.readlink(path)),
+                                path))
+            else:
+                return False
+        return True
+
+    return entries if walk(local_dir, b"") else None
+
+
 def push(machine: Machine, local_dir: Path, remote_dir: str, timeout: float) -> bool:
-    """The contents of ``local_dir`` into ``remote_dir`` (made; modes kept) as one tar
-    archive through the payload disk; False when the fast path does not serve it."""
-    total = sum(p.lstat().st_size for p in local_dir.rglob("*") if p.is_file())
-    if not FAST_FROM <= total <= DATA_DISK_SIZE // 2 or not available(machine) or \
-            total * 2 > _room(machine):
+    """The contents of ``local_dir`` into ``remote_dir`` (made; modes and times kept, owned
+    by the guest's account) through the payload disk; False when the fast path does not
+    serve it."""
+    entries = _manifest(local_dir)
+    if entries is None or getattr(machine, "_payload_tar", False):
+        total = sum(p.lstat().st_size for p in local_dir.rglob("*") if p.is_file())
+        if not FAST_FROM <= total <= DATA_DISK_SIZE // 2 or not available(machine) or \
+                total * 2 > _room(machine):
+            return False
+        return _push_tar(machine, local_dir, remote_dir, timeout, total)
+    data = sum(_padded(entry[3]) for entry in entries)
+    manifest = b"".join(b"%s\0%o\0%d\0%d\0%d\0%s\0%s\0" % (kind.encode(), mode, mtime, size,
+                                                             offset, name, link)
+                        for kind, mode, mtime, size, offset, name, link, _ in entries)
+    back = _region(data + len(manifest))
+    if data < FAST_FROM or back + data > DATA_DISK_SIZE or not available(machine) or \
+            back + data > _room(machine):
         return False
+    what = f"push of {local_dir} to {remote_dir}"
+    with _disk(machine) as disk:
+        try:
+            with disk.open("r+b") as target:
+                sink = _Hashing(target, max(1, data))
+                for _kind, _mode, _mtime, size, _offset, _name, _link, path in entries:
+                    if _kind != "f":
+                        continue
+                    with path.open("rb") as source:
+                        left = size
+                        while left and (chunk := source.read(min(CHUNK, left))):
+                            sink.write(chunk)
+                            left -= len(chunk)
+                    if left:
+                        raise ChannelError(f"{what} failed: {path} changed while it was "
+                                           "read (it is shorter than it was)")
+                    sink.write(bytes(_padded(size) - size))
+                sink.finish()
+                target.write(manifest)
+        except OSError as exc:
+            if exc.errno in _FULL:
+                return False
+            raise ChannelError(f"{what} failed: {exc}") from exc
+        script = f"""{_needs(machine)}
+command -v python3 >/dev/null 2>&1 || exit {NO_HELPER}
+exec python3 -I -S -c {shlex.quote(UNPACK)} "$D" {data} {len(manifest)} {back} \
+  {shlex.quote(remote_dir)}
+"""
+        try:
+            result = machine.channel.run(script, timeout=timeout, watch=machine._watch)
+        except ChannelError as exc:
+            raise ChannelError(f"{what}: {exc}") from exc
+        if result.exit_status == NO_HELPER:
+            machine._payload_tar = True  # type: ignore[attr-defined]
+        elif result.exit_status == NO_DEVICE:
+            _off(machine, f"the guest lacks {DEVICE} or GNU coreutils' dd")
+            return False
+        elif result.exit_status != 0:
+            raise ChannelError(f"{what}: the guest side failed (status {result.exit_status}): "
+                               f"{guest_text(result.stderr.strip(), 20)}")
+        elif data and _digest_of(disk, back, data) != sink.digests[0]:
+            raise ChannelError(f"{what}: the files as the guest read them back have another "
+                               "sha256 than what was sent")
+        else:
+            machine._payload_dd = True  # type: ignore[attr-defined]
+            return True
+    return push(machine, local_dir, remote_dir, timeout)  # tar's way, once per machine
+
+
+def _push_tar(machine: Machine, local_dir: Path, remote_dir: str, timeout: float,
+              total: int) -> bool:
+    """:func:`push` as one tar archive, which the guest's tar unpacks and its vCPUs hash."""
     with _disk(machine) as disk:
         try:
             with disk.open("r+b") as target:
@@ -379,7 +731,7 @@ mkdir -p -- "$dest" || exit 1
 # tar reads the disk itself, in 1 MiB records (a pipe costs much under emulation); the
 # disk's page cache is dropped first, so that no earlier transfer's bytes are read.
 blockdev --flushbufs "$D"
-if ! tar -x -p -b 2048 -f "$D" -C "$dest"; then wait; rm -f "$h".*; exit 1; fi
+if ! tar -x -p --no-same-owner -b 2048 -f "$D" -C "$dest"; then wait; rm -f "$h".*; exit 1; fi
 wait
 {_digests_of('"$h"')}
 if [ "$got" != " {' '.join(sink.digests)}" ]; then echo "$got" >&2; exit {MISMATCH}; fi
