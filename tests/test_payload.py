@@ -232,3 +232,25 @@ def test_a_payload_the_host_has_no_room_for_goes_over_ssh(
         shared_vm.get("/root/roomless.bin", tmp_path / "back.bin")
     assert used == [False]
     assert (tmp_path / "back.bin").read_bytes() == local.read_bytes()
+
+
+def test_a_push_whose_files_change_while_laid_out_stops_the_guest_side(
+        shared_vm: sandbox.Machine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest's side starts while the host lays the files out, and waits for its word: a
+    file that shrank meanwhile (here: the manifest says it is larger) stops both, promptly."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    _random_file(tree / "shrinks.bin", 2 << 20)
+    manifest = payload._manifest
+
+    def grown(local_dir: Path) -> object:
+        entries = manifest(local_dir)
+        assert entries is not None
+        kind, mode, mtime, size, offset, name, link, path = entries[0]
+        return [(kind, mode, mtime, size + 4096, offset, name, link, path)]
+
+    monkeypatch.setattr(payload, "_manifest", grown)
+    with pytest.raises(ChannelError, match="shrinks.bin changed while it was read"):
+        shared_vm.push(tree, "/root/stopped")
+    assert shared_vm.succeed("ls /root/stopped 2>/dev/null | wc -l").strip() == "0"
+    assert _disk_blocks(shared_vm) == 0

@@ -41,6 +41,7 @@ import shlex
 import shutil
 import stat
 import tarfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -482,8 +483,8 @@ def create(path):
         return os.open(path, flags, 0o600), False
 
 
-def place(fd, files, start, data, checked):
-    # Files from one read of the disk (data: at start), each read back into checked.
+def place(fd, files, start, data):
+    # Files from one read of the disk (data, from start), each read back where it was.
     for path, size, offset, mode, mtime in files:
         rel = offset - start
         out, direct = create(path)
@@ -495,7 +496,7 @@ def place(fd, files, start, data, checked):
         os.utime(out, ns=(mtime, mtime))
         os.close(out)
         source = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECT if direct else 0))
-        view = checked[rel:rel + padded(size)]
+        view = data[rel:rel + padded(size)]
         got = fill(source, view, 0)
         os.close(source)
         view[got:] = bytes(len(view) - got)
@@ -516,7 +517,8 @@ def batches(files):
 
 
 def work(fd, mine):
-    data, checked = memoryview(mmap.mmap(-1, B)), memoryview(mmap.mmap(-1, B))
+    # One buffer: each page a process touches first costs a fault, dear under emulation.
+    data = memoryview(mmap.mmap(-1, B))
     for start, group in mine:
         path, size, offset, mode, mtime = group[0]
         if padded(size) > B:  # one big file, a buffer at a time
@@ -536,21 +538,29 @@ def work(fd, mine):
             done = 0
             while done < size:
                 n = min(B, padded(size - done))
-                got = fill(source, checked[:n], done)
-                checked[got:n] = bytes(n - got)
-                os.pwrite(fd, checked[:n], back + offset + done)
+                got = fill(source, data[:n], done)
+                data[got:n] = bytes(n - got)
+                os.pwrite(fd, data[:n], back + offset + done)
                 done += n
             os.close(source)
             continue
         length = padded(group[-1][2] + group[-1][1]) - start
         if fill(fd, data[:length], start) != length:
             sys.exit("push: the payload disk ended early")
-        place(fd, group, start, data, checked)
-        os.pwrite(fd, checked[:length], back + start)
+        place(fd, group, start, data)
+        os.pwrite(fd, data[:length], back + start)
 
 
 def unpack():
     os.makedirs(dest, exist_ok=True)
+    said = b""
+    while not said.endswith(b"\n"):  # the host's go, once the files are on the disk
+        more = os.read(0, 16)
+        if not more:
+            break
+        said += more
+    if said != b"go\n":
+        sys.exit(95)
     fd = os.open(disk, os.O_RDWR | os.O_DIRECT)
     raw = memoryview(mmap.mmap(-1, padded(mlen)))
     if fill(fd, raw, moff) != len(raw):
@@ -605,6 +615,7 @@ try:
     unpack()
 except OSError as exc:
     sys.exit("push: %s" % exc)
+os._exit(0)  # the interpreter's own teardown costs a third of a second under emulation
 """
 
 
@@ -637,6 +648,25 @@ def _manifest(local_dir: Path) -> list[tuple[str, int, int, int, int, bytes, byt
     return entries if walk(local_dir, b"") else None
 
 
+class _Laying:
+    """The stdin of a push script: the host's work (``lay``: the files onto the disk, their
+    sha256), done as the guest starts, then "go" (or "stop" when it failed: ``error``)."""
+
+    def __init__(self, lay: Callable[[], str]) -> None:
+        self.lay, self.digest = lay, ""
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def replies(self) -> Iterator[bytes]:
+        try:
+            self.digest = self.lay()
+        except BaseException as exc:  # noqa: BLE001 - the caller raises it
+            self.error = exc
+        finally:
+            self.done.set()
+        yield b"stop\n" if self.error is not None else b"go\n"
+
+
 def push(machine: Machine, local_dir: Path, remote_dir: str, timeout: float) -> bool:
     """The contents of ``local_dir`` into ``remote_dir`` (made; modes and times kept, owned
     by the guest's account) through the payload disk; False when the fast path does not
@@ -657,37 +687,49 @@ def push(machine: Machine, local_dir: Path, remote_dir: str, timeout: float) -> 
             back + data > _room(machine):
         return False
     what = f"push of {local_dir} to {remote_dir}"
-    with _disk(machine) as disk:
-        try:
-            with disk.open("r+b") as target:
-                sink = _Hashing(target, max(1, data))
-                for _kind, _mode, _mtime, size, _offset, _name, _link, path in entries:
-                    if _kind != "f":
-                        continue
-                    with path.open("rb") as source:
-                        left = size
-                        while left and (chunk := source.read(min(CHUNK, left))):
-                            sink.write(chunk)
-                            left -= len(chunk)
-                    if left:
-                        raise ChannelError(f"{what} failed: {path} changed while it was "
-                                           "read (it is shorter than it was)")
-                    sink.write(bytes(_padded(size) - size))
-                sink.finish()
-                target.write(manifest)
-        except OSError as exc:
-            if exc.errno in _FULL:
-                return False
-            raise ChannelError(f"{what} failed: {exc}") from exc
-        script = f"""{_needs(machine)}
+
+    def lay_out(disk: Path) -> str:
+        """The files and the manifest onto the disk; the sha256 of the files' region."""
+        with disk.open("r+b") as target:
+            sink = _Hashing(target, max(1, data))
+            for kind, _mode, _mtime, size, _offset, _name, _link, path in entries:
+                if kind != "f":
+                    continue
+                with path.open("rb") as source:
+                    left = size
+                    while left and (chunk := source.read(min(CHUNK, left))):
+                        sink.write(chunk)
+                        left -= len(chunk)
+                if left:
+                    raise ChannelError(f"{what} failed: {path} changed while it was read (it "
+                                       "is shorter than it was)")
+                sink.write(bytes(_padded(size) - size))
+            sink.finish()
+            target.write(manifest)
+        return sink.digests[0]
+
+    # The guest's Python starts (a fraction of a second under emulation) while the host lays
+    # the files out; it begins once told "go".
+    script = f"""{_needs(machine)}
 command -v python3 >/dev/null 2>&1 || exit {NO_HELPER}
 exec python3 -I -S -c {shlex.quote(UNPACK)} "$D" {data} {len(manifest)} {back} \
   {shlex.quote(remote_dir)}
 """
+    with _disk(machine) as disk:
+        laying = _Laying(lambda: lay_out(disk))
         try:
-            result = machine.channel.run(script, timeout=timeout, watch=machine._watch)
+            result = machine.channel.run(script, timeout=timeout, watch=machine._watch,
+                                         input=laying.replies())
         except ChannelError as exc:
             raise ChannelError(f"{what}: {exc}") from exc
+        finally:
+            laying.done.wait()  # nothing writes to the disk once it is emptied
+        if isinstance(laying.error, OSError):
+            if laying.error.errno in _FULL:
+                return False  # the host's disk filled meanwhile: SSH
+            raise ChannelError(f"{what} failed: {laying.error}") from laying.error
+        if laying.error is not None:
+            raise laying.error
         if result.exit_status == NO_HELPER:
             machine._payload_tar = True  # type: ignore[attr-defined]
         elif result.exit_status == NO_DEVICE:
@@ -696,7 +738,7 @@ exec python3 -I -S -c {shlex.quote(UNPACK)} "$D" {data} {len(manifest)} {back} \
         elif result.exit_status != 0:
             raise ChannelError(f"{what}: the guest side failed (status {result.exit_status}): "
                                f"{guest_text(result.stderr.strip(), 20)}")
-        elif data and _digest_of(disk, back, data) != sink.digests[0]:
+        elif data and _digest_of(disk, back, data) != laying.digest:
             raise ChannelError(f"{what}: the files as the guest read them back have another "
                                "sha256 than what was sent")
         else:
