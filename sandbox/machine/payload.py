@@ -405,7 +405,7 @@ echo "$sz $second"
                                  f"size and an offset: {guest_text(answer[:200])!r}") from None
         if not 0 <= size <= limit:  # the guest's own word, checked
             raise too_large(remote, max_size, f"it has {size} bytes")
-        if second != _region(size) and not (size == 0 and second == 0):
+        if second != _region(size):
             raise GuestDataError(f"copying {remote} from the guest: its second read is at "
                                  f"{second}, not at {_region(size)}")
         part = local.parent / f".{local.name[:200]}.{os.urandom(4).hex()}.part"
@@ -649,21 +649,24 @@ def _manifest(local_dir: Path) -> list[tuple[str, int, int, int, int, bytes, byt
 
 
 class _Laying:
-    """The stdin of a push script: the host's work (``lay``: the files onto the disk, their
-    sha256), done as the guest starts, then "go" (or "stop" when it failed: ``error``)."""
+    """The host's work for a push (``lay``: the files onto the disk, their sha256), in a
+    thread of its own while the guest starts; and the push script's stdin: "go" once that
+    is done, or "stop" when it failed (``error``)."""
 
     def __init__(self, lay: Callable[[], str]) -> None:
         self.lay, self.digest = lay, ""
         self.error: BaseException | None = None
-        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="sandbox-push")
+        self.thread.start()
 
-    def replies(self) -> Iterator[bytes]:
+    def _run(self) -> None:
         try:
             self.digest = self.lay()
         except BaseException as exc:  # noqa: BLE001 - the caller raises it
             self.error = exc
-        finally:
-            self.done.set()
+
+    def replies(self) -> Iterator[bytes]:
+        self.thread.join()
         yield b"stop\n" if self.error is not None else b"go\n"
 
 
@@ -723,7 +726,7 @@ exec python3 -I -S -c {shlex.quote(UNPACK)} "$D" {data} {len(manifest)} {back} \
         except ChannelError as exc:
             raise ChannelError(f"{what}: {exc}") from exc
         finally:
-            laying.done.wait()  # nothing writes to the disk once it is emptied
+            laying.thread.join()  # nothing writes to the disk once it is emptied
         if isinstance(laying.error, OSError):
             if laying.error.errno in _FULL:
                 return False  # the host's disk filled meanwhile: SSH
