@@ -152,17 +152,25 @@ def test_a_big_push_carries_a_tree_with_its_modes_times_and_links(
     assert _disk_blocks(shared_vm) == 0
 
 
-def test_a_guest_without_python_gets_a_push_as_a_tar_archive(
+def test_a_push_without_the_agents_runner_or_without_python_takes_another_way(
         built_image: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest agent's runner unpacks a push; without it, a python3 of the push's own;
+    without Python at all, one tar archive (known from then on)."""
     tree = _tree(tmp_path / "tree")
     used = _served(monkeypatch, "_push_tar")
     with sandbox.launch() as vm:
+        runner = vm.succeed(f"[ -S {payload.RUNNER} ] && stat -c '%U %a' {payload.RUNNER}")
+        assert runner == "root 700\n"  # root's alone
+        vm.succeed(f"rm {payload.RUNNER}")
+        vm.push(tree, "/opt/own-python")
+        assert used == []
         vm.succeed("rm /usr/bin/python3")
         vm.push(tree, "/opt/pushed")
         vm.push(tree, "/opt/again")
         assert used == [True, True]  # the second knew at once
-        _check_tree(vm, "/opt/pushed", tree)
-        _check_tree(vm, "/opt/again", tree)
+        for where in ("/opt/own-python", "/opt/pushed", "/opt/again"):
+            _check_tree(vm, where, tree)
+
 
 def test_payloads_are_refused_when_what_arrived_differs(
         shared_vm: sandbox.Machine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

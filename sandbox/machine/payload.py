@@ -442,12 +442,13 @@ NO_HELPER = 96
 #: second region. Python 3.3 or newer, standard library only, run with -I -S.
 #: argv: disk, manifest offset, manifest length, readback region, destination.
 UNPACK = r"""
-import errno, mmap, os, sys
+import errno, mmap, os, sys, time
 if not all(hasattr(os, n) for n in ("O_DIRECT", "preadv", "pwrite")):
     sys.exit(96)
 B = 4 << 20
 disk, moff, mlen, back, dest = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
     int(sys.argv[4]), os.fsencode(sys.argv[5])
+deadline = time.monotonic() + float(sys.argv[6])
 
 
 def fill(fd, view, at):
@@ -520,6 +521,8 @@ def work(fd, mine):
     # One buffer: each page a process touches first costs a fault, dear under emulation.
     data = memoryview(mmap.mmap(-1, B))
     for start, group in mine:
+        if time.monotonic() > deadline:  # the host has given up: stop, even if orphaned
+            sys.exit("push: past its timeout")
         path, size, offset, mode, mtime = group[0]
         if padded(size) > B:  # one big file, a buffer at a time
             out, direct = create(path)
@@ -615,8 +618,64 @@ try:
     unpack()
 except OSError as exc:
     sys.exit("push: %s" % exc)
-os._exit(0)  # the interpreter's own teardown costs a third of a second under emulation
 """
+
+#: Runs a program sent on stdin as the guest agent's runner does (see sandbox-agent), where
+#: the runner is not there: python3 -I -S -c BOOT.
+BOOT = r"""
+import os, sys
+status = 1
+try:
+    length = b""
+    while not length.endswith(b"\n") and len(length) < 12:
+        more = os.read(0, 1)
+        if not more:
+            os._exit(1)
+        length += more
+    left, program = int(length), b""
+    while left:
+        more = os.read(0, min(left, 65536))
+        if not more:
+            os._exit(1)
+        program, left = program + more, left - len(more)
+    source, *argv = program.split(b"\0")
+    sys.argv = ["-c"] + [os.fsdecode(arg) for arg in argv]
+    try:
+        exec(compile(source, "<sandbox>", "exec"), {"__name__": "__main__"})
+        status = 0
+    except SystemExit as exc:
+        if isinstance(exc.code, int) or exc.code is None:
+            status = exc.code or 0
+        else:
+            sys.stderr.write("%s\n" % exc.code)
+except BaseException:
+    import traceback
+    traceback.print_exc()
+finally:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.write(1, b"\nsandbox-exit %d\n" % status)
+    finally:
+        os._exit(0)  # the interpreter's own teardown costs a tenth of a second under TCG
+"""
+#: The guest agent's runner (see sandbox-agent).
+RUNNER = "/run/sandbox-runner"
+
+
+def program(source: str, *argv: object) -> bytes:
+    """A program for the runner (or BOOT): its length, then its source and arguments."""
+    body = b"\0".join([source.encode(), *(os.fsencode(str(arg)) for arg in argv)])
+    return b"%d\n%s" % (len(body), body)
+
+
+def program_status(output: str, exit_status: int) -> tuple[int, str]:
+    """The status and output of a program run by the runner or BOOT (its last line says the
+    status); for a script that ended before it, its own exit status (1 when it had none)."""
+    head, said, tail = output.rstrip("\n").rpartition("\nsandbox-exit ")
+    if said and tail.isdigit():
+        return int(tail), head
+    return exit_status if exit_status > 0 else 1, output
 
 
 def _manifest(local_dir: Path) -> list[tuple[str, int, int, int, int, bytes, bytes, Path]] | None:
@@ -665,7 +724,10 @@ class _Laying:
         except BaseException as exc:  # noqa: BLE001 - the caller raises it
             self.error = exc
 
-    def replies(self) -> Iterator[bytes]:
+    def replies(self, first: bytes = b"") -> Iterator[bytes]:
+        """``first`` at once, then "go" or "stop" once the host's work is done."""
+        if first:
+            yield first
         self.thread.join()
         yield b"stop\n" if self.error is not None else b"go\n"
 
@@ -711,18 +773,22 @@ def push(machine: Machine, local_dir: Path, remote_dir: str, timeout: float) -> 
             target.write(manifest)
         return sink.digests[0]
 
-    # The guest's Python starts (a fraction of a second under emulation) while the host lays
-    # the files out; it begins once told "go".
+    # The guest's side is a program for the agent's runner, an interpreter started long ago
+    # (or, without it, a python3 of its own, which starts as the host lays the files out); it
+    # begins once told "go". socat waits for it however long it takes after "go" (-t).
     script = f"""{_needs(machine)}
+if [ -S {RUNNER} ] && command -v socat >/dev/null 2>&1; then
+  exec socat -t 86400 - UNIX-CONNECT:{RUNNER}
+fi
 command -v python3 >/dev/null 2>&1 || exit {NO_HELPER}
-exec python3 -I -S -c {shlex.quote(UNPACK)} "$D" {data} {len(manifest)} {back} \
-  {shlex.quote(remote_dir)}
+exec python3 -I -S -c {shlex.quote(BOOT)}
 """
+    job = program(UNPACK, DEVICE, data, len(manifest), back, remote_dir, timeout)
     with _disk(machine) as disk:
         laying = _Laying(lambda: lay_out(disk))
         try:
             result = machine.channel.run(script, timeout=timeout, watch=machine._watch,
-                                         input=laying.replies())
+                                         input=laying.replies(job))
         except ChannelError as exc:
             raise ChannelError(f"{what}: {exc}") from exc
         finally:
@@ -733,14 +799,15 @@ exec python3 -I -S -c {shlex.quote(UNPACK)} "$D" {data} {len(manifest)} {back} \
             raise ChannelError(f"{what} failed: {laying.error}") from laying.error
         if laying.error is not None:
             raise laying.error
-        if result.exit_status == NO_HELPER:
+        status, said = program_status(result.stdout, result.exit_status)
+        if status == NO_HELPER:
             machine._payload_tar = True  # type: ignore[attr-defined]
-        elif result.exit_status == NO_DEVICE:
+        elif status == NO_DEVICE:
             _off(machine, f"the guest lacks {DEVICE} or GNU coreutils' dd")
             return False
-        elif result.exit_status != 0:
-            raise ChannelError(f"{what}: the guest side failed (status {result.exit_status}): "
-                               f"{guest_text(result.stderr.strip(), 20)}")
+        elif status != 0:
+            raise ChannelError(f"{what}: the guest side failed (status {status}): "
+                               f"{guest_text((said + result.stderr).strip(), 20)}")
         elif data and _digest_of(disk, back, data) != laying.digest:
             raise ChannelError(f"{what}: the files as the guest read them back have another "
                                "sha256 than what was sent")
