@@ -18,10 +18,12 @@ guest's CPU would hash at 30-65 MiB/s under emulation, which bounded every trans
   size and times changed meanwhile; the host writes the file only when both reads have the
   same sha256 (and the guest's own checks passed), once whole.
 - ``push``: the host lays the tree's files out on the disk, each at a block boundary, with a
-  manifest (names, modes, times, links); a small Python program in the guest writes each
-  file from the disk (O_DIRECT) and reads it back onto a second region, and the host checks
-  the sha256 of all that came back. A guest without Python 3 gets one tar archive instead,
-  whose sha256 the guest itself checks, in pieces hashed by its vCPUs in parallel.
+  manifest (names, modes, times, links); a small Python program in the guest (:data:`UNPACK`,
+  run by the guest agent's runner, an interpreter started before the golden snapshot, or
+  else by a python3 of its own) writes each file from the disk (O_DIRECT) and reads it back
+  onto a second region, and the host checks the sha256 of all that came back. A guest
+  without Python 3 gets one tar archive instead, whose sha256 the guest itself checks, in
+  pieces hashed by its vCPUs in parallel.
 
 The disk is emptied after each transfer (its file truncated), and one transfer at a time
 uses it (a lock in the machine's directory, shared with ``sandbox cp`` in other processes).
