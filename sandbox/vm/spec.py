@@ -53,7 +53,10 @@ class MachineSpec:
     qemu_args: tuple[str, ...] = ()
     #: Boot from scratch instead of cloning a golden snapshot.
     cold: bool = False
-    boot_timeout: float = 180.0
+    #: Seconds for a cold boot to answer SSH. An imported image boots through firmware and
+    #: cloud-init, which under TCG on a busy two-core host took more than 180 s (two
+    #: test workers, each booting one); a boot that hangs still fails, with its console.
+    boot_timeout: float = 300.0
     command_timeout: float = 600.0
     #: Clone this template (a name, an id, or a sandbox.Template) instead of a golden
     #: snapshot; the image and shape are then the template's.
