@@ -839,3 +839,47 @@ def test_payload_pieces_hash_like_hashlib(tmp_path: Path) -> None:
         assert sink.digests == [hashlib.sha256(padded[o:o + piece]).hexdigest()
                                 for o in range(0, len(padded), piece)]
         assert len(sink.digests) <= payload.PIECES_AIM
+
+
+_PROGRAMS = [  # source, status, what the output holds
+    ("print('out'); import sys; sys.stderr.write('err\\n')", 0, "err"),
+    ("import sys; sys.exit(7)", 7, ""),
+    ("import sys; sys.exit('said so')", 1, "said so"),
+    ("raise ValueError('boom')", 1, "ValueError: boom"),
+    ("import os, sys; print(os.read(0, 3), sys.argv[1:])", 0, "b'go\\n' ['a b', 'c']"),
+]
+
+
+@pytest.mark.parametrize(("source", "status", "said"), _PROGRAMS)
+def test_the_agents_runner_and_its_stand_in_run_programs_alike(source: str, status: int,
+                                                               said: str) -> None:
+    """A push's program runs in the guest agent's runner (run_program in sandbox-agent) or,
+    without it, under payload.BOOT: the two take the same input and end the same way (run
+    here with the host's Python)."""
+    import socket
+    import sys
+
+    from sandbox.guest.files import GUEST_AGENT
+    from sandbox.machine import payload
+
+    job = payload.program(source, "a b", "c") + b"go\n"
+    boot = subprocess.run([sys.executable, "-I", "-S", "-c", payload.BOOT], input=job,
+                          capture_output=True, timeout=60)
+    ours, theirs = socket.socketpair()
+    loader = ("import importlib.machinery, socket, sys; "
+              f"agent = importlib.machinery.SourceFileLoader('agent', {str(GUEST_AGENT)!r})"
+              ".load_module(); agent.run_program(socket.socket(fileno=int(sys.argv[1])))")
+    runner = subprocess.Popen([sys.executable, "-I", "-c", loader, str(theirs.fileno())],
+                              pass_fds=[theirs.fileno()])
+    theirs.close()
+    ours.sendall(job)
+    ours.shutdown(socket.SHUT_WR)
+    answer = b""
+    while chunk := ours.recv(65536):
+        answer += chunk
+    ours.close()
+    assert runner.wait(60) == 0
+    for out, err, exit_status in ((boot.stdout.decode(), boot.stderr.decode(), boot.returncode),
+                                  (answer.decode(), "", 0)):  # the runner's: one stream
+        got, text = payload.program_status(out, exit_status)
+        assert (got, said in text + err) == (status, True), out + err

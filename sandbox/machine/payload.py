@@ -486,6 +486,15 @@ def create(path):
         return os.open(path, flags, 0o600), False
 
 
+def settle(out, path, size, mode, mtime, direct):
+    # A written file's size, mode and time; then it opened again, to be read back.
+    os.ftruncate(out, size)
+    os.fchmod(out, mode)
+    os.utime(out, ns=(mtime, mtime))
+    os.close(out)
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECT if direct else 0))
+
+
 def place(fd, files, start, data):
     # Files from one read of the disk (data, from start), each read back where it was.
     for path, size, offset, mode, mtime in files:
@@ -494,11 +503,7 @@ def place(fd, files, start, data):
         end = rel + (padded(size) if direct else size)
         if size and os.pwrite(out, data[rel:end], 0) != end - rel:
             sys.exit("push: a short write to %r" % path)
-        os.ftruncate(out, size)
-        os.fchmod(out, mode)
-        os.utime(out, ns=(mtime, mtime))
-        os.close(out)
-        source = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECT if direct else 0))
+        source = settle(out, path, size, mode, mtime, direct)
         view = data[rel:rel + padded(size)]
         got = fill(source, view, 0)
         os.close(source)
@@ -535,12 +540,7 @@ def work(fd, mine):
                     sys.exit("push: the payload disk ended early")
                 os.pwrite(out, data[:n] if direct else data[:min(n, size - done)], done)
                 done += n
-            os.ftruncate(out, size)
-            os.fchmod(out, mode)
-            os.utime(out, ns=(mtime, mtime))
-            os.close(out)
-            source = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-            done = 0
+            source, done = settle(out, path, size, mode, mtime, direct), 0
             while done < size:
                 n = min(B, padded(size - done))
                 got = fill(source, data[:n], done)
@@ -622,8 +622,9 @@ except OSError as exc:
     sys.exit("push: %s" % exc)
 """
 
-#: Runs a program sent on stdin as the guest agent's runner does (see sandbox-agent), where
-#: the runner is not there: python3 -I -S -c BOOT.
+#: Runs a program sent on stdin as the guest agent's runner does (run_program in
+#: sandbox-agent, a file of the guest's that cannot import this one), where the runner is not
+#: there: python3 -I -S -c BOOT. A test holds the two to the same protocol.
 BOOT = r"""
 import os, sys
 status = 1
