@@ -481,3 +481,36 @@ def test_tcg_guests_copy_without_erms_and_keep_libraries_in_place(
         assert setting == "0" and first == second
     else:
         assert setting == "2" and first != second
+
+
+def _tcg_threads_of(vm: sandbox.Machine) -> list[str]:
+    names = []
+    for task in os.listdir(f"/proc/{vm.pid}/task"):
+        with open(f"/proc/{vm.pid}/task/{task}/comm") as comm:
+            name = comm.read().strip()
+        if name.endswith("/TCG"):
+            names.append(name)
+    return sorted(names)
+
+
+def test_under_tcg_a_clone_shares_one_thread_among_its_vcpus_when_the_cores_are_taken(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """sandbox.vm.plan.tcg_threads: a clone resumed while other machines' TCG threads take
+    the host's cores runs its vCPUs on one thread, and its guest still has them all; with
+    the cores free, a thread each."""
+    from sandbox.vm import plan as plan_module
+    from sandbox.vm.accel import resolve_accel
+
+    if resolve_accel("auto") == "kvm":
+        pytest.skip("KVM runs vCPUs on threads of their own; nothing is translated")
+    monkeypatch.delenv("SANDBOX_TCG_THREADS", raising=False)
+    monkeypatch.setattr(plan_module, "running_tcg_threads", lambda: 64)   # cores all taken
+    with sandbox.launch(IMAGE) as vm:
+        assert _tcg_threads_of(vm) == ["ALL CPUs/TCG"]
+        # both vCPUs run: a process pinned to each answers
+        assert vm.succeed("nproc; taskset -c 0 echo zero; taskset -c 1 echo one").split() == \
+            ["2", "zero", "one"]
+    if len(os.sched_getaffinity(0)) >= 2:
+        monkeypatch.setattr(plan_module, "running_tcg_threads", lambda: 0)   # cores free
+        with sandbox.launch(IMAGE) as vm:
+            assert _tcg_threads_of(vm) == ["CPU 0/TCG", "CPU 1/TCG"]

@@ -111,6 +111,36 @@ def test_shape_ignores_per_machine_paths_and_tag() -> None:
     assert plan(memory_mib=2048).shape() != one.shape()
 
 
+def test_tcg_threads_follow_the_cores_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox.errors import HostError
+    from sandbox.vm.plan import tcg_threads
+
+    monkeypatch.delenv("SANDBOX_TCG_THREADS", raising=False)
+    assert tcg_threads(2, running=0, cores=2) == "multi"     # alone: a thread per vCPU
+    assert tcg_threads(2, running=1, cores=2) == "single"    # a core is taken
+    assert tcg_threads(2, running=2, cores=4) == "multi"
+    assert tcg_threads(4, running=1, cores=4) == "single"
+    assert tcg_threads(1, running=8, cores=2) == "multi"     # one vCPU: one thread either way
+    for setting in ("single", "multi"):
+        monkeypatch.setenv("SANDBOX_TCG_THREADS", setting)
+        assert tcg_threads(2, running=0, cores=2) == setting
+        assert tcg_threads(2, running=5, cores=2) == setting
+    monkeypatch.setenv("SANDBOX_TCG_THREADS", "Auto")
+    assert tcg_threads(2, running=1, cores=2) == "single"
+    monkeypatch.setenv("SANDBOX_TCG_THREADS", "two")
+    with pytest.raises(HostError, match="SANDBOX_TCG_THREADS='two' is not one of auto"):
+        tcg_threads(2, running=0, cores=2)
+
+
+def test_the_tcg_thread_mode_is_on_the_command_line_and_not_in_the_shape() -> None:
+    single, multi = plan(tcg_threads="single"), plan(tcg_threads="multi")
+    assert single.command()[single.command().index("-accel") + 1] == "tcg,thread=single"
+    assert multi.command()[multi.command().index("-accel") + 1] == "tcg,thread=multi"
+    assert single.shape() == multi.shape()   # a golden snapshot loads under either
+    kvm = plan(accel="kvm", kvm_cpu="host", tcg_threads="single").command()
+    assert kvm[kvm.index("-accel") + 1] == "kvm"
+
+
 def test_spec_normalises_memory_once() -> None:
     assert MachineSpec(memory="2G").memory_mib == 2048
     assert MachineSpec().memory_mib is None

@@ -110,5 +110,30 @@ def reap_orphans() -> list[str]:
     return reaped
 
 
+def running_tcg_threads() -> int:
+    """The TCG vCPU threads of this account's running machines (every run's, this process's
+    included): each keeps a host core busy while its guest works. QEMU names them (with
+    debug-threads=on) "CPU n/TCG", or "ALL CPUs/TCG" when one thread runs them all."""
+    count = 0
+    for run in runtime_dir().glob("run-*"):
+        try:
+            machines = _machine_dirs(run)
+        except OSError:  # removed meanwhile
+            continue
+        for machine in machines:
+            try:
+                pid = int(MachineFiles(machine).pidfile.read_text())
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except (OSError, ValueError):
+                continue
+            for task in tasks:
+                try:
+                    with open(f"/proc/{pid}/task/{task}/comm", "rb") as comm:
+                        count += comm.read().endswith(b"/TCG\n")
+                except OSError:
+                    continue
+    return count
+
+
 def _machine_dirs(run: Path) -> list[Path]:
     return [entry for entry in run.iterdir() if entry.is_dir()] if run.is_dir() else []
