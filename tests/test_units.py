@@ -66,8 +66,8 @@ def test_a_machine_is_on_at_most_eight_networks_each_at_its_own_pci_slot() -> No
         MachineSpec(networks=(*eight, "/run/net8"))
     command = plan(lans=(None, None)).command()
     devices = [a for a in command if a.startswith("virtio-net-pci,netdev=lan")]
-    assert devices == ["virtio-net-pci,netdev=lan0,id=lan0,bus=pcie.0,addr=0x10",
-                       "virtio-net-pci,netdev=lan1,id=lan1,bus=pcie.0,addr=0x11"]
+    assert devices == ["virtio-net-pci,netdev=lan0,id=lan0,bus=pcie.0,addr=0x10,guest_announce=off",
+                       "virtio-net-pci,netdev=lan1,id=lan1,bus=pcie.0,addr=0x11,guest_announce=off"]
     assert [lan_pci_address(i) for i in (0, 7)] == ["0000:00:10.0", "0000:00:17.0"]
 
 

@@ -347,13 +347,6 @@ class QemuProcess:
         """Load a state saved by :meth:`save_state` into a QEMU started with -incoming."""
         self.qmp("migrate-set-capabilities",
                  capabilities=[{"capability": "x-ignore-shared", "state": ignore_shared}])
-        # No announcements once it runs: QEMU would make the guest announce its NICs five
-        # times (VIRTIO_NET_F_GUEST_ANNOUNCE), each a gratuitous ARP, unsolicited neighbour
-        # advertisements and netlink news for systemd-networkd, though a clone's user-mode
-        # NIC has no switch to tell and its private networks get new addresses from the
-        # agent anyway. Under TCG that was 4k of the 11k guest code blocks a clone
-        # translated in its first 1.5 s (0.07 of its 0.23 CPU-s).
-        self.qmp("migrate-set-parameters", **{"announce-rounds": 0})
         # The state file goes to QEMU as an open descriptor: with an exec: URI, QEMU would
         # fork itself and run a shell and cat to read it.
         try:
