@@ -232,7 +232,12 @@ def plan_for(spec: MachineSpec, image: Image, accel: str, *, files: MachineFiles
         seed=image.seed, uefi=uefi_firmware() if image.boot == "uefi" else None,
         boot_disk=(boot_disk(image.kernel, image.initrd, cmdline)
                    if incoming and image.seed is None else None),
-        tcg_threads=tcg_threads(cpus) if incoming and accel != "kvm" else "multi")
+        # Only a machine that runs its guest (a clone: RAM mapped copy-on-write) is given
+        # the choice; a helper that only loads a state to save it again keeps a thread per
+        # vCPU, as it always had (in a loaded CI run one such save sat in "setup" for 120 s,
+        # its mode unknown: the helper has no use for the choice, and takes no risk).
+        tcg_threads=(tcg_threads(cpus) if incoming and accel != "kvm" and ram_file is not None
+                     and not ram_shared else "multi"))
 
 
 #: Kernel arguments a guest gets under TCG only. norandmaps: each process's libraries at the
