@@ -257,20 +257,29 @@ def _give(account: Account, source: Path, target: Path) -> None:
 
 
 class AccountSandbox:
-    """``sandbox`` as the ordinary account, with an empty cache of its own."""
+    """``sandbox`` as the ordinary account, with an empty cache and a runtime directory of
+    its own (named machines live there: nothing another test or an earlier, killed run left
+    under a name can collide with this one's)."""
 
     def __init__(self, account: Account, account_bin: Path, work: Path, **extra: str) -> None:
         self.account, self.bin, self.work = account, account_bin, work
-        self.cache = work / "cache"
-        account.run(["mkdir", "-p", str(self.cache), str(work / "run")], check=True)
-        settings = {"PATH": str(account_bin), "SANDBOX_CACHE_DIR": str(self.cache), **extra}
-        if account.is_me:
-            settings["SANDBOX_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="rp-", dir="/tmp")
+        self.cache, self.runtime = work / "cache", work / "run"
+        account.run(["mkdir", "-p", "-m", "700", str(self.cache), str(self.runtime)],
+                    check=True)
+        settings = {"PATH": str(account_bin), "SANDBOX_CACHE_DIR": str(self.cache),
+                    "SANDBOX_RUNTIME_DIR": str(self.runtime), **extra}
         self.env = account.env(**settings)
 
     def __call__(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return self.account.run([str(self.bin / "sandbox"), *args], env=self.env,
                                 cwd=self.work, timeout=timeout)
+
+    def down_all(self) -> None:
+        """``sandbox down`` every named machine still here (a failed test's)."""
+        machines = self.runtime / "machines"
+        listed = self.account.run(["ls", str(machines)]).stdout.split()
+        for name in listed:
+            self("down", name, timeout=120)
 
 
 def _check_resumed(run: AccountSandbox, name: str, value: str, pid: str) -> None:
@@ -322,12 +331,12 @@ def test_the_ordinary_account_resumes_it_with_its_base_pulled_from_the_registry(
         saved: dict[str, Any], base_in_registry: dict[str, Any], account: Account,
         account_bin: Path) -> None:
     work = account.make_workdir()
+    docker = work / "docker"
+    run = AccountSandbox(account, account_bin, work, DOCKER_CONFIG=str(docker),
+                         SANDBOX_REGISTRY=base_in_registry["reference"])
     try:
-        docker = work / "docker"
         account.run(["mkdir", str(docker)], check=True)
         account.write(docker / "config.json", base_in_registry["config"].read_text())
-        run = AccountSandbox(account, account_bin, work, DOCKER_CONFIG=str(docker),
-                             SANDBOX_REGISTRY=base_in_registry["reference"])
         file = work / "failed.sandbox"
         _give(account, next(saved["dir"].glob("*.sandbox")), file)
         started = time.monotonic()
@@ -350,18 +359,20 @@ def test_the_ordinary_account_resumes_it_with_its_base_pulled_from_the_registry(
         # Again from the now warm cache, under another name.
         _resume(run, file, "again", f"base golden {golden} from the cache", saved)
     finally:
+        run.down_all()
         account.remove(work)
 
 
 def test_a_file_made_with_its_base_needs_no_registry(
         saved_with_base: dict[str, Any], account: Account, account_bin: Path) -> None:
     work = account.make_workdir()
+    run = AccountSandbox(account, account_bin, work, SANDBOX_REGISTRY="")
     try:
-        run = AccountSandbox(account, account_bin, work, SANDBOX_REGISTRY="")
         file = work / "with-base.sandbox"
         _give(account, saved_with_base["file"], file)
         _resume(run, file, "from-file", f"from the file {file}", saved_with_base)
     finally:
+        run.down_all()
         account.remove(work)
 
 
