@@ -913,3 +913,43 @@ def test_the_agents_runner_and_its_stand_in_run_programs_alike(source: str, stat
                                   (answer.decode(), "", 0)):  # the runner's: one stream
         got, text = payload.program_status(out, exit_status)
         assert (got, said in text + err) == (status, True), out + err
+
+
+def test_overlays_after_the_first_are_written_from_its_bytes_and_follow_the_backing_file(
+        tmp_path: Path) -> None:
+    """The first overlay on a disk comes from qemu-img; later ones are its bytes written
+    again (no qemu-img run), each a sound qcow2 on that disk. A backing file that changed
+    (here: grew) gets an overlay made anew, of its new size."""
+    from sandbox.vm import plan
+
+    def info(path: Path) -> dict[str, object]:
+        out = subprocess.run(["qemu-img", "info", "--output=json", str(path)],
+                             capture_output=True, text=True, check=True).stdout
+        return dict(json.loads(out))
+
+    backing = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(backing), "64M"], check=True)
+    first = plan.create_overlay(backing, tmp_path / "one.qcow2")
+    runs: list[list[str]] = []
+    real_run = subprocess.run
+
+    def counted(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        if command[-1].startswith(str(tmp_path)) and "create" in command:  # overlays only
+            runs.append(command)
+        return real_run(command, **kwargs)  # type: ignore[call-overload,no-any-return]
+
+    plan.subprocess.run = counted  # type: ignore[assignment]
+    try:
+        second = plan.create_overlay(backing, tmp_path / "two.qcow2")
+        assert runs == []
+        assert second.read_bytes() == first.read_bytes()
+        subprocess.run(["qemu-img", "check", "-q", str(second)], check=True)
+        assert info(second)["backing-filename"] == str(backing)
+        assert info(second)["virtual-size"] == 64 << 20
+        subprocess.run(["qemu-img", "resize", "-q", str(backing), "128M"], check=True)
+        third = plan.create_overlay(backing, tmp_path / "three.qcow2")
+        assert [run[-1] for run in runs] == [str(tmp_path / "three.qcow2")]
+        assert info(third)["virtual-size"] == 128 << 20
+        subprocess.run(["qemu-img", "check", "-q", str(third)], check=True)
+    finally:
+        plan.subprocess.run = real_run  # type: ignore[assignment]
