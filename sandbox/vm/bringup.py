@@ -32,12 +32,15 @@ if TYPE_CHECKING:
 #: their work again: about a CPU-second each under TCG), then the exit of udev's idle workers
 #: (udevd ends them 3 s after its last event; saved alive, ten of them ended in every clone
 #: a second or two after it resumed: measured under TCG, a clone's first 3 s cost 0.25
-#: CPU-s instead of 0.12, and 61 MiB of memory (PSS) instead of 52), at most 10 s; then the
-#: disks.
+#: CPU-s instead of 0.12, and 61 MiB of memory (PSS) instead of 52), at most 10 s; then 2 s
+#: more (saved at once, every clone's udevd woke about 2 s after it resumed and ran 27-32 ms
+#: of guest CPU under TCG, its code translated afresh; saved after the pause, none of it);
+#: then the disks.
 SETTLE_COMMAND = ("systemctl is-system-running --wait >/dev/null 2>&1; "
                   "udevadm settle --timeout=60 >/dev/null 2>&1; "
                   "for _ in $(seq 100); do "
-                  "grep -qsx '(udev-worker)' /proc/[0-9]*/comm || break; sleep 0.1; done; sync")
+                  "grep -qsx '(udev-worker)' /proc/[0-9]*/comm || break; sleep 0.1; done; "
+                  "sleep 2; sync")
 
 #: cloud-init's first line on the console, and the line naming its default user's keys.
 _CLOUD_INIT = re.compile(rb"Cloud-init v\. \S+ running")

@@ -56,7 +56,7 @@ from .qemu import QemuProcess
 from .runs import current_run
 from .spec import MachineSpec
 
-GOLDEN_VERSION = "6"
+GOLDEN_VERSION = "7"
 #: The newest part of the boot's console a golden snapshot keeps, and gives its clones.
 GOLDEN_CONSOLE_BYTES = 256 << 10
 
