@@ -41,7 +41,9 @@ MODS="part_msdos part_gpt ext2 search search_label normal linux configfile seria
 # 1) Root tree -> tarball; GRUB images are built inside the tree and copied out.
 #    fstab, FSTYPE and kernel-img.conf go in before the kernel: initramfs gets
 #    fsck.ext4 (root can't be probed in a chroot) and the kernel postinst keeps
-#    /boot/vmlinuz and /boot/initrd.img symlinks current.
+#    /boot/vmlinuz and /boot/initrd.img symlinks current. The locale is generated and
+#    set (update-locale), as in an image made ready to ship: cloud-init's locale
+#    module then has nothing to generate at first boot (30 s of it under TCG).
 mmdebstrap --mode=unshare --format=tar \
   --include=linux-image-cloud-amd64,cloud-init,cloud-guest-utils,openssh-server,systemd-sysv,udev,sudo,dbus,ifupdown,isc-dhcp-client,grub-pc-bin,grub-efi-amd64-bin \
   --essential-hook='printf "do_symlinks = yes\nlink_in_boot = yes\n" > "$1/etc/kernel-img.conf"' \
@@ -51,7 +53,7 @@ mmdebstrap --mode=unshare --format=tar \
   --customize-hook="upload $W/early.cfg /tmp/g/early.cfg" \
   --customize-hook="upload $W/grub.cfg /boot/grub/grub.cfg" \
   --customize-hook="upload $W/10_image.cfg /etc/cloud/cloud.cfg.d/10_image.cfg" \
-  --customize-hook='sed -i "s/^# *\(en_US.UTF-8 UTF-8\)/\1/" "$1/etc/locale.gen"; chroot "$1" locale-gen' \
+  --customize-hook='sed -i "s/^# *\(en_US.UTF-8 UTF-8\)/\1/" "$1/etc/locale.gen"; chroot "$1" locale-gen; chroot "$1" update-locale LANG=en_US.UTF-8' \
   --customize-hook="chroot \"\$1\" grub-mkimage -O i386-pc -o /tmp/g/core.img -c /tmp/g/early.cfg -p /boot/grub biosdisk $MODS" \
   --customize-hook="chroot \"\$1\" grub-mkimage -O x86_64-efi -o /tmp/g/BOOTX64.EFI -c /tmp/g/early.cfg -p /boot/grub efi_gop all_video fat $MODS" \
   --customize-hook='cp "$1/usr/lib/grub/i386-pc/boot.img" "$1/tmp/g/"' \
