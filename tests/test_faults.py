@@ -88,7 +88,7 @@ from sandbox.imaging.image import get_image
 from sandbox.vm.accel import resolve_accel
 from sandbox.vm.golden import find_golden, list_goldens
 
-from .conftest import IMAGE, env_with, golden_file_digests, sandbox_cli
+from .conftest import IMAGE, copy_entries, env_with, golden_file_digests, sandbox_cli
 
 
 def test_a_guest_panic_is_raised_within_seconds_with_the_console(
@@ -230,33 +230,34 @@ def _keepers(log: Path) -> list[int]:
 
 
 def test_a_forced_rebuild_leaves_no_golden_snapshot_of_the_old_build(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        built_image: dict[str, Any], second_cache: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A rebuilt image has a new host key: clones of the old build's golden snapshot could
-    never be reached. The rebuild removes those, and the next clone comes from the new."""
-    recipes = tmp_path / "recipes"
-    recipes.mkdir()
-    (recipes / "fault-rebuild.toml").write_text(
-        'packages = ["linux-image-cloud-amd64"]\nmemory = "512M"\n')
-    monkeypatch.setenv("SANDBOX_IMAGES_PATH", str(recipes))
+    never be reached. The rebuild removes those, and the next clone comes from the new.
+    (The image and its golden snapshot are copied into a cache of the test's own and
+    rebuilt there, so that other tests' clones keep theirs.)"""
+    sandbox.launch(IMAGE).close()
+    image = get_image(IMAGE)
+    golden = find_golden(image, sandbox.MachineSpec(image=IMAGE), resolve_accel("auto"))
+    assert golden is not None
+    copy_entries(second_cache, image.path, golden.path)
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(second_cache))
     env = env_with()
-    try:
-        assert sandbox_cli("image", "build", "fault-rebuild", env=env).returncode == 0
-        first_key = get_image("fault-rebuild").host_key
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", SandboxWarning)  # the agent and its SSH port work
-            with sandbox.launch("fault-rebuild") as vm:
-                assert vm.succeed("echo first") == "first\n"
-        old = [g.path for g in list_goldens() if g.manifest["image"] == "fault-rebuild"]
-        assert len(old) == 1
-        rebuilt = sandbox_cli("image", "build", "--force", "fault-rebuild", env=env)
-        assert rebuilt.returncode == 0, rebuilt.stderr
-        assert "(of an earlier build)" in rebuilt.stdout + rebuilt.stderr
-        assert not old[0].exists()
-        assert get_image("fault-rebuild").host_key != first_key
-        with sandbox.launch("fault-rebuild") as vm:  # no host key mismatch
-            assert vm.succeed("echo rebuilt") == "rebuilt\n"
-    finally:
-        sandbox_cli("image", "rm", "fault-rebuild", env=env)
+    first_key = get_image(IMAGE).host_key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SandboxWarning)  # the agent and its SSH port work
+        with sandbox.launch(IMAGE) as vm:
+            assert vm.succeed("echo first") == "first\n"
+    old = [g.path for g in list_goldens() if g.manifest["image"] == IMAGE]
+    assert old == [second_cache / "golden" / golden.path.name]
+    rebuilt = sandbox_cli("image", "build", "--force", IMAGE, env=env)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert "(of an earlier build)" in rebuilt.stdout + rebuilt.stderr
+    assert not old[0].exists()
+    assert get_image(IMAGE).host_key != first_key
+    with sandbox.launch(IMAGE) as vm:  # no host key mismatch
+        assert vm.succeed("echo rebuilt") == "rebuilt\n"
+    assert golden.path.exists()  # the first cache's golden snapshot is untouched
 
 
 def test_an_inconclusive_kvm_probe_is_not_kept(

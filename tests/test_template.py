@@ -176,24 +176,32 @@ def test_a_damaged_template_fails_at_once_and_its_maker_heals_it(
         sandbox.remove_template(name)
 
 
-def test_a_template_whose_base_was_made_again_is_stale(built_image: dict[str, Any]) -> None:
+def test_a_template_whose_base_was_made_again_is_stale(
+        built_image: dict[str, Any], second_cache: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Its disk is an overlay on the golden snapshot it came from: once that is made again,
-    clones would read a different base. Listed as stale, never cloned; its maker remakes it."""
-    name, shape = unique("stale"), {"memory": "576M"}  # a golden snapshot of its own
-    made = ensure_template(name, "echo one > /root/one", key="k", spec=sandbox.MachineSpec(
-        image=IMAGE, **shape))
+    clones would read a different base. Listed as stale, never cloned; its maker remakes it.
+    (In a cache of the test's own holding copies of the image and its golden snapshot, so
+    that other tests' clones keep theirs.)"""
+    sandbox.launch(IMAGE).close()
+    image = get_image(IMAGE)
+    spec = sandbox.MachineSpec(image=IMAGE)
+    original = find_golden(image, spec, resolve_accel("auto"))
+    assert original is not None
+    copy_entries(second_cache, image.path, original.path)
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(second_cache))
+    name = unique("stale")
+    made = ensure_template(name, "echo one > /root/one", key="k")
     try:
-        golden = find_golden(get_image(IMAGE), sandbox.MachineSpec(image=IMAGE, **shape),
-                             resolve_accel("auto"))
-        assert golden is not None
+        golden = find_golden(get_image(IMAGE), spec, resolve_accel("auto"))
+        assert golden is not None and golden.path.parent == second_cache / "golden"
         discard_golden(golden)
-        sandbox.launch(IMAGE, **shape).close()  # the golden snapshot, made again
+        sandbox.launch(IMAGE).close()  # the golden snapshot, made again
         assert find_template(made.id).stale_reason() == \
             f"its base golden {golden.path.name} was made again since"
         with pytest.raises(TemplateError, match="is stale"):
             sandbox.launch(template=name)
-        remade = ensure_template(name, "echo one > /root/one", key="k",
-                                 spec=sandbox.MachineSpec(image=IMAGE, **shape))
+        remade = ensure_template(name, "echo one > /root/one", key="k")
         assert remade.id != made.id and not remade.stale
         with sandbox.launch(template=name) as clone:
             assert clone.succeed("cat /root/one") == "one\n"
