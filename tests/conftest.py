@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 
 import sandbox
-from sandbox.imaging.image import cached_image
+from sandbox.imaging.image import Image, cached_image, get_image
 from sandbox.imaging.recipe import find_recipe
+from sandbox.vm.accel import resolve_accel
+from sandbox.vm.golden import Golden, find_golden
 
 from .ordinary import (
     Account,
@@ -132,6 +134,21 @@ def copy_entries(target: Path, *entries: Path) -> Path:
         subprocess.run(["cp", "-a", "--sparse=always", str(entry), str(folder / entry.name)],
                        check=True, timeout=300)
     return target
+
+
+def move_to_a_copy(second_cache: Path, monkeypatch: pytest.MonkeyPatch,
+                   *more: Path) -> tuple[Image, Golden]:
+    """The default image and its golden snapshot (made first if missing), copied with
+    ``more`` entries into ``second_cache`` by :func:`copy_entries`, and ``SANDBOX_CACHE_DIR``
+    pointed there: a test may then damage, rebuild or remake them without disturbing other
+    tests' clones. Returns the first cache's image and golden snapshot."""
+    sandbox.launch(IMAGE).close()
+    image = get_image(IMAGE)
+    golden = find_golden(image, sandbox.MachineSpec(image=IMAGE), resolve_accel("auto"))
+    assert golden is not None, "no golden snapshot was made"
+    copy_entries(second_cache, image.path, golden.path, *more)
+    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(second_cache))
+    return image, golden
 
 
 @pytest.fixture

@@ -88,7 +88,7 @@ from sandbox.imaging.image import get_image
 from sandbox.vm.accel import resolve_accel
 from sandbox.vm.golden import find_golden, list_goldens
 
-from .conftest import IMAGE, copy_entries, env_with, golden_file_digests, sandbox_cli
+from .conftest import IMAGE, env_with, golden_file_digests, move_to_a_copy, sandbox_cli
 
 
 def test_a_guest_panic_is_raised_within_seconds_with_the_console(
@@ -236,12 +236,7 @@ def test_a_forced_rebuild_leaves_no_golden_snapshot_of_the_old_build(
     never be reached. The rebuild removes those, and the next clone comes from the new.
     (The image and its golden snapshot are copied into a cache of the test's own and
     rebuilt there, so that other tests' clones keep theirs.)"""
-    sandbox.launch(IMAGE).close()
-    image = get_image(IMAGE)
-    golden = find_golden(image, sandbox.MachineSpec(image=IMAGE), resolve_accel("auto"))
-    assert golden is not None
-    copy_entries(second_cache, image.path, golden.path)
-    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(second_cache))
+    _, golden = move_to_a_copy(second_cache, monkeypatch)
     env = env_with()
     first_key = get_image(IMAGE).host_key
     with warnings.catch_warnings():

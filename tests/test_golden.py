@@ -17,7 +17,13 @@ from sandbox.imaging.image import get_image
 from sandbox.vm.accel import resolve_accel
 from sandbox.vm.golden import Golden, find_golden, golden_root, locate
 
-from .conftest import IMAGE, backing_chain, copy_entries, golden_file_digests, host_path_mentions
+from .conftest import (
+    IMAGE,
+    backing_chain,
+    golden_file_digests,
+    host_path_mentions,
+    move_to_a_copy,
+)
 
 
 def located(**shape: Any) -> Path:
@@ -97,9 +103,7 @@ def test_a_damaged_golden_snapshot_is_rebuilt_with_a_warning(
     # The image and its golden snapshot copied into a cache of the test's own, damaged
     # there: machines of other tests (xdist workers) are not disturbed, and the one boot
     # is the rebuild's.
-    sandbox.launch(IMAGE).close()
-    copy_entries(second_cache, get_image(IMAGE).path, golden_for().path)
-    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(second_cache))
+    move_to_a_copy(second_cache, monkeypatch)
     golden = golden_for()
     assert golden.path.parent == second_cache / "golden"
     _damage(golden, part)
@@ -146,10 +150,8 @@ def test_a_cache_copied_elsewhere_clones_with_no_rebuild_and_the_image_key(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The image and golden snapshot entries, copied file by file into a cache at another
     path with another cache key (another host's, as it were), clone there as they are."""
-    sandbox.launch(IMAGE).close()  # the golden snapshot exists
-    image, golden, original = get_image(IMAGE), golden_for(), str(cache_dir())
-    copy_entries(second_cache, image.path, golden.path)
-    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(second_cache))
+    original = str(cache_dir())
+    image, golden = move_to_a_copy(second_cache, monkeypatch)
     assert cache_key().public_line != image.manifest["client_key"]
     moved = second_cache / "golden" / golden.path.name
     with sandbox.launch(IMAGE) as vm:

@@ -26,6 +26,7 @@ from .conftest import (
     copy_entries,
     golden_file_digests,
     host_path_mentions,
+    move_to_a_copy,
     sandbox_cli,
 )
 
@@ -183,13 +184,8 @@ def test_a_template_whose_base_was_made_again_is_stale(
     clones would read a different base. Listed as stale, never cloned; its maker remakes it.
     (In a cache of the test's own holding copies of the image and its golden snapshot, so
     that other tests' clones keep theirs.)"""
-    sandbox.launch(IMAGE).close()
-    image = get_image(IMAGE)
+    move_to_a_copy(second_cache, monkeypatch)
     spec = sandbox.MachineSpec(image=IMAGE)
-    original = find_golden(image, spec, resolve_accel("auto"))
-    assert original is not None
-    copy_entries(second_cache, image.path, original.path)
-    monkeypatch.setenv("SANDBOX_CACHE_DIR", str(second_cache))
     name = unique("stale")
     made = ensure_template(name, "echo one > /root/one", key="k")
     try:
