@@ -14,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,10 @@ import pytest
 
 import sandbox
 from sandbox.errors import BootError, HostError, ImageError, RecipeError, SandboxWarning
-from sandbox.imaging.image import build_image, images_dir
+from sandbox.imaging.image import Image, build_image, get_image, image_key, images_dir
 from sandbox.imaging.recipe import parse_recipe
 from sandbox.net.segment import setup_line
+from sandbox.vm.bringup import refuse_cloud_init_errors, settle
 
 from .conftest import ROOT
 from .foreign import convert, foreign_disk, write_recipe
@@ -657,16 +660,15 @@ def test_a_cloud_init_module_error_is_a_warning_unless_the_recipe_says_fail(
         foreign: dict[str, Any]) -> None:
     """cloud-init's runcmd fails (so its scripts-user module reports an error); login works.
     By default the machine is used with a SandboxWarning carrying cloud-init's detail, which
-    the golden snapshot's manifest records; cloud_init_errors = "fail" refuses it."""
+    the golden snapshot's manifest records. The same recipe changed to cloud_init_errors =
+    "fail" refuses clones of that snapshot with no boot and no rebuild (the setting is not
+    part of the image's key); changed back, it clones it again."""
     name = f"ci-errors-{os.getpid()}"
-    strict = f"ci-strict-{os.getpid()}"
     folder = foreign["folder"]
-    (folder / f"{name}.toml").write_text(
-        f'disk = "{foreign["disks"]["qcow2"]}"\nmemory = "1G"\n'
-        f"[cloud_init]\nuser_data = {CLOUD_INIT_FAILS}\n")
-    (folder / f"{strict}.toml").write_text(
-        f'disk = "{foreign["disks"]["qcow2"]}"\nmemory = "1G"\ncloud_init_errors = "fail"\n'
-        f"[cloud_init]\nuser_data = {CLOUD_INIT_FAILS}\n")
+    recipe = folder / f"{name}.toml"
+    body = (f'disk = "{foreign["disks"]["qcow2"]}"\nmemory = "1G"\n{{policy}}'
+            f"[cloud_init]\nuser_data = {CLOUD_INIT_FAILS}\n")
+    recipe.write_text(body.format(policy=""))
     try:
         warned = pytest.warns(SandboxWarning, match=r"cloud-init reported errors in image "
                                                     rf"{name}; the machine is used anyway"
@@ -675,15 +677,77 @@ def test_a_cloud_init_module_error_is_a_warning_unless_the_recipe_says_fail(
             assert vm.succeed("whoami").strip() == "debian"
             assert "status: error" in vm.run("cloud-init status").stdout
             assert vm.source is not None
+            golden = vm.source.path
             recorded = vm.source.manifest["cloud_init_errors"]
             assert any("scripts" in line for line in recorded), recorded
             assert not any("exit=" in line or "DataSource" in line for line in recorded)
-        with pytest.raises(BootError, match=r"cloud-init reported errors in image "
-                                            rf"{strict} \(cloud_init_errors = \"fail\""):
-            sandbox.launch(strict)
+        image = get_image(name).path
+        recipe.write_text(body.format(policy='cloud_init_errors = "fail"\n'))
+        with pytest.raises(BootError, match=rf"cloud-init reported errors in image {name} "
+                                            r"\(cloud_init_errors = \"fail\" in its recipe; "
+                                            rf"recorded when golden snapshot {golden.name} "
+                                            r"was made\):\n  .*scripts.user"):
+            sandbox.launch(name)  # refused from the snapshot's record, before any QEMU starts
+        assert get_image(name).path == image and golden.exists()
+        recipe.write_text(body.format(policy='cloud_init_errors = "warn"\n'))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SandboxWarning)  # warned once, at the boot
+            with sandbox.launch(name) as vm:
+                assert vm.source is not None and vm.source.path == golden
+                assert vm.succeed("echo again") == "again\n"
     finally:
         with_cli("image", "rm", name)
-        with_cli("image", "rm", strict)
+
+
+class _Reports:
+    """A channel whose `cloud-init status` prints ``text`` (what settle() reads)."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.commands = text, []
+
+    def run(self, command: str, *, timeout: float) -> Any:
+        self.commands.append(command)
+        return type("Result", (), {"stdout": self.text if "cloud-init" in command else ""})
+
+
+def test_a_boot_whose_cloud_init_reports_errors_is_refused_under_fail(tmp_path: Path) -> None:
+    """settle(), the policy at a boot (the real guest's part is the test above): "fail"
+    refuses before the machine is used, "warn" warns and returns the errors to record,
+    a clean report neither; refuse_cloud_init_errors() says which snapshot recorded them."""
+    error = ("status: error\ndetail:\n('scripts-user', RuntimeError('Runparts: 1 failures "
+             "(runcmd) in 1 attempted commands'))\nexit=1")  # cloud-init 22's form
+    image = Image(tmp_path, {"name": "x", "recipe": {}}, cloud_init_policy="fail")
+    channel = _Reports(error)
+    with pytest.raises(BootError, match=r"in image x \(cloud_init_errors = \"fail\" in its "
+                                        r"recipe\):\n  .*scripts-user"):
+        settle(channel, image, 10)
+    assert len(channel.commands) == 1  # refused before the settle command
+    warn = replace(image, cloud_init_policy="warn")
+    with pytest.warns(SandboxWarning, match="the machine is used anyway"):
+        assert settle(_Reports(error), warn, 10) == [
+            "('scripts-user', RuntimeError('Runparts: 1 failures (runcmd) in 1 attempted "
+            "commands'))"]
+    assert settle(_Reports("status: done\nexit=0"), image, 10) == []
+    refuse_cloud_init_errors(warn, ["e"], "g")
+    refuse_cloud_init_errors(image, [], "g")
+    with pytest.raises(BootError, match="recorded when golden snapshot g was made"):
+        refuse_cloud_init_errors(image, ["e"], "g")
+    # an image built before the setting left the key: its manifest's word, when no recipe
+    assert Image(tmp_path, {"recipe": {"cloud_init_errors": "fail"}}).cloud_init_errors == "fail"
+    assert Image(tmp_path, {"recipe": {}}).cloud_init_errors == "warn"
+
+
+def test_cloud_init_errors_is_not_part_of_the_image_key(tmp_path: Path) -> None:
+    disk = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    keys = set()
+    for policy in ("", 'cloud_init_errors = "warn"\n', 'cloud_init_errors = "fail"\n'):
+        recipe = tmp_path / "p.toml"
+        recipe.write_text(f'disk = "{disk}"\n{policy}')
+        parsed = parse_recipe(recipe)
+        keys.add(image_key(parsed))
+        assert parsed.cloud_init_errors == (policy.split('"')[1] if policy else "warn")
+    assert len(keys) == 1
 
 
 def test_sandbox_ssh_logs_in_as_the_imported_images_user(foreign: dict[str, Any]) -> None:

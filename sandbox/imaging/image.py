@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,9 @@ class Image:
     manifest: dict[str, Any]
     #: True only for the Image that build_image() has just built (not a cache hit).
     built_now: bool = field(default=False, compare=False)
+    #: ``cloud_init_errors`` of the recipe it was found by (get_image), which governs over
+    #: what the manifest recorded at build time.
+    cloud_init_policy: str | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
@@ -71,7 +74,11 @@ class Image:
 
     @property
     def cloud_init_errors(self) -> str:
-        """What cloud-init's module errors do when an imported image boots ("warn", "fail")."""
+        """What cloud-init's module errors do to a machine of an imported image ("warn",
+        "fail"): the recipe's setting now, else what an image built before it was left out of
+        the image's key recorded."""
+        if self.cloud_init_policy is not None:
+            return self.cloud_init_policy
         return str(self.manifest.get("recipe", {}).get("cloud_init_errors", "warn"))
 
     @property
@@ -170,7 +177,8 @@ def cached_image(recipe: Recipe) -> Image | None:
 def get_image(name_or_path: str, *, reporter: Reporter = QUIET) -> Image:
     """The image for a recipe name or file, building it first when the cache has none."""
     recipe = find_recipe(name_or_path)
-    return cached_image(recipe) or build_image(recipe, reporter=reporter)
+    image = cached_image(recipe) or build_image(recipe, reporter=reporter)
+    return replace(image, cloud_init_policy=recipe.cloud_init_errors)
 
 
 def list_images() -> list[Image]:

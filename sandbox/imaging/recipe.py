@@ -107,8 +107,10 @@ class Recipe:
         data.pop("path")
         for key in (_DEBIAN_ONLY if self.kind == "disk" else _DISK_ONLY):
             data.pop(key)
-        if data.get("cloud_init_errors") == "warn":  # the default: keys made before it stay
-            data.pop("cloud_init_errors")
+        # A policy on using the image, not part of it: changing it neither rebuilds the image
+        # nor boots it again (the golden snapshot records cloud-init's errors, and each clone
+        # is checked against the recipe's policy of the day).
+        data.pop("cloud_init_errors", None)
         if not data["cpu"]:  # the same: recipes without a cpu keep their keys
             data.pop("cpu")
         base = self.path.parent if self.path else Path.cwd()

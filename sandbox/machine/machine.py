@@ -44,7 +44,7 @@ from ..net.members import NetworkedMachine, lans_of
 from ..net.named_network import PeerShell
 from ..vm import console
 from ..vm.accel import resolve_accel
-from ..vm.bringup import connect_booted, set_clock
+from ..vm.bringup import connect_booted, refuse_cloud_init_errors, set_clock
 from ..vm.files import MachineFiles, run_tag
 from ..vm.golden import Clone, Golden, discard_golden, ensure_golden
 from ..vm.plan import QemuPlan, create_overlay, plan_for
@@ -179,6 +179,7 @@ class Machine(GuestWaits, SavedStates, NetworkedMachine):
         assert self.image is not None and self.accel is not None
         for attempt in (1, 2):
             golden = ensure_golden(self.image, self.spec, self.accel, reporter=self.reporter)
+            refuse_cloud_init_errors(self.image, golden.cloud_init_errors, golden.path.name)
             try:
                 clone = self._start_clone(golden)
             except SnapshotError as exc:  # damaged: its files are off, or its state won't load

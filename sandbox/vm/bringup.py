@@ -153,15 +153,29 @@ def settle(channel: Channel, image: Image, timeout: float) -> list[str]:
         raise BootError(f"cloud-init did not finish in image {image.name} (status: {status}):\n"
                         f"{text[-1500:]}")
     if errors:
-        detail = "\n  ".join(errors)[-1500:]
-        if image.cloud_init_errors == "fail":
-            raise BootError(f"cloud-init reported errors in image {image.name} "
-                            f"(cloud_init_errors = \"fail\" in its recipe):\n  {detail}")
+        refuse_cloud_init_errors(image, errors)
         warnings.warn(f"cloud-init reported errors in image {image.name}; the machine is used "
                       "anyway, since SSH lets its user in (set cloud_init_errors = \"fail\" in "
-                      f"the recipe to refuse it):\n  {detail}", SandboxWarning, stacklevel=5)
+                      f"the recipe to refuse it):\n  {_detail(errors)}", SandboxWarning,
+                      stacklevel=5)
     channel.run(SETTLE_COMMAND, timeout=timeout)
     return errors
+
+
+def refuse_cloud_init_errors(image: Image, errors: list[str], golden: str | None = None) -> None:
+    """BootError when cloud-init reported ``errors`` (at this boot; or, with ``golden``, when
+    that golden snapshot was made) and the image's recipe says ``cloud_init_errors = "fail"``.
+    The setting is not part of the image's key: a recipe changed to "fail" refuses clones of
+    a snapshot made under "warn" without a boot, and one changed back clones it again."""
+    if not errors or image.cloud_init_errors != "fail":
+        return
+    when = f"; recorded when golden snapshot {golden} was made" if golden else ""
+    raise BootError(f"cloud-init reported errors in image {image.name} "
+                    f"(cloud_init_errors = \"fail\" in its recipe{when}):\n  {_detail(errors)}")
+
+
+def _detail(errors: list[str]) -> str:
+    return "\n  ".join(errors)[-1500:]
 
 
 def set_clock(channel: Channel, user: str) -> str | None:

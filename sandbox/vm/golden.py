@@ -92,6 +92,12 @@ class Golden:
         return self.path / "console.log"
 
     @property
+    def cloud_init_errors(self) -> list[str]:
+        """What cloud-init reported as errors when the snapshot's guest first booted."""
+        errors = self.manifest.get("cloud_init_errors") or []
+        return [str(line) for line in errors] if isinstance(errors, list) else [str(errors)]
+
+    @property
     def ssh_prelude(self) -> bytes | None:
         """What the SSH server waiting in the snapshot sent before its client spoke."""
         path = self.path / "ssh-prelude"
