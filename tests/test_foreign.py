@@ -330,6 +330,12 @@ def test_imported_images_join_private_networks(foreign: dict[str, Any],
             sandbox.launch(name, name="fb", networks=[net]) as fb, \
             sandbox.launch("debian-12", name="deb", networks=[net]) as deb:
         assert fa.agent_answered and fb.agent_answered
+        # the snapshot with the NIC was made from the plain one, not by a boot
+        plain = sandbox.launch(name)
+        plain.close()
+        assert fa.source is not None and plain.source is not None
+        assert fa.source.manifest["derived_from"] == plain.source.path.name
+        assert fa.source.manifest["user"] == "debian"
         assert fa.interface(net) == fb.interface(net) != "eth1"
         assert deb.interface(net) == "eth1"
         for vm in (fa, fb, deb):

@@ -115,6 +115,29 @@ def test_a_damaged_golden_snapshot_is_rebuilt_with_a_warning(
     assert not [p for p in golden_root().glob(".tmp-*") if str(os.getpid()) in p.name]
 
 
+def test_a_snapshot_with_nics_is_made_from_the_plain_one_without_a_boot(
+        built_image: dict[str, Any], second_cache: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a cache holding only the plain golden snapshot, the first clone on networks gets
+    one made from it: its guest rescanned its PCI bus for the NICs (and never met the boot
+    disk's slot, which clones keep hidden), its SSH server armed again; its clones reach
+    each other, and the plain snapshot is untouched."""
+    _, plain = move_to_a_copy(second_cache, monkeypatch)
+    before = digests(golden_for())
+    with sandbox.Network() as net, sandbox.launch(IMAGE, name="a", networks=[net]) as a:
+        assert a.source is not None and a.source.path.parent == second_cache / "golden"
+        assert a.source.manifest["derived_from"] == plain.path.name
+        assert "boot_seconds" not in a.source.manifest
+        assert a.source.ssh_prelude is not None and a.agent_answered
+        assert a.succeed("ls /sys/class/net").split() == ["eth0", "eth1", "lo"]
+        assert a.succeed("ls /sys/block | grep ^vd").split() == ["vda", "vdb"]  # no vdc: boot disk
+        with sandbox.launch(IMAGE, name="b", networks=[net]) as b:
+            assert b.source is not None and b.source.path == a.source.path
+            assert b.succeed("python3 -c \"import socket; print(socket.create_connection("
+                             "('a', 22), 5).recv(7))\"") == "b'SSH-2.0'\n"
+    assert digests(golden_for()) == before
+
+
 def test_cold_boot_path_stays(built_image: dict[str, Any]) -> None:
     with sandbox.launch(IMAGE, cold=True) as vm:
         assert vm.restore_seconds is None

@@ -124,6 +124,10 @@ class QemuPlan:
     #: Under TCG, "multi": a host thread per vCPU; "single": one thread runs them in turn
     #: (see tcg_threads). Not part of the shape: a state saved under one loads under the other.
     tcg_threads: str = "multi"
+    #: False: a machine resumed from a saved state has no device on the boot disk's slot
+    #: (a helper deriving a golden snapshot from another, whose guest rescans its PCI bus:
+    #: it must not meet the boot disk, which clones keep unknown to the guest).
+    boot_slot: bool = True
 
     def command(self) -> list[str]:
         cpu = self.cpu or ((self.kvm_cpu or "host") if self.accel == "kvm" else "max")
@@ -184,7 +188,7 @@ class QemuPlan:
             return self._firmware_arguments()
         kernel = ["-kernel", str(self.kernel), "-initrd", str(self.initrd),
                   "-append", self.cmdline]
-        if not self.incoming:
+        if not self.incoming or not self.boot_slot:
             return kernel
         # A machine resumed from a saved state has the boot disk (sandbox.vm.bootdisk) on a
         # slot of its own: not in the state it loads, unknown to the guest until the firmware

@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -316,6 +317,19 @@ class QemuProcess:
         return f"\nQEMU said:\n{text[-2000:]}" if text else ""
 
     # -- state ----------------------------------------------------------------------------
+
+    def connect_ssh_port(self) -> socket.socket:
+        """The host end of the guest's virtio-serial SSH port, connected, once QEMU has
+        accepted it (before a state loads, the port must count as open when the guest runs:
+        a server waiting on it would otherwise read end-of-file)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(self.files.ssh_socket))
+            self.wait_chardev_open("ssh0")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def wait_chardev_open(self, label: str, timeout: float = 10) -> None:
         """Wait until QEMU has accepted the host's connection to chardev ``label``."""

@@ -363,9 +363,7 @@ def reload_into_shared_ram(spec: MachineSpec, image: Image, accel: str, full: Pa
     try:
         helper.launch(die_with_parent=True)
         # The SSH port must count as connected in the saved state, as in a golden save.
-        port = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        port.connect(str(files.ssh_socket))
-        helper.wait_chardev_open("ssh0")
+        port = helper.connect_ssh_port()
         helper.load_state(full, "loading the machine into shared RAM", ignore_shared=False)
         helper.save_state(work / "state", "saving the template")
     finally:
